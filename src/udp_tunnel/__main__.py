@@ -1,0 +1,3 @@
+from udp_tunnel.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Address parsing, name resolution and display."""
+
+from __future__ import annotations
+
+import socket
+
+
+class AddrError(ValueError):
+    """A user-supplied address that can't be used; str() is the message."""
+
+
+def _port(text: str, what: str, allow_zero: bool = False) -> int:
+    if not text.isdigit() or not (0 if allow_zero else 1) <= int(text) <= 65535:
+        raise AddrError(f"{what}: bad port {text!r} (1-65535)")
+    return int(text)
+
+
+def split_hostport(text: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
+    """'host:port', '192.0.2.1:9', '[2001:db8::1]:9' -> (host, port)."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise AddrError(f"{what}: expected [IPV6]:PORT, got {text!r}")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise AddrError(f"{what}: expected HOST:PORT, got {text!r}")
+        if ":" in host:
+            raise AddrError(f"{what}: put an IPv6 address in brackets, as in [{host}]:{port}")
+    return host, _port(port, what, allow_zero)
+
+
+def parse_listen(text: str) -> tuple[str | None, int]:
+    """'9999' (every address, IPv4 and IPv6), 'HOST:PORT' or '[V6]:PORT'."""
+    if text.isdigit():
+        return None, _port(text, "--listen", allow_zero=True)
+    return split_hostport(text, "--listen", allow_zero=True)
+
+
+def resolve(host: str, port: int, what: str, family: int = socket.AF_UNSPEC,
+            prefer_v4: bool = False) -> tuple[int, tuple]:
+    """(family, sockaddr) for a UDP peer; the first answer of getaddrinfo, or
+    the first IPv4 one with prefer_v4 (what the C tool, IPv4 only, would use)."""
+    try:
+        infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise AddrError(f"{what}: cannot resolve {host!r}: {getattr(e, 'strerror', None) or e}") from None
+    if prefer_v4:
+        infos.sort(key=lambda i: i[0] != socket.AF_INET)
+    fam, _, _, _, sockaddr = infos[0]
+    return fam, sockaddr
+
+
+def show(addr: tuple | None) -> str:
+    """An address as a person writes it: 192.0.2.1:9 or [2001:db8::1]:9."""
+    if not addr:
+        return "-"
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"

@@ -1,0 +1,128 @@
+"""`udp-tunnel demo`: both agents, a UDP echo service and three clients on loopback."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import udp_tunnel
+
+PRIO = {"3": "error", "4": "warning", "6": "info", "7": "debug"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_command() -> list[str]:
+    """This very udp-tunnel (zipapp, checkout or installed package) as a command."""
+    path = os.path.dirname(os.path.dirname(os.path.abspath(udp_tunnel.__file__)))
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {path!r}); "
+            "from udp_tunnel.cli import main; sys.exit(main())"]
+
+
+def start_agent(name: str, args: list[str], env: dict) -> subprocess.Popen:
+    p = subprocess.Popen(agent_command() + args, env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def relay() -> None:
+        for line in p.stderr:
+            line = line.rstrip("\n")
+            if line[:1] == "<" and line[2:3] == ">":
+                line = f"{PRIO.get(line[1], '?')}: {line[3:]}"
+            print(f"  [{name}] {line}", flush=True)
+
+    threading.Thread(target=relay, daemon=True).start()
+    return p
+
+
+def echo_service(sock: socket.socket, seen: set, stop: threading.Event) -> None:
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            data, addr = sock.recvfrom(2048)
+        except TimeoutError:
+            continue
+        seen.add(addr)
+        sock.sendto(data, addr)
+
+
+def demo(argv: list[str]) -> int:
+    if argv:
+        print("udp-tunnel: demo takes no arguments (see udp-tunnel --help)", file=sys.stderr)
+        return 2
+    clients_n, per_client = 3, 5
+    env = dict(os.environ, UDP_TUNNEL_KEY=secrets.token_hex(16))
+    service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    service.bind(("127.0.0.1", 0))
+    sport, oport = service.getsockname()[1], free_port()
+    print(f"udp-tunnel {udp_tunnel.__version__} demo, all on loopback:")
+    print(f"  UDP echo service on 127.0.0.1:{sport} (stands for the WireGuard server at home)")
+    print(f"  outside agent:  udp-tunnel -l 127.0.0.1:{oport} -t 1   (key from UDP_TUNNEL_KEY)")
+    print(f"  inside agent:   udp-tunnel -s 127.0.0.1:{sport} -o 127.0.0.1:{oport} -t 1")
+    print(f"  {clients_n} clients send {per_client} datagrams each to the outside agent\n")
+    seen: set = set()
+    stop = threading.Event()
+    threading.Thread(target=echo_service, args=(service, seen, stop), daemon=True).start()
+    agents = [start_agent("outside", ["-l", f"127.0.0.1:{oport}", "-t", "1"], env),
+              start_agent("inside", ["-s", f"127.0.0.1:{sport}", "-o", f"127.0.0.1:{oport}", "-t", "1"], env)]
+    ok = sent = 0
+    rtts: list[float] = []
+    try:
+        clients = []
+        for _ in range(clients_n):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.connect(("127.0.0.1", oport))
+            c.settimeout(0.3)
+            clients.append(c)
+        deadline = time.monotonic() + 8
+        for i, c in enumerate(clients, 1):
+            for m in range(1, per_client + 1):
+                msg = f"client {i} datagram {m}".encode()
+                while True:  # the first datagram waits until a spare tunnel is registered
+                    t0 = time.perf_counter()
+                    c.send(msg)
+                    sent += 1
+                    try:
+                        reply = c.recv(2048)
+                    except (TimeoutError, ConnectionRefusedError):
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("no answer through the tunnel") from None
+                        time.sleep(0.1)
+                        continue
+                    break
+                rtts.append(time.perf_counter() - t0)
+                good = reply == msg
+                ok += good
+                if m in (1, per_client):
+                    print(f"client {i} {c.getsockname()[1]} -> {msg.decode()!r} came back "
+                          f"{'intact' if good else 'CHANGED'} in {rtts[-1] * 1000:.2f} ms")
+        time.sleep(1.2)  # let the agents log a keepalive round
+    except TimeoutError as e:
+        print(f"demo failed: {e}")
+    finally:
+        for p in agents:
+            p.send_signal(signal.SIGTERM)
+        for p in agents:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        stop.set()
+    total = clients_n * per_client
+    print(f"\nsummary: {ok}/{total} datagrams came back intact ({sent - total} resent while the "
+          f"tunnel came up); the service saw {len(seen)} distinct source port(s), one per client: "
+          f"to it the inside agent is the client")
+    if rtts:
+        print(f"round trip through both agents: median {sorted(rtts)[len(rtts) // 2] * 1000:.2f} ms")
+    good = ok == total and len(seen) == clients_n and all(p.returncode == 0 for p in agents)
+    print("demo OK" if good else "demo FAILED")
+    return 0 if good else 1
