@@ -6,7 +6,11 @@ import socket
 
 
 class AddrError(ValueError):
-    """A user-supplied address that can't be used; str() is the message."""
+    """A user-supplied address that is written wrong; str() is the message."""
+
+
+class ResolveError(AddrError):
+    """A well-formed host name that does not resolve."""
 
 
 def _port(text: str, what: str, allow_zero: bool = False) -> int:
@@ -44,7 +48,7 @@ def resolve(host: str, port: int, what: str, family: int = socket.AF_UNSPEC,
     try:
         infos = socket.getaddrinfo(host, port, family, socket.SOCK_DGRAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise AddrError(f"{what}: cannot resolve {host!r}: {getattr(e, 'strerror', None) or e}") from None
+        raise ResolveError(f"{what}: cannot resolve {host!r}: {getattr(e, 'strerror', None) or e}") from None
     if prefer_v4:
         infos.sort(key=lambda i: i[0] != socket.AF_INET)
     fam, _, _, _, sockaddr = infos[0]

@@ -9,7 +9,7 @@ import sys
 import time
 
 from udp_tunnel import __version__
-from udp_tunnel.addr import AddrError, parse_listen, resolve, show, split_hostport
+from udp_tunnel.addr import AddrError, ResolveError, parse_listen, resolve, show, split_hostport
 from udp_tunnel.log import DEBUG, INFO, WARNING, Log
 
 USAGE = """\
@@ -152,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             from udp_tunnel.status import status_command
             return status_command(argv[1:])
         return run(build_parser().parse_args(argv))
-    except UsageError as e:
-        print(f"udp-tunnel: {e} (see udp-tunnel --help)", file=sys.stderr)
-        return 2
-    except (StartFailure, AddrError) as e:
+    except (StartFailure, ResolveError) as e:
         print(f"udp-tunnel: {e}", file=sys.stderr)
         return 1
+    except (UsageError, AddrError) as e:
+        print(f"udp-tunnel: {e} (see udp-tunnel --help)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

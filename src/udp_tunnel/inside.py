@@ -109,9 +109,9 @@ class InsideCore:
             tid = 0
             while tid == 0 or tid in self.tunnels:
                 tid = int.from_bytes(self.random_bytes(8), "big")
-            self.tunnels[tid] = Tunnel(tid, now)
+            self.tunnels[tid] = t = Tunnel(tid, now)
             self.actions.append(("open", tid))
-            self.wake = min(self.wake, now)
+            self._send_keepalive(t, now)  # a new spare announces itself at once
             spare += 1
 
     def _activate(self, t: Tunnel, now: float) -> None:

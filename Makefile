@@ -1,0 +1,86 @@
+# udp-tunnel: `make` builds ./udp-tunnel, a single executable (a Python zipapp).
+PYTHON    ?= python3
+PREFIX    ?= /usr/local
+BINDIR    ?= $(PREFIX)/bin
+UNITDIR   ?= /etc/systemd/system
+CONFDIR   ?= /etc/udp-tunnel
+SYSTEMCTL ?= systemctl
+DESTDIR   ?=
+# for install-outside / install-inside
+listen      ?=
+service     ?=
+outside     ?=
+keepalive   ?= 25
+max_clients ?= 1000
+
+SOURCES := $(wildcard src/udp_tunnel/*.py)
+UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
+
+.PHONY: all test lint bench demo install install-outside install-inside uninstall clean
+
+all: udp-tunnel
+
+udp-tunnel: $(SOURCES)
+	rm -rf build/zipapp && mkdir -p build/zipapp
+	cp -r src/udp_tunnel build/zipapp/
+	rm -rf build/zipapp/udp_tunnel/__pycache__
+	printf 'import sys\nfrom udp_tunnel.cli import main\nsys.exit(main())\n' > build/zipapp/__main__.py
+	$(PYTHON) -m zipapp build/zipapp -p '/usr/bin/env python3' -o $@.tmp
+	chmod 755 $@.tmp && mv $@.tmp $@
+
+demo: udp-tunnel
+	./udp-tunnel demo
+
+test:
+	$(PYTHON) -m pytest
+
+lint:
+	$(PYTHON) -m ruff check src tests
+
+bench:
+	$(PYTHON) -m tests.bench
+
+install: udp-tunnel
+	install -D -m 755 udp-tunnel $(DESTDIR)$(BINDIR)/udp-tunnel
+
+# A key shared by both ends: made once, kept across re-installs.
+key:
+	@if [ ! -s $(DESTDIR)$(CONFDIR)/key ]; then \
+	  install -d -m 700 $(DESTDIR)$(CONFDIR) && \
+	  (umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(DESTDIR)$(CONFDIR)/key) && \
+	  echo "made a new key in $(CONFDIR)/key: copy this file to the other end's $(CONFDIR)/key"; \
+	else echo "keeping the key in $(CONFDIR)/key (it must be the same on both ends)"; fi
+
+define render_unit
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@CONFDIR@|$(CONFDIR)|g' -e 's|@KEEPALIVE@|$(keepalive)|g' \
+	    -e 's|@MAXCLIENTS@|$(max_clients)|g' -e 's|@LISTEN@|$(listen)|g' -e 's|@SERVICE@|$(service)|g' \
+	    -e 's|@OUTSIDE@|$(outside)|g' -e 's|@NOFILE@|$(shell echo $$(( 2 * $(max_clients) + 64 )))|g' \
+	    -e 's|@CAPS@|$(2)|g' systemd/$(1).in > $(DESTDIR)$(UNITDIR)/$(1).tmp
+	chmod 644 $(DESTDIR)$(UNITDIR)/$(1).tmp && mv $(DESTDIR)$(UNITDIR)/$(1).tmp $(DESTDIR)$(UNITDIR)/$(1)
+endef
+
+install-outside: install key
+	@[ -n "$(listen)" ] || { echo "usage: make install-outside listen=[HOST:]PORT" >&2; exit 2; }
+	install -d $(DESTDIR)$(UNITDIR)
+	$(call render_unit,udp-tunnel-outside.service,$(shell port=$$(echo '$(listen)' | sed 's/.*://'); \
+	    [ "$$port" -lt 1024 ] 2>/dev/null && echo CAP_NET_BIND_SERVICE))
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  $(SYSTEMCTL) daemon-reload && $(SYSTEMCTL) enable --now udp-tunnel-outside.service; fi
+
+install-inside: install key
+	@[ -n "$(service)" ] && [ -n "$(outside)" ] || \
+	  { echo "usage: make install-inside service=HOST:PORT outside=HOST:PORT" >&2; exit 2; }
+	install -d $(DESTDIR)$(UNITDIR)
+	$(call render_unit,udp-tunnel-inside.service,)
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  $(SYSTEMCTL) daemon-reload && $(SYSTEMCTL) enable --now udp-tunnel-inside.service; fi
+
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  for u in $(UNITS); do $(SYSTEMCTL) disable --now $$u 2>/dev/null || true; done; fi
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS)) $(DESTDIR)$(BINDIR)/udp-tunnel
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then $(SYSTEMCTL) daemon-reload; fi
+	@echo "the key in $(CONFDIR)/key was kept; remove it by hand if you no longer need it"
+
+clean:
+	rm -rf build udp-tunnel udp-tunnel.tmp

@@ -1,0 +1,289 @@
+"""Unit tests of the sans-I/O cores, joined by a simulated network and a fake clock."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import pytest
+from sim import Sim, v6
+
+from udp_tunnel import proto
+from udp_tunnel.inside import ACTIVE, SPARE
+
+CLIENT_A = v6("198.51.100.10", 5000)
+CLIENT_B = v6("198.51.100.11", 5001)
+ATTACKER = v6("192.0.2.66", 6666)
+
+
+def keepalives(sim: Sim, direction: str = "up") -> list[tuple[bytes, tuple]]:
+    return [(d, a) for d, a, w in sim.wire if w == direction and len(d) in (proto.CTRL_LEN, proto.LEGACY_LEN)]
+
+
+def test_spares_register_through_a_challenge_before_any_client_arrives():
+    sim = Sim(spares=2)
+    assert sim.registered_spares() == 2
+    assert all(t.registered and t.rtt is not None for t in sim.inside.tunnels.values())
+    # each spare: keepalive without cookie -> challenge -> keepalive with cookie -> registered
+    assert sim.outside.stats["challenges"] == 2
+    assert sim.outside.stats["registrations"] == 2
+
+
+def test_first_client_datagram_goes_through_at_once_and_a_new_spare_opens():
+    sim = Sim(spares=2)
+    sim.send(b"hello", CLIENT_A)
+    assert [d for _, d in sim.service_rx] == [b"hello"]
+    tid = sim.service_rx[0][0]
+    assert sim.inside.tunnels[tid].state == ACTIVE
+    assert sum(t.state == SPARE for t in sim.inside.tunnels.values()) == 2
+    assert sim.registered_spares() == 2
+    # the inside learned its client's address from the outside's answer
+    assert proto.unpack_peer(sim.inside.tunnels[tid].peer, 10) == CLIENT_A
+
+
+def test_replies_reach_only_their_own_client():
+    sim = Sim()
+    sim.send(b"a1", CLIENT_A)
+    sim.send(b"b1", CLIENT_B)
+    ta, tb = (tid for tid, _ in sim.service_rx)
+    assert ta != tb
+    sim.reply(ta, b"to-a")
+    sim.reply(tb, b"to-b")
+    assert sim.received[CLIENT_A] == [b"to-a"]
+    assert sim.received[CLIENT_B] == [b"to-b"]
+    sim.send(b"a2", CLIENT_A)
+    assert sim.service_rx[-1] == (ta, b"a2")
+
+
+def test_keepalive_every_interval_on_each_tunnel():
+    sim = Sim(keepalive=25, spares=1)
+    start = len(keepalives(sim))
+    sim.advance(250)
+    per_tunnel = {}
+    for d, a in keepalives(sim)[start:]:
+        per_tunnel[a] = per_tunnel.get(a, 0) + 1
+    assert list(per_tunnel.values()) == [10]
+
+
+def test_idle_tunnel_closes_on_both_sides():
+    sim = Sim(keepalive=5, timeout=30)
+    sim.send(b"x", CLIENT_A)
+    tid = sim.service_rx[0][0]
+    sim.advance(29)
+    assert tid in sim.inside.tunnels and CLIENT_A in sim.outside.clients
+    sim.advance(3)
+    assert tid not in sim.inside.tunnels
+    assert CLIENT_A not in sim.outside.clients  # told by the closing keepalive, no wait
+    assert tid not in sim.outside.tunnels
+
+
+def test_outside_expires_tunnels_whose_keepalives_stop():
+    sim = Sim(keepalive=10)
+    sim.send(b"x", CLIENT_A)
+    sim.up = False
+    sim.advance(24)
+    assert len(sim.outside.tunnels) == 3
+    sim.advance(2)  # 2 * keepalive + 5 s after the last keepalive
+    assert sim.outside.tunnels == {} and sim.outside.route == {}
+
+
+def test_forged_keepalive_is_dropped_without_answer_or_state():
+    sim = Sim()
+    forged = proto.Codec(b"wrong key").encode(proto.Control(proto.KEEPALIVE, 0, 1, 2, 3))
+    before = (dict(sim.outside.tunnels), dict(sim.outside.route))
+    sim.send(forged, ATTACKER)
+    assert sim.outside.stats["drop_auth"] == 1
+    assert ATTACKER not in sim.received
+    assert (dict(sim.outside.tunnels), dict(sim.outside.route)) == before
+
+
+@pytest.mark.parametrize("data", [b"UDPT", b"UDPT" + bytes(95), bytes(100), b"UDPT" + bytes(97)])
+def test_truncated_or_garbage_control_never_becomes_a_tunnel(data):
+    """Not control-shaped: plain data of a new client, forwarded as such, never a registration."""
+    sim = Sim()
+    sim.send(data, ATTACKER)
+    assert ATTACKER not in sim.outside.by_addr
+    assert sim.service_rx == [(sim.outside.clients[ATTACKER].tid, data)]
+
+
+def test_control_shaped_garbage_is_dropped_and_counted():
+    sim = Sim()
+    sim.send(b"UDPT" + bytes(96), ATTACKER)
+    assert sim.outside.stats["drop_auth"] == 1
+    assert ATTACKER not in sim.outside.by_addr and ATTACKER not in sim.outside.clients
+    assert sim.service_rx == []
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_replayed_keepalives_from_another_address_never_get_client_data(restart):
+    sim = Sim()
+    sim.send(b"a", CLIENT_A)
+    sim.advance(60)
+    captured = [d for d, _ in keepalives(sim)]
+    if restart:
+        sim.restart_outside()
+    for d in captured:
+        sim.send(d, ATTACKER)
+    assert ATTACKER not in sim.outside.by_addr
+    for i in range(20):  # new clients arrive: none may be sent to the attacker
+        sim.send(b"secret %d" % i, v6("198.51.100.50", 7000 + i))
+    assert all(len(d) == proto.CTRL_LEN for d in sim.received.get(ATTACKER, []))  # challenges only
+    assert sim.outside.stats["challenges"] >= len(captured) - sim.outside.stats["drop_rate"] - 4
+
+
+def test_replay_from_the_genuine_address_is_refused_by_the_counter():
+    sim = Sim()
+    (d, addr), = [(d, a) for d, a in keepalives(sim) if proto.Codec(b"secret").decode(d).cookie != bytes(16)][:1]
+    sim.send(d, addr)
+    assert sim.outside.stats["drop_replay"] == 1
+
+
+def test_outside_restart_restores_active_tunnels_to_their_clients():
+    sim = Sim(keepalive=5)
+    sim.send(b"a1", CLIENT_A)
+    sim.send(b"b1", CLIENT_B)
+    ta, tb = (tid for tid, _ in sim.service_rx)
+    sim.restart_outside()
+    sim.send(b"lost", CLIENT_A)  # before re-registration: no spare known, dropped
+    sim.advance(6)  # one keepalive round: challenge, answer, registered with the client address
+    assert sim.inside.stats["outside_restarts"] == 1
+    sim.send(b"a2", CLIENT_A)
+    sim.send(b"b2", CLIENT_B)
+    assert sim.service_rx[-2:] == [(ta, b"a2"), (tb, b"b2")]
+    # a new client gets a fresh spare, never an active tunnel
+    sim.send(b"c1", v6("198.51.100.12", 5002))
+    assert sim.service_rx[-1][0] not in (ta, tb)
+
+
+def test_active_tunnel_is_never_handed_out_as_a_spare_when_its_client_is_unknown():
+    sim = Sim(keepalive=5)
+    sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[0][0]
+    sim.inside.tunnels[ta].peer = proto.NO_PEER  # as if the answer with the client address was lost
+    sim.restart_outside()
+    sim.advance(6)
+    assert ta in sim.outside.tunnels and ta not in sim.outside.spares
+    sim.send(b"new", CLIENT_B)
+    assert sim.service_rx[-1][0] != ta
+
+
+def test_nat_rebinding_keeps_the_conversation():
+    sim = Sim(keepalive=5)
+    sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[0][0]
+    old = sim.rebind(ta)
+    sim.advance(6)
+    new = sim.public[ta]
+    assert new != old and sim.outside.tunnels[ta].addr == new
+    assert sim.outside.stats["rebinds"] == 1
+    sim.send(b"a2", CLIENT_A)
+    sim.reply(ta, b"back")
+    assert sim.service_rx[-1] == (ta, b"a2")
+    assert sim.received[CLIENT_A][-1] == b"back"
+
+
+def test_inside_detects_outside_outage_within_two_intervals_and_resolves_again():
+    sim = Sim(keepalive=10)
+    sim.up = False
+    sim.advance(21.5)
+    assert not any(t.registered for t in sim.inside.tunnels.values())
+    sim.advance(1)
+    assert sim.inside.snapshot(sim.now)["outside_answering"] is False
+    assert sim.resolves == 1
+    sim.up = True
+    sim.advance(11)
+    assert all(t.registered for t in sim.inside.tunnels.values())
+
+
+def test_replayed_reply_is_refused_by_the_inside():
+    sim = Sim()
+    tid, t = next(iter(sim.inside.tunnels.items()))
+    old = [d for d, a, w in sim.wire if w == "down" and a == sim.public[tid]][-1]
+    sim.inside.on_control(tid, old, sim.now)
+    assert sim.inside.stats["drop_replay"] == 1
+
+
+def test_client_limit_holds_against_a_flood_of_source_ports():
+    sim = Sim(max_clients=10, spares=2)
+    for port in range(20000, 25000):
+        sim.send(b"flood", v6("192.0.2.99", port))
+    assert len(sim.outside.clients) <= 10
+    assert len(sim.inside.tunnels) <= 10 + 2
+    assert len(sim.outside.route) <= 2 * 10
+    assert sim.outside.stats["drop_no_spare"] + sim.outside.stats["drop_limit"] == 5000 - 10
+    sim.send(b"still", v6("192.0.2.99", 20000))  # an existing client goes on
+    assert sim.service_rx[-1][1] == b"still"
+
+
+def test_hours_of_clock_difference_do_not_matter():
+    sim = Sim(keepalive=5)
+    sim.outside.wall = lambda: sim.now + sim.wall_offset + 5 * 3600
+    sim.advance(30)
+    sim.send(b"x", CLIENT_A)
+    assert sim.service_rx[-1][1] == b"x"
+
+
+def test_wrong_key_on_the_inside_never_registers():
+    sim = Sim(inside_key=b"other")
+    assert sim.registered_spares() == 0
+    assert sim.outside.stats["drop_auth"] >= 2
+    sim.send(b"x", CLIENT_A)
+    assert sim.service_rx == [] and sim.outside.stats["drop_no_spare"] == 1
+
+
+def test_reply_with_a_client_on_a_spare_activates_it():
+    """The outside bound a spare to a client but the client's datagram got lost."""
+    sim = Sim(keepalive=5)
+    sim.up = False
+    sim.outside.handle(b"lost", CLIENT_A, sim.now)
+    sim.outside.out.clear()
+    sim.up = True
+    sim.advance(6)
+    assert sum(t.state == ACTIVE for t in sim.inside.tunnels.values()) == 1
+    sim.send(b"next", CLIENT_A)
+    assert sim.service_rx[-1][1] == b"next"
+
+
+# --- legacy mode ---
+
+def legacy_ka(password: bytes, nonce: int) -> bytes:
+    n = struct.pack("<Q", nonce)
+    return n + hashlib.sha256(password + n).digest()
+
+
+def test_legacy_inside_sends_the_c_tools_bytes():
+    sim = Sim(legacy=True, spares=1)
+    (d, _), = keepalives(sim)
+    nonce = struct.unpack("<Q", d[:8])[0]
+    assert d == legacy_ka(b"secret", nonce)
+    assert abs(nonce - (sim.now + sim.wall_offset) * 1000) < 2
+    sim.advance(50)
+    nonces = [struct.unpack("<Q", d[:8])[0] for d, _ in keepalives(sim)]
+    assert nonces == sorted(set(nonces)) and len(nonces) == 3
+
+
+def test_legacy_outside_takes_c_keepalives_and_refuses_replays_and_old_captures():
+    sim = Sim(legacy=True)
+    wall_ms = int((sim.now + sim.wall_offset) * 1000)
+    o = sim.restart_outside() or sim.outside
+    ka = legacy_ka(b"secret", wall_ms + 10)
+    o.handle(ka, v6("203.0.113.9", 1), sim.now)
+    assert v6("203.0.113.9", 1) in o.by_addr
+    o.handle(ka, ATTACKER, sim.now)  # replay: nonce not above the last one
+    assert ATTACKER not in o.by_addr and o.stats["drop_replay"] == 1
+    fresh = sim.new_outside()  # after a restart the counter is 0, but the clock check holds
+    fresh.handle(legacy_ka(b"secret", wall_ms - 3_600_000), ATTACKER, sim.now)
+    assert ATTACKER not in fresh.by_addr and fresh.stats["drop_clock"] == 1
+    fresh.handle(legacy_ka(b"wrong", wall_ms + 20), ATTACKER, sim.now)  # not verified: data from a new client
+    assert ATTACKER not in fresh.by_addr and fresh.stats["drop_no_spare"] == 1
+
+
+def test_legacy_end_to_end_through_both_cores():
+    sim = Sim(legacy=True, keepalive=5)
+    sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[0][0]
+    sim.reply(ta, b"r1")
+    assert sim.received[CLIENT_A] == [b"r1"]
+    sim.advance(60)
+    sim.send(b"a2", CLIENT_A)
+    assert sim.service_rx[-1] == (ta, b"a2")
