@@ -287,3 +287,29 @@ def test_legacy_end_to_end_through_both_cores():
     sim.advance(60)
     sim.send(b"a2", CLIENT_A)
     assert sim.service_rx[-1] == (ta, b"a2")
+
+
+def test_after_outside_restart_an_old_client_gets_its_own_tunnel_even_if_a_spare_returns_first():
+    sim = Sim(keepalive=25)
+    sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[0][0]
+    sim.restart_outside()
+    spare = next(t for t in sim.inside.tunnels.values() if t.state == SPARE)
+    sim.inside._send_keepalive(spare, sim.now)  # this spare's keepalive happens to come first
+    sim.pump()
+    # the spare's answer showed a new outside session: the inside re-announced every tunnel at once
+    sim.send(b"a2", CLIENT_A)
+    assert sim.service_rx[-1] == (ta, b"a2")
+
+
+def test_restarted_outside_holds_new_clients_until_announced_active_tunnels_are_back():
+    sim = Sim(keepalive=25)
+    sim.send(b"a1", CLIENT_A)
+    sim.restart_outside()
+    o = sim.outside
+    o.announced[sim.inside.session] = 1  # an inside agent said: one active tunnel
+    sim.send(b"new", CLIENT_B)
+    assert o.stats["drop_recovering"] == 1 and CLIENT_B not in o.clients
+    sim.advance(26)  # the active tunnel is back
+    sim.send(b"new", CLIENT_B)
+    assert sim.service_rx[-1][1] == b"new"

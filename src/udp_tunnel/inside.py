@@ -89,6 +89,7 @@ class InsideCore:
         self.last_resolve = now
         self.next_tick = now
         self.wake = now  # no timer is due before this
+        self.active = 0  # tunnels in state ACTIVE
 
     # --- tunnels ---
 
@@ -96,8 +97,7 @@ class InsideCore:
         self._replenish(now)
 
     def counts(self) -> tuple[int, int]:
-        active = sum(1 for t in self.tunnels.values() if t.state == ACTIVE)
-        return active, len(self.tunnels) - active
+        return self.active, len(self.tunnels) - self.active
 
     def _replenish(self, now: float) -> None:
         active, spare = self.counts()
@@ -116,6 +116,7 @@ class InsideCore:
 
     def _activate(self, t: Tunnel, now: float) -> None:
         t.state = ACTIVE
+        self.active += 1
         t.activated = t.last_rx = now
         self.actions.append(("service", t.tid))
         self.log.info(f"tunnel {t.tid:016x} now carries a client")
@@ -125,6 +126,7 @@ class InsideCore:
 
     def close(self, tid: int, now: float, why: str) -> None:
         t = self.tunnels.pop(tid)
+        self.active -= t.state == ACTIVE
         self.retired.update(datagrams_in=t.rx, bytes_in=t.rx_bytes, datagrams_out=t.tx, bytes_out=t.tx_bytes)
         if not self.legacy and t.registered:
             self.counter += 1
@@ -142,7 +144,7 @@ class InsideCore:
         if t.state == ACTIVE:
             flags |= proto.F_ACTIVE
         return self.codec.encode(Control(proto.KEEPALIVE, flags, self.session, t.tid,
-                                         counter, t.cookie, t.peer))
+                                         counter, t.cookie, t.peer, self.active))
 
     def _send_keepalive(self, t: Tunnel, now: float) -> None:
         self.counter += 1
@@ -175,10 +177,16 @@ class InsideCore:
             return
         t.acked = m.counter
         if m.session != self.outside_session:
-            if self.outside_session is not None:
+            restarted = self.outside_session is not None
+            self.outside_session = m.session
+            if restarted:
                 self.stats["outside_restarts"] += 1
                 self.log.warning("the outside agent restarted (new session): registering tunnels again")
-            self.outside_session = m.session
+                for other in sorted(self.tunnels.values(), key=lambda o: o.state != ACTIVE):
+                    if other is not t:  # every tunnel at once, active ones first
+                        other.registered = False
+                        other.answers = 0
+                        self._send_keepalive(other, now)
         self.last_reply = now
         t.cookie = m.cookie
         if m.flags & proto.F_REGISTERED:

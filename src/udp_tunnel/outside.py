@@ -98,6 +98,11 @@ class OutsideCore:
         self.legacy_nonce = 0
         self.legacy_ids = 0
         self.next_tick = now + 1.0
+        # Just started: active tunnels of a running inside agent come back with their
+        # clients. Until they have (or the expiry window is over), new clients wait,
+        # so that an old client can't be given a fresh spare instead of its own tunnel.
+        self.recovering = not legacy
+        self.announced: dict[int, int] = {}  # inside session -> active tunnels it says it has
 
     # --- datagrams ---
 
@@ -122,7 +127,20 @@ class OutsideCore:
         else:
             self._new_client(data, addr, now)
 
+    def _recovered(self, now: float) -> bool:
+        if now - self.started > self.expiry:
+            self.recovering = False
+        else:
+            have = Counter(t.session for t in self.tunnels.values() if t.active)
+            self.recovering = any(have[s] < n for s, n in self.announced.items())
+        return not self.recovering
+
     def _new_client(self, data: bytes, addr: tuple, now: float) -> None:
+        if self.recovering and not self._recovered(now):
+            self.stats["drop_recovering"] += 1
+            self.log.limited("recovering", f"new client {show(addr)} waits: active tunnels are "
+                             "still coming back after this agent's restart")
+            return
         if len(self.clients) >= self.max_clients:
             self.stats["drop_limit"] += 1
             self.log.limited("limit", f"client limit ({self.max_clients}) reached: "
@@ -251,6 +269,8 @@ class OutsideCore:
             del self.spares[t.tid]
         t.counter = m.counter
         t.last_ka = now
+        if self.recovering:
+            self.announced[m.session] = m.active
         if t.client is None:
             self._reply(addr, m, proto.F_REGISTERED, cur)
         else:

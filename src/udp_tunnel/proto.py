@@ -27,7 +27,7 @@ F_REGISTERED = 0x01  # the cookie was valid: the tunnel is registered at the sou
 F_BOUND = 0x02  # the tunnel is bound to the client in the peer field
 F_REFUSED = 0x04  # the outside is at its tunnel limit and did not register it
 
-_BODY = struct.Struct("!4sBBBxQQQ16s16sH2x")
+_BODY = struct.Struct("!4sBBBxQQQ16s16sHH")
 BODY_LEN = _BODY.size  # 68
 TAG_LEN = 32
 CTRL_LEN = BODY_LEN + TAG_LEN  # 100
@@ -51,6 +51,7 @@ class Control:
     counter: int  # keepalive: sender's counter; reply: the answered keepalive's counter
     cookie: bytes = bytes(COOKIE_LEN)
     peer: bytes = NO_PEER  # client address, 16-byte IPv6 (v4-mapped) + 2-byte port
+    active: int = 0  # keepalive: how many active tunnels the inside agent has (at most 65535)
 
 
 def derive_key(secret: bytes) -> bytes:
@@ -73,7 +74,7 @@ class Codec:
     def encode(self, m: Control) -> bytes:
         body = _BODY.pack(
             MAGIC, VERSION, m.type, m.flags, m.session, m.tunnel, m.counter,
-            m.cookie, m.peer[:16], int.from_bytes(m.peer[16:18], "big"),
+            m.cookie, m.peer[:16], int.from_bytes(m.peer[16:18], "big"), min(m.active, 0xFFFF),
         )
         return body + hmac.new(self._key, body, hashlib.sha256).digest()
 
@@ -85,10 +86,10 @@ class Codec:
         tag = hmac.new(self._key, body, hashlib.sha256).digest()
         if not hmac.compare_digest(tag, data[BODY_LEN:]):
             raise BadControl("auth")
-        _, ver, typ, flags, session, tunnel, counter, cookie, paddr, pport = _BODY.unpack(body)
+        _, ver, typ, flags, session, tunnel, counter, cookie, paddr, pport, active = _BODY.unpack(body)
         if ver != VERSION or typ not in (KEEPALIVE, REPLY):
             raise BadControl("malformed")
-        return Control(typ, flags, session, tunnel, counter, cookie, paddr + pport.to_bytes(2, "big"))
+        return Control(typ, flags, session, tunnel, counter, cookie, paddr + pport.to_bytes(2, "big"), active)
 
 
 def pack_peer(addr: tuple) -> bytes:

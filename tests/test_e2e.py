@@ -1,0 +1,176 @@
+"""End-to-end on loopback: the real command in subprocesses, 127.0.0.1 and ::1."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from agents import Agent, EchoService, UdpNat, command, converse, env, free_port, hostport
+
+from udp_tunnel import proto
+
+HOSTS = ["127.0.0.1", "::1"]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """Start agents and services; stop them all and show their logs at the end."""
+    started: list = []
+
+    class Lab:
+        def agent(self, name, args, **kw) -> Agent:
+            a = Agent(name, args, tmp_path, **kw)
+            started.append(a)
+            return a
+
+        def echo(self, host="127.0.0.1") -> EchoService:
+            e = EchoService(host)
+            started.append(e)
+            return e
+
+        def nat(self, outside) -> UdpNat:
+            n = UdpNat(outside)
+            started.append(n)
+            return n
+
+    yield Lab()
+    for x in reversed(started):
+        if isinstance(x, Agent):
+            x.stop()
+            print(f"----- log of {x.name} -----\n{x.log()}")
+        else:
+            x.close()
+
+
+def start_pair(lab, host="127.0.0.1", t="1", outside_extra=(), inside_extra=(), via=None):
+    svc = lab.echo(host)
+    port = free_port(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    out = lab.agent("outside", ["-l", hostport(host, port), "-t", t, *outside_extra])
+    o_addr = hostport(host, port)
+    nat = None
+    if via == "nat":
+        nat = lab.nat((host, port))
+        o_addr = hostport(host, nat.port)
+    ins = lab.agent("inside", ["-s", svc.addr, "-o", o_addr, "-t", t, *inside_extra])
+    out.wait_status(lambda s: s["spares"] >= 1)
+    return svc, out, ins, (host, port), nat
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_hundred_concurrent_clients_each_get_their_own_bytes_back(lab, host):
+    svc, out, ins, target, _ = start_pair(lab, host, inside_extra=["--spares", "4"])
+    r = converse(target, n_clients=100, per_client=20)
+    assert r["done"] == 100 and r["complete"] == 2000, r
+    assert r["wrong"] == 0, r
+    by_client = svc.sources_by_client()
+    assert len(by_client) == 100
+    assert all(len(src) == 1 for src in by_client.values())  # one service socket per client...
+    assert len({next(iter(s)) for s in by_client.values()}) == 100  # ...never shared
+    st = out.wait_status(lambda s: s["clients"] == 100)
+    assert st["totals"]["datagrams_in"] >= 2000
+
+
+def test_ipv4_client_reaches_a_tunnel_that_arrives_over_ipv6(lab):
+    svc = lab.echo("127.0.0.1")
+    port = free_port(socket.AF_INET6)
+    out = lab.agent("outside", ["-l", str(port), "-t", "1"])  # dual-stack
+    lab.agent("inside", ["-s", svc.addr, "-o", f"[::1]:{port}", "-t", "1"])
+    st = out.wait_status(lambda s: s["spares"] >= 1)
+    assert all(t["endpoint"].startswith("[::1]") for t in st["tunnels"])
+    r = converse(("127.0.0.1", port), n_clients=3, per_client=5)
+    assert r["done"] == 3 and r["wrong"] == 0
+
+
+def flow(target, stop: threading.Event, log: list) -> None:
+    """One client sending every 50 ms; records (time, ok) for each reply."""
+    fam = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.connect(target)
+        s.settimeout(0.05)
+        i = 0
+        while not stop.is_set():
+            i += 1
+            msg = b"flow %d" % i
+            s.send(msg)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.05:
+                try:
+                    if s.recv(2048) == msg:
+                        log.append(time.monotonic())
+                        break
+                except (TimeoutError, ConnectionRefusedError):
+                    pass
+
+
+def resumes_after(log: list, t: float, timeout: float = 15.0) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        after = [x for x in log if x > t]
+        if len(after) >= 5:
+            return after[0] - t
+        time.sleep(0.05)
+    raise AssertionError("traffic did not resume")
+
+
+@pytest.mark.parametrize("which", ["outside", "inside"])
+def test_traffic_resumes_after_an_agent_restarts(lab, which):
+    svc, out, ins, target, _ = start_pair(lab)
+    stop, log = threading.Event(), []
+    th = threading.Thread(target=flow, args=(target, stop, log), daemon=True)
+    th.start()
+    try:
+        resumes_after(log, 0)
+        agent = out if which == "outside" else ins
+        assert agent.stop() == 0  # SIGTERM: a clean exit
+        t = time.monotonic()
+        agent.start()
+        took = resumes_after(log, t)
+        print(f"traffic resumed {took * 1000:.0f} ms after the {which} agent restarted")
+        if which == "outside":  # the tunnel was restored to its client: same service socket
+            assert len(svc.sources_by_client()[b"flow"]) == 1
+    finally:
+        stop.set()
+        th.join(2)
+
+
+def test_forged_and_replayed_keepalives_never_receive_client_data(lab):
+    svc, out, ins, target, nat = start_pair(lab, via="nat")
+    assert converse(target, n_clients=2, per_client=3)["done"] == 2
+    time.sleep(2.5)  # a few keepalive rounds to capture
+    captured = [d for d in nat.captured if proto.is_control(d)]
+    assert len(captured) >= 4
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attacker.bind(("127.0.0.1", 0))
+    attacker_addr = "127.0.0.1:%d" % attacker.getsockname()[1]
+    attacker.settimeout(0.2)
+    forged = proto.Codec(b"not the key").encode(proto.Control(proto.KEEPALIVE, 0, 1, 2, 3))
+
+    def attack_then_count_clients(n_clients: int) -> list[bytes]:
+        for d in captured + [forged]:
+            attacker.sendto(d, target)
+        time.sleep(0.3)
+        r = converse(target, n_clients=n_clients, per_client=3)
+        assert r["done"] == n_clients and r["wrong"] == 0, r
+        got = []
+        while True:
+            try:
+                got.append(attacker.recv(65536))
+            except TimeoutError:
+                return got
+
+    got = attack_then_count_clients(5)
+    out.stop()
+    out.start()  # right after a restart of the outside agent
+    got += attack_then_count_clients(5)
+    attacker.close()
+    client_data = [d for d in got if not proto.is_control(d)]
+    assert client_data == []
+    # what the attacker got is challenges, which it cannot answer without the key
+    assert all(proto.Codec(b"test-key").decode(d).type == proto.REPLY for d in got)
+    st = out.status()
+    assert attacker_addr not in [t["endpoint"] for t in st["tunnels"]]
+    assert attacker_addr not in [t["client"] for t in st["tunnels"]]
+    assert st["stats"]["drop_auth"] >= 1 and st["stats"]["challenges"] >= 1
