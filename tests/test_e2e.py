@@ -8,41 +8,11 @@ import threading
 import time
 
 import pytest
-from agents import Agent, EchoService, UdpNat, command, converse, env, free_port, hostport
+from agents import converse, free_port, hostport
 
 from udp_tunnel import proto
 
 HOSTS = ["127.0.0.1", "::1"]
-
-
-@pytest.fixture
-def lab(tmp_path):
-    """Start agents and services; stop them all and show their logs at the end."""
-    started: list = []
-
-    class Lab:
-        def agent(self, name, args, **kw) -> Agent:
-            a = Agent(name, args, tmp_path, **kw)
-            started.append(a)
-            return a
-
-        def echo(self, host="127.0.0.1") -> EchoService:
-            e = EchoService(host)
-            started.append(e)
-            return e
-
-        def nat(self, outside) -> UdpNat:
-            n = UdpNat(outside)
-            started.append(n)
-            return n
-
-    yield Lab()
-    for x in reversed(started):
-        if isinstance(x, Agent):
-            x.stop()
-            print(f"----- log of {x.name} -----\n{x.log()}")
-        else:
-            x.close()
 
 
 def start_pair(lab, host="127.0.0.1", t="1", outside_extra=(), inside_extra=(), via=None):
