@@ -6,8 +6,8 @@ import hashlib
 import struct
 
 import pytest
-from sim import Sim, v6
 
+from sim import Sim, v6
 from udp_tunnel import proto
 from udp_tunnel.inside import ACTIVE, SPARE
 
@@ -60,7 +60,7 @@ def test_keepalive_every_interval_on_each_tunnel():
     start = len(keepalives(sim))
     sim.advance(250)
     per_tunnel = {}
-    for d, a in keepalives(sim)[start:]:
+    for _, a in keepalives(sim)[start:]:
         per_tunnel[a] = per_tunnel.get(a, 0) + 1
     assert list(per_tunnel.values()) == [10]
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
-from agents import converse, free_port, hostport
 
+from agents import converse, free_port, hostport
 from udp_tunnel import proto
 
 HOSTS = ["127.0.0.1", "::1"]
@@ -114,7 +113,7 @@ def test_forged_and_replayed_keepalives_never_receive_client_data(lab):
     assert len(captured) >= 4
     attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     attacker.bind(("127.0.0.1", 0))
-    attacker_addr = "127.0.0.1:%d" % attacker.getsockname()[1]
+    attacker_addr = f"127.0.0.1:{attacker.getsockname()[1]}"
     attacker.settimeout(0.2)
     forged = proto.Codec(b"not the key").encode(proto.Control(proto.KEEPALIVE, 0, 1, 2, 3))
 

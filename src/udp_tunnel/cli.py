@@ -80,9 +80,9 @@ def load_key(a: argparse.Namespace) -> tuple[bytes, str]:
         try:
             return read_key_file(a.key_file), "key file"
         except OSError as e:
-            raise StartFailure(f"cannot read key file {a.key_file}: {e.strerror}") from None
+            raise StartError(f"cannot read key file {a.key_file}: {e.strerror}") from None
         except ValueError as e:
-            raise StartFailure(str(e)) from None
+            raise StartError(str(e)) from None
     if a.key is not None:
         if not a.key:
             raise UsageError("-k: the key is empty")
@@ -93,7 +93,7 @@ def load_key(a: argparse.Namespace) -> tuple[bytes, str]:
     return b"", ""
 
 
-class StartFailure(Exception):
+class StartError(Exception):
     pass
 
 
@@ -138,7 +138,7 @@ def bind_listen(text: str, family: int | None) -> socket.socket:
         s.bind((host, port))
     except OSError as e:
         s.close()
-        raise StartFailure(f"cannot listen on {show((host, port))}: {e.strerror}") from None
+        raise StartError(f"cannot listen on {show((host, port))}: {e.strerror}") from None
     return s
 
 
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             from udp_tunnel.status import status_command
             return status_command(argv[1:])
         return run(build_parser().parse_args(argv))
-    except (StartFailure, ResolveError) as e:
+    except (StartError, ResolveError) as e:
         print(f"udp-tunnel: {e}", file=sys.stderr)
         return 1
     except (UsageError, AddrError) as e:
@@ -214,7 +214,7 @@ def run(a: argparse.Namespace) -> int:
             servers.append(metrics.MetricsServer(metrics_addr, loop))
     except OSError as e:
         loop.close()
-        raise StartFailure(f"cannot serve {'status' if not servers else 'metrics'}: {e.strerror or e}") from None
+        raise StartError(f"cannot serve {'status' if not servers else 'metrics'}: {e.strerror or e}") from None
     log.info(f"udp-tunnel {__version__}: {desc}, protocol {protocol}, "
              f"key {'set from ' + key_from if secret else 'NOT set'}, keepalive {a.keepalive:g} s"
              + (f", status on {control}" if control else "")

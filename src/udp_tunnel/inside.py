@@ -25,7 +25,7 @@ from collections import Counter
 from udp_tunnel import proto
 from udp_tunnel.addr import show
 from udp_tunnel.log import Log
-from udp_tunnel.proto import BadControl, Control
+from udp_tunnel.proto import Control, ControlError
 
 SPARE, ACTIVE = "spare", "active"
 TICK = 1.0
@@ -163,7 +163,7 @@ class InsideCore:
             return
         try:
             m = self.codec.decode(data)
-        except BadControl as e:
+        except ControlError as e:
             self.stats[f"drop_{e.args[0]}"] += 1
             self.log.limited(f"bad-{e.args[0]}", "dropped a control datagram from the outside agent: "
                              + ("authentication failed (is the key the same on both ends?)"

@@ -29,10 +29,6 @@ BUFSIZE = 65536
 SOCKBUF = 4 << 20
 
 
-class StartError(Exception):
-    """A start-up failure a user can fix (port in use, ...); str() says what."""
-
-
 def _bufsizes(s: socket.socket) -> None:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:

@@ -17,7 +17,7 @@ from collections import Counter
 from udp_tunnel import proto
 from udp_tunnel.addr import show
 from udp_tunnel.log import Log
-from udp_tunnel.proto import BadControl, Control
+from udp_tunnel.proto import Control, ControlError
 
 COOKIE_SLOT = 60.0  # seconds; a cookie stays valid for one to two slots
 
@@ -208,7 +208,7 @@ class OutsideCore:
     def _control(self, data: bytes, addr: tuple, now: float) -> None:
         try:
             m = self.codec.decode(data)
-        except BadControl as e:
+        except ControlError as e:
             self.stats[f"drop_{e.args[0]}"] += 1
             self.log.limited(f"bad-{e.args[0]}", f"dropped control datagram from {show(addr)}: "
                              f"{'authentication failed (wrong key?)' if e.args[0] == 'auth' else 'malformed'}")

@@ -38,7 +38,7 @@ LEGACY_LEN = 40
 _LE64 = struct.Struct("<Q")
 
 
-class BadControl(Exception):
+class ControlError(Exception):
     """A control-looking datagram that must be dropped; args[0] is the reason."""
 
 
@@ -79,16 +79,16 @@ class Codec:
         return body + hmac.new(self._key, body, hashlib.sha256).digest()
 
     def decode(self, data: bytes) -> Control:
-        """Parse and verify; raises BadControl('malformed'|'auth') otherwise."""
+        """Parse and verify; raises ControlError('malformed'|'auth') otherwise."""
         if len(data) != CTRL_LEN or data[:4] != MAGIC:
-            raise BadControl("malformed")
+            raise ControlError("malformed")
         body = data[:BODY_LEN]
         tag = hmac.new(self._key, body, hashlib.sha256).digest()
         if not hmac.compare_digest(tag, data[BODY_LEN:]):
-            raise BadControl("auth")
+            raise ControlError("auth")
         _, ver, typ, flags, session, tunnel, counter, cookie, paddr, pport, active = _BODY.unpack(body)
         if ver != VERSION or typ not in (KEEPALIVE, REPLY):
-            raise BadControl("malformed")
+            raise ControlError("malformed")
         return Control(typ, flags, session, tunnel, counter, cookie, paddr + pport.to_bytes(2, "big"), active)
 
 

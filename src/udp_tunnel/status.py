@@ -7,7 +7,6 @@ document. The socket is created owner-only (0600).
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
