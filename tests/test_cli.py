@@ -1,0 +1,171 @@
+"""The command line, the built executable and what an operator sees."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from agents import ROOT, command, converse, env, free_port
+
+from udp_tunnel import __version__
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(command(*args), env=env(**kw), capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "say which agent to run"),
+    (["-l", "9999", "-s", "a:1", "-o", "b:2"], "cannot be combined"),
+    (["-s", "127.0.0.1:1"], "needs both"),
+    (["-s", "2001:db8::1:5", "-o", "127.0.0.1:1"], "brackets"),
+    (["-s", "127.0.0.1:0", "-o", "127.0.0.1:1"], "bad port"),
+    (["-l", "70000"], "bad port"),
+    (["-l", "9", "-t", "0"], "keepalive"),
+    (["-l", "9", "-k", "a", "--key-file", "/x"], "not both"),
+    (["-l", "9", "--max-clients", "0"], "max-clients"),
+    (["--bogus"], "unrecognized"),
+    (["-l", "9", "-t", "x"], "invalid float"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, needle):
+    r = run(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("udp-tunnel: ")
+    assert "Traceback" not in r.stderr
+
+
+def test_failures_a_user_can_fix_are_one_line_and_exit_1(tmp_path):
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    busy.bind(("127.0.0.1", 0))
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    try:
+        cases = [
+            (["-s", "127.0.0.1:1", "-o", "no-such-host.invalid:9"], "cannot resolve"),
+            (["-l", f"127.0.0.1:{busy.getsockname()[1]}"], "Address already in use"),
+            (["-l", "9", "--key-file", str(tmp_path / "missing")], "cannot read key file"),
+            (["-l", "9", "--key-file", str(empty)], "is empty"),
+        ]
+        for args, needle in cases:
+            r = run(*args)
+            assert r.returncode == 1, (args, r.stderr)
+            assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr
+    finally:
+        busy.close()
+
+
+def test_version_and_help():
+    assert run("-V").stdout.strip() == f"udp-tunnel {__version__}"
+    h = run("--help")
+    assert h.returncode == 0 and "--key-file" in h.stdout and "--legacy" in h.stdout
+
+
+def test_make_builds_one_executable_that_runs_the_demo():
+    subprocess.run(["make", "-s", "-C", ROOT, "udp-tunnel"], check=True, timeout=60)
+    exe = os.path.join(ROOT, "udp-tunnel")
+    assert os.access(exe, os.X_OK)
+    # runs with the standard library only: -I ignores user site-packages and PYTHON* variables
+    r = subprocess.run(["python3", "-I", exe, "demo"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "15/15 datagrams came back intact" in r.stdout and "demo OK" in r.stdout
+
+
+def test_no_key_is_said_loudly_at_start(lab):
+    port = free_port()
+    out = lab.agent("outside", ["-l", f"127.0.0.1:{port}"], key=None)
+    assert "NOT authenticated" in out.log()
+    assert out.status()["key"] is False
+
+
+def test_status_shows_tunnels_as_text_and_json(lab):
+    svc = lab.echo()
+    port = free_port()
+    out = lab.agent("outside", ["-l", f"127.0.0.1:{port}", "-t", "1"])
+    ins = lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1"])
+    assert converse(("127.0.0.1", port), 2, 5)["done"] == 2
+    ins.wait_status(lambda s: s["clients"] == 2 and all(t["rtt"] for t in s["tunnels"]))
+    out.wait_status(lambda s: s["clients"] == 2)
+    text = subprocess.run(command("status", "--control", ins.control), env=env(),
+                          capture_output=True, text=True, timeout=10).stdout
+    assert "agent: inside" in text and "outside agent answering: yes" in text
+    assert text.count("(active)") == 2 and "keepalive round trip:" in text and "client: 127.0.0.1:" in text
+    text = subprocess.run(command("status", "--control", out.control), env=env(),
+                          capture_output=True, text=True, timeout=10).stdout
+    assert "agent: outside" in text and "key: set" in text and "to inside: 5 datagrams" in text
+    import json
+    doc = json.loads(subprocess.run(command("status", "--json", "--control", out.control), env=env(),
+                                    capture_output=True, text=True, timeout=10).stdout)
+    assert doc["role"] == "outside" and doc["totals"]["datagrams_in"] == 10
+    assert os.stat(out.control).st_mode & 0o777 == 0o600
+
+
+def test_metrics_are_valid_prometheus_text_with_the_counts(lab):
+    from prometheus_client.parser import text_string_to_metric_families
+    svc = lab.echo()
+    port, mport = free_port(), free_port()
+    out = lab.agent("outside", ["-l", f"127.0.0.1:{port}", "-t", "1", "--metrics", f"127.0.0.1:{mport}"])
+    lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1"])
+    assert converse(("127.0.0.1", port), 3, 4)["done"] == 3
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # one datagram that fails authentication
+        s.sendto(b"UDPT" + bytes(96), ("127.0.0.1", port))
+    out.wait_status(lambda s: s["clients"] == 3 and s["stats"].get("drop_auth"))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    assert samples[("udp_tunnel_datagrams_total", (("direction", "in"),))] == 12
+    assert samples[("udp_tunnel_datagrams_total", (("direction", "out"),))] == 12
+    assert samples[("udp_tunnel_tunnels", (("state", "active"),))] == 3
+    assert samples[("udp_tunnel_dropped_total", (("reason", "auth"),))] == 1
+    assert samples[("udp_tunnel_registrations_total", ())] >= 5
+
+
+def test_systemd_notify_ready_status_watchdog_and_clean_stop(tmp_path):
+    path = str(tmp_path / "notify")
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(path)
+    ns.settimeout(10)
+    e = env(NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000", UDP_TUNNEL_KEY="k")
+    p = subprocess.Popen(command("-l", f"127.0.0.1:{free_port()}"), env=e, stderr=subprocess.PIPE, text=True)
+    try:
+        got = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any("WATCHDOG=1" in g for g in got):
+            got.append(ns.recv(4096).decode())
+        assert got[0].startswith("READY=1\nSTATUS=0 client(s), 0 spare tunnel(s)")
+        assert any(g == "WATCHDOG=1" for g in got)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+        rest = []
+        ns.settimeout(0.5)
+        try:
+            while True:
+                rest.append(ns.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert "STOPPING=1" in rest
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        ns.close()
+
+
+def test_sighup_reads_the_key_file_again(lab, tmp_path):
+    keyfile = tmp_path / "key"
+    keyfile.write_text("old key\n")
+    svc = lab.echo()
+    port = free_port()
+    out = lab.agent("outside", ["-l", f"127.0.0.1:{port}", "-t", "1", "--key-file", str(keyfile)], key=None)
+    lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1"], key="new key")
+    out.wait_status(lambda s: s["stats"].get("drop_auth", 0) >= 2)
+    assert out.status()["spares"] == 0
+    keyfile.write_text("new key\n")
+    out.proc.send_signal(signal.SIGHUP)
+    out.wait_status(lambda s: s["spares"] >= 1)
+    assert "key file read again" in out.log()
