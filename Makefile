@@ -16,7 +16,7 @@ max_clients ?= 1000
 SOURCES := $(wildcard src/udp_tunnel/*.py)
 UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
 
-.PHONY: all test lint bench demo install install-outside install-inside uninstall clean
+.PHONY: all check test lint bench demo install install-outside install-inside uninstall clean
 
 all: udp-tunnel
 
@@ -31,14 +31,25 @@ udp-tunnel: $(SOURCES)
 demo: udp-tunnel
 	./udp-tunnel demo
 
+# Every test, in a virtual environment with the test tools (pyproject.toml, extra "test").
+# The network lab (tests/lab) runs when root and its packages are there (see .ci/run).
+check: .venv/.stamp udp-tunnel
+	.venv/bin/python -m ruff check src tests
+	.venv/bin/python -m pytest
+
+.venv/.stamp: pyproject.toml
+	$(PYTHON) -m venv .venv
+	.venv/bin/pip install -q -e '.[test]'
+	touch $@
+
 test:
 	$(PYTHON) -m pytest
 
 lint:
 	$(PYTHON) -m ruff check src tests
 
-bench:
-	$(PYTHON) -m tests.bench
+bench: .venv/.stamp
+	.venv/bin/python tests/bench.py
 
 install: udp-tunnel
 	install -D -m 755 udp-tunnel $(DESTDIR)$(BINDIR)/udp-tunnel
