@@ -10,8 +10,8 @@ import time
 import urllib.request
 
 import pytest
-from agents import ROOT, command, converse, env, free_port
 
+from agents import ROOT, command, converse, env, free_port
 from udp_tunnel import __version__
 
 

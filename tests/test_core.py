@@ -313,3 +313,33 @@ def test_restarted_outside_holds_new_clients_until_announced_active_tunnels_are_
     sim.advance(26)  # the active tunnel is back
     sim.send(b"new", CLIENT_B)
     assert sim.service_rx[-1][1] == b"new"
+
+
+def test_rebound_tunnel_whose_data_came_first_gets_its_conversation_back_and_the_stray_tunnel_closes():
+    """After a NAT rebinding the service's answer can reach the outside before the
+    keepalive: it looks like a new client and takes a spare. The keepalive then
+    claims the address back, and the stray tunnel is refused and closed."""
+    sim = Sim(keepalive=5)
+    sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[0][0]
+    sim.rebind(ta)
+    sim.reply(ta, b"answer")  # data first, from the new public address
+    stray = sim.service_rx[-1][0]
+    assert stray != ta and sim.service_rx[-1][1] == b"answer"
+    sim.advance(11)  # within two keepalive intervals
+    assert sim.outside.tunnels[ta].addr == sim.public[ta]
+    assert stray not in sim.inside.tunnels and stray not in sim.outside.tunnels
+    sim.send(b"a2", CLIENT_A)
+    assert sim.service_rx[-1] == (ta, b"a2")
+
+
+def test_inside_sends_a_keepalive_at_once_when_the_service_talks_but_nothing_comes_back():
+    sim = Sim(keepalive=25)
+    sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[0][0]
+    sim.advance(1)
+    sent = sim.inside.tunnels[ta].sent
+    for _ in range(4):  # the service keeps answering, the client's datagrams are lost
+        sim.inside.tunnels[ta].tx += 1
+        sim.advance(1)
+    assert sim.inside.stats["stall_keepalives"] >= 1 and sim.inside.tunnels[ta].sent > sent

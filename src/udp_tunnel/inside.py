@@ -29,6 +29,7 @@ from udp_tunnel.proto import Control, ControlError
 
 SPARE, ACTIVE = "spare", "active"
 TICK = 1.0
+STALL = 2.0  # an active tunnel sending without hearing anything back for this long: keepalive now
 LEGACY_RESOLVE = 300.0  # legacy mode has no replies: look the name up again this often
 
 
@@ -208,7 +209,10 @@ class InsideCore:
                     self._activate(t, now)
         elif m.flags & proto.F_REFUSED:
             t.registered = False
-            self.log.limited("refused", "the outside agent refused a tunnel: it is at its tunnel limit")
+            if t.state == ACTIVE:  # its client is gone at the outside (now a tunnel's address)
+                self.close(tid, now, "the outside agent no longer knows its client")
+            else:
+                self.log.limited("refused", "the outside agent refused a tunnel: it is at its tunnel limit")
         else:  # a challenge: prove we receive at our address
             if t.registered:
                 self.log.info(f"tunnel {tid:016x} must register again (outside restart or new NAT mapping)")
@@ -259,6 +263,13 @@ class InsideCore:
                 t.seen_tx, t.last_tx = t.tx, now
             if t.state == ACTIVE and now - t.last_rx > self.timeout:
                 self.close(t.tid, now, f"no datagram from the client for {now - t.last_rx:.0f} s")
+                continue
+            if (t.state == ACTIVE and not self.legacy and t.last_tx == now and now - t.last_rx > STALL
+                    and now - t.sent_at > STALL):
+                # the service talks, the client seems not to: maybe the NAT mapping changed
+                # (rebinding); a keepalive re-registers the tunnel from its new address now
+                self.stats["stall_keepalives"] += 1
+                self._send_keepalive(t, now)
             elif t.registered and now - t.last_reply > self.dead_after:
                 t.registered = False
                 t.answers = 0

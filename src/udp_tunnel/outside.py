@@ -241,9 +241,14 @@ class OutsideCore:
         elif m.flags & proto.F_CLOSING:
             return
         if t is None:
-            if len(self.tunnels) >= self.max_tunnels:
-                self.stats["drop_limit"] += 1
-                self.log.limited("tlimit", f"tunnel limit ({self.max_tunnels}) reached: refusing a new tunnel")
+            client = proto.unpack_peer(m.peer, self.family) if m.flags & proto.F_ACTIVE else None
+            if len(self.tunnels) >= self.max_tunnels or (client is not None and client in self.by_addr):
+                # at the limit; or an active tunnel whose "client" was really another tunnel's
+                # new address (its data arrived before its keepalive after a NAT rebinding):
+                # refused, and the inside closes an active tunnel that is refused
+                self.stats["drop_limit" if client is None else "drop_stale_client"] += 1
+                if client is None:
+                    self.log.limited("tlimit", f"tunnel limit ({self.max_tunnels}) reached: refusing a new tunnel")
                 self._reply(addr, m, proto.F_REFUSED, cur)
                 return
             self._claim(addr, None)
@@ -251,8 +256,7 @@ class OutsideCore:
             self.tunnels[t.tid] = t
             self.by_addr[addr] = t
             self.stats["registrations"] += 1
-            client = proto.unpack_peer(m.peer, self.family) if m.flags & proto.F_ACTIVE else None
-            if client is not None and client not in self.clients and client not in self.by_addr:
+            if client is not None and client not in self.clients:
                 self._bind(t, client, now)
                 self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered again, "
                               f"serving client {show(client)} again")

@@ -1,0 +1,302 @@
+"""Layer 3: the real situation, in network namespaces, with real NAT and WireGuard.
+
+Root only; skipped with the reason otherwise. See netlab.py for the topology.
+Each test prints what it measured; a failing test prints every agent's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+from netlab import CARRIER_PUBLIC, CARRIER_UDP_TIMEOUT, HOME4, PORT, ROOT, VPS4, VPS6, Lab, wait_for
+
+pytestmark = pytest.mark.netns
+
+TOOLS = ["ip", "nft", "conntrack", "wireguard-go", "wg", "ping"]
+ECHO_PORT = 7000
+WG_PORT = 51820
+KEEPALIVE = "5"
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "the network lab needs root (network namespaces, nftables)"
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"the network lab needs {', '.join(missing)} (.ci/run installs them)"
+    if not os.path.exists("/dev/net/tun"):
+        return "the network lab needs /dev/net/tun for wireguard-go"
+    return None
+
+
+if _why_not():
+    pytest.skip(_why_not(), allow_module_level=True)
+
+
+class Net:
+    def __init__(self, lab: Lab, tmp: str) -> None:
+        self.lab, self.tmp = lab, tmp
+        self.key = os.path.join(tmp, "key")
+        with open(self.key, "w") as f:
+            f.write("lab key, long and random in real life\n")
+        self.agents: list[tuple[str, object]] = []
+
+    def agent(self, ns: str, name: str, *args: str) -> dict:
+        ctl = os.path.join(self.tmp, f"{name}.sock")
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+        env.pop("UDP_TUNNEL_KEY", None)
+        p = self.lab.spawn(ns, ["python3", "-m", "udp_tunnel", *args, "--control", ctl], f"{name}.log", env=env)
+        a = {"name": name, "proc": p, "control": ctl, "ns": ns, "args": args}
+        self.agents.append((name, a))
+        assert wait_for(lambda: os.path.exists(ctl), 10), self.lab.log(f"{name}.log")
+        return a
+
+    def restart(self, a: dict) -> None:
+        assert self.lab.stop(a["proc"]) == 0
+        new = self.agent(a["ns"], a["name"], *a["args"])
+        a["proc"] = new["proc"]
+
+    def status(self, a: dict) -> dict:
+        from udp_tunnel.status import query
+        return query(a["control"])
+
+    def wait_status(self, a: dict, cond, timeout: float = 20) -> dict:
+        def check():
+            try:
+                s = self.status(a)
+            except (OSError, ValueError):
+                return None
+            return s if cond(s) else None
+        s = wait_for(check, timeout)
+        assert s, f"{a['name']}: status condition not met\n{self.lab.log(a['name'] + '.log')}"
+        return s
+
+    def pair(self, service: str, port: int, *extra: str, outside_addr: str | None = None, legacy: bool = False):
+        """An outside agent on the VPS and an inside agent at home for one service."""
+        mode = ["--legacy"] if legacy else []
+        common = ["-t", KEEPALIVE, "--key-file", self.key, *mode, *extra]
+        out = self.agent("vps", f"outside-{port}", "-l", str(port), *common)
+        ins = self.agent("home", f"inside-{port}", "-s", service, "-o", outside_addr or f"{VPS4}:{port}", *common)
+        self.wait_status(out, lambda s: s["spares"] >= 1)
+        return out, ins
+
+    def stop_agents(self) -> str:
+        logs = []
+        for name, a in self.agents:
+            self.lab.stop(a["proc"])
+            logs.append(f"----- {name} -----\n{self.lab.log(name + '.log')}")
+        self.agents.clear()
+        return "\n".join(logs)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("lab"))
+    lab = Lab(tmp)
+    try:
+        lab.build()
+        lab.spawn_tool("home", "echo.log", "echo", "0.0.0.0", str(ECHO_PORT))
+        wireguard(lab, tmp)
+        yield lab
+    finally:
+        lab.close()
+
+
+def wireguard(lab: Lab, tmp: str) -> None:
+    """wireguard-go at home (server, port 51820) and on work1 (client, Endpoint = the VPS agent)."""
+    keys = {}
+    for side in ("home", "work"):
+        priv = lab.sh("home", "wg genkey").stdout.strip()
+        pub = lab.sh("home", f"echo {priv} | wg pubkey").stdout.strip()
+        path = os.path.join(tmp, f"wg-{side}.key")
+        with open(path, "w") as f:
+            f.write(priv + "\n")
+        os.chmod(path, 0o600)
+        keys[side] = (path, pub)
+    env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
+    for ns, ifname in (("home", "wgh"), ("work1", "wgw")):
+        lab.spawn(ns, ["wireguard-go", "-f", ifname], f"wireguard-{ns}.log", env=env)
+        assert wait_for(lambda ifname=ifname: os.path.exists(f"/var/run/wireguard/{ifname}.sock"), 10), \
+            lab.log(f"wireguard-{ns}.log")
+    lab.sh("home", f"wg set wgh private-key {keys['home'][0]} listen-port {WG_PORT} "
+                   f"peer {keys['work'][1]} allowed-ips 100.100.0.2/32; "
+                   "ip addr add 100.100.0.1/24 dev wgh; ip link set wgh up")
+    lab.sh("work1", f"wg set wgw private-key {keys['work'][0]} "
+                    f"peer {keys['home'][1]} allowed-ips 100.100.0.1/32 endpoint {VPS4}:{PORT}; "
+                    "ip addr add 100.100.0.2/24 dev wgw; ip link set wgw up")
+
+
+@pytest.fixture
+def net(lab, tmp_path, request):
+    n = Net(lab, str(tmp_path))
+    yield n
+    logs = n.stop_agents()
+    failed = getattr(request.node, "rep_call", None)
+    if failed is None or failed.failed:
+        print(logs)
+
+
+def wg_ping(lab: Lab, count: int = 3, timeout: float = 20) -> bool:
+    return bool(wait_for(lambda: lab.sh("work1", f"ping -c {count} -i 0.2 -W 2 100.100.0.1",
+                                        check=False).returncode == 0, timeout, step=0.5))
+
+
+def flow_times(lab: Lab, log: str) -> list[float]:
+    return [float(x) for x in lab.log(log).split()]
+
+
+def resumed_after(lab: Lab, log: str, t: float, timeout: float = 40) -> float:
+    """Seconds from t to the first of three echoes after t."""
+    def check():
+        after = [x for x in flow_times(lab, log) if x > t]
+        return after[0] - t if len(after) >= 3 else None
+    took = wait_for(check, timeout)
+    assert took is not None, f"traffic did not resume within {timeout} s"
+    return took
+
+
+# 1
+def test_without_the_tunnel_work_cannot_reach_the_home_service(lab, net):
+    for target in (CARRIER_PUBLIC, HOME4):
+        assert lab.tool("work1", "probe", target, str(ECHO_PORT)).returncode == 1
+    assert lab.tool("work1", "probe", VPS4, "9998").returncode == 1  # nothing relays yet
+    net.pair(f"127.0.0.1:{ECHO_PORT}", 9998)
+    assert lab.tool("work1", "probe", VPS4, "9998").returncode == 0
+
+
+# 2
+def test_wireguard_through_double_nat_ping_and_bulk_tcp(lab, net):
+    out, _ = net.pair(f"127.0.0.1:{WG_PORT}", PORT)
+    assert wg_ping(lab), "no ping across WireGuard"
+    server = lab.spawn_tool("home", "tcpserve.log", "tcpserve", "100.100.0.1", "8080", str(8 << 20))
+    time.sleep(0.5)
+    r = lab.tool("work1", "tcpfetch", "100.100.0.1", "8080", str(8 << 20))
+    lab.stop(server)
+    res = json.loads(r.stdout)
+    print(f"bulk TCP over WireGuard over udp-tunnel: {res}")
+    assert r.returncode == 0 and res["intact"] and res["bytes"] == 8 << 20
+    # 8 MiB in datagrams of at most 1420 bytes went home -> work ("out"), all through one tunnel
+    net.wait_status(out, lambda s: s["clients"] == 1 and s["totals"]["datagrams_out"] > (8 << 20) // 1420)
+
+
+# 3
+def test_idle_longer_than_the_carrier_nat_timeout_then_traffic_resumes(lab, net):
+    net.pair(f"127.0.0.1:{WG_PORT}", PORT)
+    assert wg_ping(lab)
+    # control: a hole nobody keeps open really closes at the carrier NAT
+    lab.sh("home", f"python3 -c \"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                   f".sendto(b'x', ('{VPS4}', 5555))\"")
+    assert "dport=5555" in lab.sh("carrier", "conntrack -L -p udp 2>/dev/null").stdout
+    time.sleep(CARRIER_UDP_TIMEOUT + 8)
+    table = lab.sh("carrier", "conntrack -L -p udp 2>/dev/null").stdout
+    assert "dport=5555" not in table, "the carrier NAT timeout is not in force"
+    assert f"dport={PORT}" in table  # the tunnels' holes are kept open by the keepalives
+    t0 = time.monotonic()
+    assert lab.sh("work1", "ping -c 1 -W 2 100.100.0.1", check=False).returncode == 0
+    print(f"after {CARRIER_UDP_TIMEOUT + 8} s idle the first ping came back in {time.monotonic() - t0:.2f} s")
+
+
+# 4
+def test_restart_outside_then_inside_under_traffic(lab, net):
+    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9998)
+    flow = lab.spawn_tool("work1", "flow4.log", "flow", VPS4, "9998", "120")
+    try:
+        resumed_after(lab, "flow4.log", 0)
+        t = time.time()
+        net.restart(out)
+        took_out = resumed_after(lab, "flow4.log", t)
+        t = time.time()
+        net.restart(ins)
+        took_in = resumed_after(lab, "flow4.log", t)
+        print(f"traffic resumed {took_out:.2f} s after the outside agent restarted, "
+              f"{took_in:.2f} s after the inside agent restarted (keepalive {KEEPALIVE} s)")
+    finally:
+        lab.stop(flow)
+
+
+# 5
+def test_nat_rebinding_keeps_the_conversation(lab, net):
+    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9998)
+    flow = lab.spawn_tool("work1", "flow5.log", "flow", VPS4, "9998", "120")
+    try:
+        resumed_after(lab, "flow5.log", 0)
+        before = net.wait_status(out, lambda s: s["clients"] == 1)
+        t = time.time()
+        for router in ("hrouter", "carrier"):
+            lab.sh(router, "conntrack -F 2>/dev/null")
+        took = resumed_after(lab, "flow5.log", t)
+        tb = [x for x in before["tunnels"] if x["state"] == "active"][0]
+
+        def moved(s):
+            return any(x["id"] == tb["id"] and x["endpoint"] != tb["endpoint"] for x in s["tunnels"])
+        after = net.wait_status(out, moved)
+        ta = [x for x in after["tunnels"] if x["id"] == tb["id"]][0]
+        print(f"NAT rebinding: tunnel moved {tb['endpoint']} -> {ta['endpoint']}, traffic resumed in {took:.2f} s")
+        assert ta["client"] == tb["client"] and ta["rebinds"] == 1
+    finally:
+        lab.stop(flow)
+
+
+# 6
+def test_inside_agent_over_ipv6_serves_an_ipv4_wireguard_client(lab, net):
+    out, _ = net.pair(f"127.0.0.1:{WG_PORT}", PORT, outside_addr=f"[{VPS6}]:{PORT}")
+    st = net.status(out)
+    assert all(t["endpoint"].startswith("[2001:db8:1::2]") for t in st["tunnels"]), st["tunnels"]
+    assert wg_ping(lab)
+    server = lab.spawn_tool("home", "tcpserve6.log", "tcpserve", "100.100.0.1", "8081", str(2 << 20))
+    time.sleep(0.5)
+    r = lab.tool("work1", "tcpfetch", "100.100.0.1", "8081", str(2 << 20))
+    lab.stop(server)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# 7
+def _attack_round(lab: Lab, net: Net, out: dict, capfile: str, clients: int) -> dict:
+    attack = lab.spawn_tool("attacker", "attack.log", "attack", VPS4, "9998", capfile, "6")
+    time.sleep(1.0)
+    r = json.loads(lab.tool("work2", "converse", VPS4, "9998", str(clients), "3").stdout)
+    attack.wait(20)
+    result = json.loads(lab.log("attack.log").strip().splitlines()[-1])
+    result["clients_done"] = r["done"]
+    return result
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["v1", "legacy"])
+def test_forged_and_replayed_keepalives_from_an_attacker(lab, net, legacy):
+    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9998, legacy=legacy)
+    sniff = lab.spawn(
+        "inet", ["python3", os.path.join(ROOT, "tests", "lab", "tool.py"), "sniff", "to-vps", "9998", "12"],
+        "capture.txt")
+    assert json.loads(lab.tool("work1", "converse", VPS4, "9998", "2", "3").stdout)["done"] == 2
+    sniff.wait(20)
+    want = 40 if legacy else 100
+    caps = [c for c in lab.log("capture.txt").split() if len(c) == 2 * want]
+    assert len(caps) >= 3, "no keepalives captured on the wire"
+    capfile = os.path.join(net.tmp, "caps.txt")
+    with open(capfile, "w") as f:
+        f.write("\n".join(caps))
+    before = _attack_round(lab, net, out, capfile, 10)
+    net.restart(out)  # right after an outside restart
+    after = _attack_round(lab, net, out, capfile, 10)
+    print(f"{'legacy' if legacy else 'v1'}: attacker replayed {len(caps)} captured keepalives; "
+          f"client datagrams it received: {before['client_datagrams']} before, "
+          f"{after['client_datagrams']} right after an outside restart")
+    assert before["clients_done"] == 10 and after["clients_done"] == 10
+    if not legacy:
+        assert before["client_datagrams"] == 0 and after["client_datagrams"] == 0
+
+
+# 8
+def test_fifty_clients_on_two_work_hosts_no_cross_talk(lab, net):
+    net.pair(f"127.0.0.1:{ECHO_PORT}", 9998, "--spares", "4")
+    procs = [lab.spawn_tool(w, f"converse-{w}.log", "converse", VPS4, "9998", "25", "20") for w in ("work1", "work2")]
+    for p in procs:
+        p.wait(120)
+    results = [json.loads(lab.log(f"converse-{w}.log").strip().splitlines()[-1]) for w in ("work1", "work2")]
+    print(f"50 clients on two hosts: {results}")
+    for r in results:
+        assert r["done"] == 25 and r["complete"] == 500 and r["wrong"] == 0

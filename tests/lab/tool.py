@@ -1,0 +1,164 @@
+"""Small programs the lab runs inside its network namespaces.
+
+    tool.py echo HOST PORT                 UDP echo service (runs until killed)
+    tool.py probe HOST PORT                one datagram; exit 0 if it comes back within 1 s
+    tool.py converse HOST PORT N PER       N clients x PER datagrams, byte-checked; JSON result
+    tool.py flow HOST PORT SECONDS         a datagram every 20 ms; prints the wall time of each echo
+    tool.py sniff IFACE PORT SECONDS       capture UDP payloads to PORT (AF_PACKET); hex lines
+    tool.py attack HOST PORT CAPFILE SECONDS  replay captures + a forged keepalive, then count
+                                           what arrives at the attacker; JSON result
+    tool.py tcpserve HOST PORT NBYTES      serve NBYTES of a fixed pseudo-random stream once
+    tool.py tcpfetch HOST PORT NBYTES      fetch it and check its SHA-256; exit 0 if intact
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import socket
+import struct
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src"))
+
+
+def fam(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def echo(host: str, port: str) -> None:
+    s = socket.socket(fam(host), socket.SOCK_DGRAM)
+    s.bind((host, int(port)))
+    while True:
+        data, addr = s.recvfrom(65536)
+        s.sendto(data, addr)
+
+
+def probe(host: str, port: str) -> int:
+    with socket.socket(fam(host), socket.SOCK_DGRAM) as s:
+        s.settimeout(1.0)
+        s.sendto(b"probe", (host, int(port)))
+        try:
+            return 0 if s.recv(100) == b"probe" else 1
+        except OSError:
+            return 1
+
+
+def converse(host: str, port: str, n: str, per: str) -> None:
+    from agents import converse as run
+    print(json.dumps(run((host, int(port)), int(n), int(per), timeout=90, retry=0.5)))
+
+
+def flow(host: str, port: str, seconds: str) -> None:
+    end = time.monotonic() + float(seconds)
+    with socket.socket(fam(host), socket.SOCK_DGRAM) as s:
+        s.connect((host, int(port)))
+        s.settimeout(0.02)
+        i = 0
+        while time.monotonic() < end:
+            i += 1
+            msg = b"flow %d" % i
+            s.send(msg)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.02:
+                try:
+                    if s.recv(2048) == msg:
+                        print(f"{time.time():.3f}", flush=True)
+                        time.sleep(max(0.0, 0.02 - (time.monotonic() - t0)))
+                        break
+                except (TimeoutError, ConnectionRefusedError):
+                    pass
+
+
+def sniff(iface: str, port: str, seconds: str) -> None:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0003))  # all protocols
+    s.bind((iface, 0))
+    s.settimeout(0.2)
+    end = time.monotonic() + float(seconds)
+    want = int(port)
+    while time.monotonic() < end:
+        try:
+            pkt = s.recv(65536)
+        except TimeoutError:
+            continue
+        v = pkt[0] >> 4
+        if v == 4 and pkt[9] == 17:
+            udp = pkt[(pkt[0] & 15) * 4:]
+        elif v == 6 and pkt[6] == 17:
+            udp = pkt[40:]
+        else:
+            continue
+        if struct.unpack("!H", udp[2:4])[0] == want:
+            print(udp[8:].hex(), flush=True)
+
+
+def attack(host: str, port: str, capfile: str, seconds: str) -> None:
+    from udp_tunnel import proto
+    caps = [bytes.fromhex(line) for line in open(capfile).read().split()]
+    forged = proto.Codec(b"guessed key").encode(proto.Control(proto.KEEPALIVE, 0, 1, 2, 3))
+    s = socket.socket(fam(host), socket.SOCK_DGRAM)
+    s.settimeout(0.1)
+    target = (host, int(port))
+    end = time.monotonic() + float(seconds)
+    control = data = 0
+    while time.monotonic() < end:
+        for c in caps + [forged]:  # keep replaying while clients arrive
+            s.sendto(c, target)
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:
+            try:
+                d = s.recv(65536)
+            except TimeoutError:
+                continue
+            if len(d) == proto.CTRL_LEN and d[:4] == proto.MAGIC:
+                control += 1
+            else:
+                data += 1
+    print(json.dumps({"replayed": len(caps), "control_received": control, "client_datagrams": data}))
+
+
+def stream(n: int):
+    rng = random.Random(1234)
+    while n > 0:
+        k = min(n, 65536)
+        yield rng.randbytes(k)
+        n -= k
+
+
+def tcpserve(host: str, port: str, nbytes: str) -> None:
+    srv = socket.socket(fam(host), socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, int(port)))
+    srv.listen(1)
+    conn, _ = srv.accept()
+    for chunk in stream(int(nbytes)):
+        conn.sendall(chunk)
+    conn.close()
+
+
+def tcpfetch(host: str, port: str, nbytes: str) -> int:
+    want = hashlib.sha256()
+    for chunk in stream(int(nbytes)):
+        want.update(chunk)
+    got, n = hashlib.sha256(), 0
+    t0 = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=30) as c:
+        while True:
+            b = c.recv(65536)
+            if not b:
+                break
+            got.update(b)
+            n += len(b)
+    dt = time.monotonic() - t0
+    print(json.dumps({"bytes": n, "intact": got.digest() == want.digest(), "seconds": round(dt, 2),
+                      "mbit_s": round(n * 8 / dt / 1e6, 1)}))
+    return 0 if n == int(nbytes) and got.digest() == want.digest() else 1
+
+
+if __name__ == "__main__":
+    rc = globals()[sys.argv[1]](*sys.argv[2:])
+    sys.exit(rc or 0)
