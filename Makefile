@@ -16,7 +16,8 @@ max_clients ?= 1000
 SOURCES := $(wildcard src/udp_tunnel/*.py)
 UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
 
-.PHONY: all check test lint bench demo install install-outside install-inside uninstall clean
+.PHONY: all check test lint bench demo install install-outside install-inside uninstall clean key \
+        check-outside-args check-inside-args
 
 all: udp-tunnel
 
@@ -70,17 +71,21 @@ define render_unit
 	chmod 644 $(DESTDIR)$(UNITDIR)/$(1).tmp && mv $(DESTDIR)$(UNITDIR)/$(1).tmp $(DESTDIR)$(UNITDIR)/$(1)
 endef
 
-install-outside: install key
+check-outside-args:
 	@[ -n "$(listen)" ] || { echo "usage: make install-outside listen=[HOST:]PORT" >&2; exit 2; }
+
+check-inside-args:
+	@[ -n "$(service)" ] && [ -n "$(outside)" ] || \
+	  { echo "usage: make install-inside service=HOST:PORT outside=HOST:PORT" >&2; exit 2; }
+
+install-outside: check-outside-args install key
 	install -d $(DESTDIR)$(UNITDIR)
 	$(call render_unit,udp-tunnel-outside.service,$(shell port=$$(echo '$(listen)' | sed 's/.*://'); \
 	    [ "$$port" -lt 1024 ] 2>/dev/null && echo CAP_NET_BIND_SERVICE))
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 	  $(SYSTEMCTL) daemon-reload && $(SYSTEMCTL) enable --now udp-tunnel-outside.service; fi
 
-install-inside: install key
-	@[ -n "$(service)" ] && [ -n "$(outside)" ] || \
-	  { echo "usage: make install-inside service=HOST:PORT outside=HOST:PORT" >&2; exit 2; }
+install-inside: check-inside-args install key
 	install -d $(DESTDIR)$(UNITDIR)
 	$(call render_unit,udp-tunnel-inside.service,)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \

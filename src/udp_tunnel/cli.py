@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import sys
 import time
@@ -118,6 +119,17 @@ def check(a: argparse.Namespace) -> str:
     return "inside" if inside else "outside"
 
 
+def raise_fd_limit(want: int) -> None:
+    """The inside agent holds two sockets per client: lift the soft limit as far as allowed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
 def bind_listen(text: str, family: int | None) -> socket.socket:
     host, port = parse_listen(text)
     if host is None:
@@ -170,6 +182,7 @@ def run(a: argparse.Namespace) -> int:
 
     role = check(a)
     secret, key_from = load_key(a)
+    raise_fd_limit(2 * a.max_clients + 2 * a.spares + 64)
     log = Log(WARNING if a.quiet else DEBUG if a.verbose else INFO)
     reload_key = (lambda: read_key_file(a.key_file)) if a.key_file else None
     now = time.monotonic()
