@@ -4,6 +4,7 @@ service, many clients, and a user-space NAT that records what crosses it."""
 from __future__ import annotations
 
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -40,8 +41,10 @@ def env(**extra: str) -> dict:
 class Agent:
     """A running udp-tunnel process whose log goes to a file."""
 
-    def __init__(self, name: str, args: list[str], tmp, key: str | None = "test-key", **envextra: str) -> None:
+    def __init__(self, name: str, args: list[str], tmp, key: str | None = "test-key", max_fds: int = 0,
+                 **envextra: str) -> None:
         self.name = name
+        self.max_fds = max_fds
         self.control = str(tmp / f"{name}.sock")
         self.logpath = tmp / f"{name}.log"
         extra = dict(envextra)
@@ -54,8 +57,11 @@ class Agent:
 
     def start(self) -> None:
         self.log_file = open(self.logpath, "a")
+        def limit() -> None:
+            if self.max_fds:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))
         self.proc = subprocess.Popen(command(*self.args), env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self.log_file, stderr=subprocess.STDOUT)
+                                     stdout=self.log_file, stderr=subprocess.STDOUT, preexec_fn=limit)
         self.wait_status(lambda s: True)
 
     def status(self) -> dict:
@@ -189,6 +195,29 @@ def converse(target: tuple[str, int], n_clients: int, per_client: int, timeout: 
         sel.close()
     return {"done": done, "wrong": wrong, "resent": resent,
             "complete": sum(min(st["seq"], per_client) for st in state.values())}
+
+
+def flow(target: tuple[str, int], keep_going, on_echo, period: float) -> None:
+    """One client that sends a numbered datagram every `period` seconds while
+    keep_going() holds, calling on_echo() for each one that comes back intact."""
+    fam = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_DGRAM) as s:
+        s.connect(target)
+        s.settimeout(period)
+        i = 0
+        while keep_going():
+            i += 1
+            msg = b"flow %d" % i
+            s.send(msg)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < period:
+                try:
+                    if s.recv(2048) == msg:
+                        on_echo()
+                        time.sleep(max(0.0, period - (time.monotonic() - t0)))
+                        break
+                except (TimeoutError, ConnectionRefusedError):
+                    pass
 
 
 class UdpNat:

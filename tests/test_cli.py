@@ -89,7 +89,7 @@ def test_status_shows_tunnels_as_text_and_json(lab):
     out = lab.agent("outside", ["-l", f"127.0.0.1:{port}", "-t", "1"])
     ins = lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1"])
     assert converse(("127.0.0.1", port), 2, 5)["done"] == 2
-    ins.wait_status(lambda s: s["clients"] == 2 and all(t["rtt"] for t in s["tunnels"]))
+    ins.wait_status(lambda s: s["clients"] == 2 and all(t["rtt"] is not None for t in s["tunnels"]))
     out.wait_status(lambda s: s["clients"] == 2)
     text = subprocess.run(command("status", "--control", ins.control), env=env(),
                           capture_output=True, text=True, timeout=10).stdout

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from agents import converse, free_port, hostport
+from agents import converse, flow, free_port, hostport
 from udp_tunnel import proto
 
 HOSTS = ["127.0.0.1", "::1"]
@@ -53,27 +53,6 @@ def test_ipv4_client_reaches_a_tunnel_that_arrives_over_ipv6(lab):
     assert r["done"] == 3 and r["wrong"] == 0
 
 
-def flow(target, stop: threading.Event, log: list) -> None:
-    """One client sending every 50 ms; records (time, ok) for each reply."""
-    fam = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_DGRAM) as s:
-        s.connect(target)
-        s.settimeout(0.05)
-        i = 0
-        while not stop.is_set():
-            i += 1
-            msg = b"flow %d" % i
-            s.send(msg)
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 0.05:
-                try:
-                    if s.recv(2048) == msg:
-                        log.append(time.monotonic())
-                        break
-                except (TimeoutError, ConnectionRefusedError):
-                    pass
-
-
 def resumes_after(log: list, t: float, timeout: float = 15.0) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,7 +67,8 @@ def resumes_after(log: list, t: float, timeout: float = 15.0) -> float:
 def test_traffic_resumes_after_an_agent_restarts(lab, which):
     svc, out, ins, target, _ = start_pair(lab)
     stop, log = threading.Event(), []
-    th = threading.Thread(target=flow, args=(target, stop, log), daemon=True)
+    th = threading.Thread(target=flow, args=(target, lambda: not stop.is_set(),
+                                             lambda: log.append(time.monotonic()), 0.05), daemon=True)
     th.start()
     try:
         resumes_after(log, 0)
@@ -143,3 +123,40 @@ def test_forged_and_replayed_keepalives_never_receive_client_data(lab):
     assert attacker_addr not in [t["endpoint"] for t in st["tunnels"]]
     assert attacker_addr not in [t["client"] for t in st["tunnels"]]
     assert st["stats"]["drop_auth"] >= 1 and st["stats"]["challenges"] >= 1
+
+
+def test_out_of_sockets_the_inside_agent_keeps_serving_the_clients_it_has(lab):
+    svc = lab.echo()
+    port = free_port()
+    lab.agent("outside", ["-l", f"127.0.0.1:{port}", "-t", "1"])
+    ins = lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1"], max_fds=40)
+    first = converse_keep(("127.0.0.1", port), 8)
+    flood = converse(("127.0.0.1", port), n_clients=40, per_client=1, timeout=3)
+    assert flood["done"] < 40  # some new clients could not get a tunnel: no descriptors left
+    for s, msg in first:  # the first clients go on, on their own tunnels
+        s.send(msg)
+        assert s.recv(2048) == msg
+        s.close()
+    assert ins.proc.poll() is None and "Too many open files" in ins.log()
+    assert ins.status()["role"] == "inside"
+
+
+def converse_keep(target, n: int) -> list:
+    """n clients that each got one echo back; their sockets stay open."""
+    out = []
+    for i in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect(target)
+        s.settimeout(0.3)
+        msg = b"keep %d" % i
+        for _ in range(20):
+            s.send(msg)
+            try:
+                if s.recv(2048) == msg:
+                    break
+            except (TimeoutError, ConnectionRefusedError):
+                continue
+        else:
+            raise AssertionError(f"client {i} got no echo")
+        out.append((s, msg))
+    return out

@@ -26,6 +26,7 @@ from udp_tunnel import proto
 from udp_tunnel.addr import show
 from udp_tunnel.log import Log
 from udp_tunnel.proto import Control, ControlError
+from udp_tunnel.status import leg
 
 SPARE, ACTIVE = "spare", "active"
 TICK = 1.0
@@ -103,8 +104,7 @@ class InsideCore:
     def _replenish(self, now: float) -> None:
         active, spare = self.counts()
         while spare < self.spares:
-            if active >= self.max_clients:
-                self.stats["drop_limit"] += 1
+            if active >= self.max_clients:  # the outside counts the datagrams it then drops
                 self.log.limited("limit", f"client limit ({self.max_clients}) reached: no new spare tunnel")
                 return
             tid = 0
@@ -135,6 +135,12 @@ class InsideCore:
         self.actions.append(("close", tid))
         self.log.info(f"tunnel {tid:016x} closed: {why}")
         self._replenish(now)
+
+    def forget(self, tid: int) -> None:
+        """The loop could not open a socket for tunnel tid: drop it without a word to the outside."""
+        t = self.tunnels.pop(tid)
+        self.active -= t.state == ACTIVE
+        self.stats["socket_errors"] += 1
 
     # --- keepalives ---
 
@@ -308,10 +314,8 @@ class InsideCore:
                 "age": now - t.created, "rtt": t.rtt,
                 "registered_ago": None if t.registered_at is None else now - t.registered_at,
                 "registrations": t.registrations,
-                "from_outside": {"datagrams": t.rx, "bytes": t.rx_bytes,
-                                 "last": None if t.last_rx is None else now - t.last_rx},
-                "to_outside": {"datagrams": t.tx, "bytes": t.tx_bytes,
-                               "last": None if t.last_tx is None else now - t.last_tx},
+                "from_outside": leg(t.rx, t.rx_bytes, t.last_rx, now),
+                "to_outside": leg(t.tx, t.tx_bytes, t.last_tx, now),
             })
         totals = self.retired.copy()
         for t in self.tunnels.values():

@@ -53,7 +53,6 @@ class Loop:
         self.snapshot: dict = {}
         self.info: dict = {}  # fixed facts (version, addresses, key set) shown with every snapshot
         self.snapshot_lock = threading.Lock()
-        self.publishers: list[Callable[[dict], None]] = []
         self.next_publish = 0.0
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
@@ -120,8 +119,6 @@ class Loop:
         snap.update(self.info)
         with self.snapshot_lock:
             self.snapshot = snap
-        for p in self.publishers:
-            p(snap)
 
     def run(self) -> int:
         old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
@@ -134,11 +131,12 @@ class Loop:
             systemd.notify("READY=1\nSTATUS=" + self.status_line())
             while not self.stopping:
                 timeout = max(0.0, min(self.core.next_timer(), self.next_publish) - now)
-                for fd, _ in self.ep.poll(timeout):
+                events = self.ep.poll(timeout)
+                now = time.monotonic()
+                for fd, _ in events:
                     h = self.handlers.get(fd)
                     if h is not None:
                         h(now)
-                now = time.monotonic()
                 if now >= self.core.next_timer():
                     self.tick(now)
                 if now >= self.next_publish:
@@ -257,39 +255,42 @@ class InsideLoop(Loop):
         return s
 
     def apply(self, now: float) -> None:
-        actions = self.core.actions
-        while actions:
-            a = actions.pop(0)
-            kind, tid = a[0], a[1] if len(a) > 1 else None
-            p = self.pipes.get(tid)
-            try:
-                if kind == "open":
-                    s = self._tunnel_socket()
-                    p = self.pipes[tid] = Pipe(tid, self.core.tunnels[tid], s)
-                    self.watch(s.fileno(), lambda now, p=p: self._on_tunnel(p, now))
-                elif kind == "service" and p is not None:
-                    s = socket.socket(self.service_family, socket.SOCK_DGRAM)
-                    s.setblocking(False)
-                    _bufsizes(s)
-                    s.connect(self.service_addr)
-                    p.ssock = s
-                    self.watch(s.fileno(), lambda now, p=p: self._on_service(p, now))
-                elif kind == "send" and p is not None:
-                    p.tsock.send(a[2])
-                elif kind == "to_service" and p is not None and p.ssock is not None:
-                    p.ssock.send(a[2])
-                elif kind == "close" and p is not None:
+        while self.core.actions:
+            actions, self.core.actions = self.core.actions, []
+            for a in actions:
+                self._apply(a)
+
+    def _apply(self, a: tuple) -> None:
+        kind, tid = a[0], a[1] if len(a) > 1 else None
+        p = self.pipes.get(tid)
+        try:
+            if kind == "open":
+                s = self._tunnel_socket()
+                p = self.pipes[tid] = Pipe(tid, self.core.tunnels[tid], s)
+                self.watch(s.fileno(), lambda now, p=p: self._on_tunnel(p, now))
+            elif kind == "service" and p is not None:
+                s = socket.socket(self.service_family, socket.SOCK_DGRAM)
+                s.setblocking(False)
+                _bufsizes(s)
+                s.connect(self.service_addr)
+                p.ssock = s
+                self.watch(s.fileno(), lambda now, p=p: self._on_service(p, now))
+            elif kind == "send" and p is not None:
+                p.tsock.send(a[2])
+            elif kind == "to_service" and p is not None and p.ssock is not None:
+                p.ssock.send(a[2])
+            elif kind == "close" and p is not None:
+                self._close_pipe(p)
+            elif kind == "resolve" and self.resolving is None:
+                host, port = self.outside_name
+                self.resolving = self.resolver.submit(resolve, host, port, "--outside", self.family)
+        except OSError as e:
+            self.net_error(kind, e)
+            if kind in ("open", "service") and tid in self.core.tunnels:
+                # no socket (EMFILE, ...): the core forgets the tunnel, the pool refills later
+                if p is not None:
                     self._close_pipe(p)
-                elif kind == "resolve" and self.resolving is None:
-                    host, port = self.outside_name
-                    self.resolving = self.resolver.submit(resolve, host, port, "--outside", self.family)
-            except OSError as e:
-                self.net_error(kind, e)
-                if kind in ("open", "service") and tid in self.core.tunnels:
-                    # no socket (EMFILE, ...): the core forgets the tunnel, the pool refills later
-                    if p is not None:
-                        self._close_pipe(p)
-                    self.core.tunnels.pop(tid)
+                self.core.forget(tid)
 
     def _close_pipe(self, p: Pipe) -> None:
         del self.pipes[p.tid]

@@ -18,6 +18,7 @@ from udp_tunnel import proto
 from udp_tunnel.addr import show
 from udp_tunnel.log import Log
 from udp_tunnel.proto import Control, ControlError
+from udp_tunnel.status import leg
 
 COOKIE_SLOT = 60.0  # seconds; a cookie stays valid for one to two slots
 
@@ -336,10 +337,8 @@ class OutsideCore:
                 "endpoint": show(t.addr), "client": show(t.client) if t.client else None,
                 "age": now - t.created, "last_keepalive": now - t.last_ka,
                 "registered": now - t.registered_at, "rebinds": t.rebinds,
-                "to_inside": {"datagrams": up.pkts, "bytes": up.bytes,
-                              "last": None if t.last_up is None else now - t.last_up},
-                "to_client": {"datagrams": down.pkts, "bytes": down.bytes,
-                              "last": None if t.last_down is None else now - t.last_down},
+                "to_inside": leg(up.pkts, up.bytes, t.last_up, now),
+                "to_client": leg(down.pkts, down.bytes, t.last_down, now),
             })
         totals = self.retired.copy()
         for t in self.tunnels.values():

@@ -7,14 +7,21 @@ document. The socket is created owner-only (0600).
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 import socket
 import sys
 import threading
+import time
 
 DEFAULT_GLOB = "/run/udp-tunnel*/control.sock"
+
+
+def leg(datagrams: int, nbytes: int, last: float | None, now: float) -> dict:
+    """One direction of a tunnel's traffic, as snapshots show it."""
+    return {"datagrams": datagrams, "bytes": nbytes, "last": None if last is None else now - last}
 
 
 class ControlServer:
@@ -45,19 +52,34 @@ class ControlServer:
         self.thread.start()
 
     def _serve(self) -> None:
+        # One descriptor held in reserve, so that status still answers when the agent
+        # has run out of them (EMFILE): that is when an operator most wants to look.
+        reserve: int | None = os.open(os.devnull, os.O_RDONLY)
         while not self.stopping:
             try:
                 conn, _ = self.sock.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
+            except OSError as e:
+                if self.stopping:
+                    return
+                if e.errno == errno.EMFILE and reserve is not None:
+                    os.close(reserve)
+                    reserve = None
+                else:
+                    time.sleep(0.1)
+                continue
             with conn:
                 conn.settimeout(2.0)
                 with self.loop.snapshot_lock:
                     snap = self.loop.snapshot
                 try:
                     conn.sendall(json.dumps(snap).encode() + b"\n")
+                except OSError:
+                    pass
+            if reserve is None:
+                try:
+                    reserve = os.open(os.devnull, os.O_RDONLY)
                 except OSError:
                     pass
 

@@ -54,24 +54,9 @@ def converse(host: str, port: str, n: str, per: str) -> None:
 
 
 def flow(host: str, port: str, seconds: str) -> None:
+    from agents import flow as run
     end = time.monotonic() + float(seconds)
-    with socket.socket(fam(host), socket.SOCK_DGRAM) as s:
-        s.connect((host, int(port)))
-        s.settimeout(0.02)
-        i = 0
-        while time.monotonic() < end:
-            i += 1
-            msg = b"flow %d" % i
-            s.send(msg)
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 0.02:
-                try:
-                    if s.recv(2048) == msg:
-                        print(f"{time.time():.3f}", flush=True)
-                        time.sleep(max(0.0, 0.02 - (time.monotonic() - t0)))
-                        break
-                except (TimeoutError, ConnectionRefusedError):
-                    pass
+    run((host, int(port)), lambda: time.monotonic() < end, lambda: print(f"{time.time():.3f}", flush=True), 0.02)
 
 
 def sniff(iface: str, port: str, seconds: str) -> None:
