@@ -84,6 +84,10 @@ table ip nat {
 }
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 class Lab:
     def __init__(self, tmpdir: str) -> None:
         self.prefix = f"ut{os.getpid() % 100000}"
@@ -91,6 +95,9 @@ class Lab:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.namespaces: list[str] = []
         atexit.register(self.close)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            # killed by CI's time limit or by hand: unwind, so the fixtures clean up
+            signal.signal(signal.SIGTERM, _interrupt)
 
     def ns(self, name: str) -> str:
         return f"{self.prefix}-{name}"
