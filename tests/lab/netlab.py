@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -94,6 +95,7 @@ class Lab:
         self.tmp = tmpdir
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.namespaces: list[str] = []
+        self.etc_dirs: list[str] = []
         atexit.register(self.close)
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             # killed by CI's time limit or by hand: unwind, so the fixtures clean up
@@ -135,6 +137,17 @@ class Lab:
                 p.kill()
                 p.wait(5)
         return p.returncode
+
+    def hosts(self, name: str, text: str) -> None:
+        """/etc/hosts as processes started later in namespace `name` see it (ip netns exec
+        bind-mounts /etc/netns/NS/hosts); rewritten in place, running ones see changes too."""
+        if not os.path.isdir("/etc/netns"):
+            self.etc_dirs.append("/etc/netns")  # made by the lab: removed again at the end
+        d = f"/etc/netns/{self.ns(name)}"
+        os.makedirs(d, exist_ok=True)
+        self.etc_dirs.append(d)
+        with open(f"{d}/hosts", "w") as f:
+            f.write(text)
 
     def build(self) -> None:
         for name in sorted({x for link in LINKS for x in (link[0], link[3])}):
@@ -183,6 +196,9 @@ class Lab:
         for ns in self.namespaces:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.namespaces.clear()
+        for d in sorted(set(self.etc_dirs), reverse=True):  # /etc/netns/NS before /etc/netns
+            shutil.rmtree(d, ignore_errors=True)
+        self.etc_dirs.clear()
 
 
 def wait_for(cond, timeout: float, step: float = 0.2):

@@ -300,3 +300,25 @@ def test_fifty_clients_on_two_work_hosts_no_cross_talk(lab, net):
     print(f"50 clients on two hosts: {results}")
     for r in results:
         assert r["done"] == 25 and r["complete"] == 500 and r["wrong"] == 0
+
+
+# 9 (issue 2: the outside host name is looked up again when the outside stops answering)
+def test_a_vps_that_changes_address_is_found_again_by_name(lab, net):
+    lab.hosts("home", f"127.0.0.1 localhost\n{VPS4} vps.lab.test\n")
+    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9997, outside_addr="vps.lab.test:9997")
+    assert lab.tool("work1", "probe", VPS4, "9997").returncode == 0
+    new = "198.51.100.11"
+    try:
+        lab.hosts("home", f"127.0.0.1 localhost\n{new} vps.lab.test\n")
+        lab.sh("vps", f"ip addr del {VPS4}/28 dev eth0; ip addr add {new}/28 dev eth0; "
+                      "ip route replace default via 198.51.100.1")
+        t = time.time()
+        flow = lab.spawn_tool("work1", "flow9.log", "flow", new, "9997", "60")
+        took = resumed_after(lab, "flow9.log", t, timeout=50)
+        lab.stop(flow)
+        print(f"the VPS moved to {new}: the inside agent found it again by name; "
+              f"traffic resumed after {took:.1f} s (keepalive {KEEPALIVE} s)")
+        assert "outside agent address changed" in lab.log("inside-9997.log")
+    finally:
+        lab.sh("vps", f"ip addr del {new}/28 dev eth0; ip addr add {VPS4}/28 dev eth0; "
+                      "ip route replace default via 198.51.100.1", check=False)
