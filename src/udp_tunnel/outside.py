@@ -36,7 +36,7 @@ class Flow:
 
 class Tunnel:
     __slots__ = ("tid", "session", "addr", "client", "active", "created", "last_ka",
-                 "counter", "registered_at", "rebinds", "up", "down", "bound_at",
+                 "counter", "registered_at", "rebinds", "up", "down",
                  "seen_up", "seen_down", "last_up", "last_down")
 
     def __init__(self, tid: int, session: int, addr: tuple, now: float) -> None:
@@ -46,7 +46,6 @@ class Tunnel:
         self.client: tuple | None = None
         self.active = False  # bound to a client, or said so by the inside: never a spare again
         self.created = self.last_ka = self.registered_at = now
-        self.bound_at: float | None = None
         self.counter = 0
         self.rebinds = 0
         self.up: Flow | None = None  # client -> inside
@@ -154,16 +153,15 @@ class OutsideCore:
             return
         t = max(self.spares.values(), key=lambda s: s.last_ka)  # the freshest NAT mapping
         del self.spares[t.tid]
-        self._bind(t, addr, now)
+        self._bind(t, addr)
         self.log.info(f"client {show(addr)} takes tunnel {t.tid:016x} at {show(t.addr)}")
         self.out.append((data, t.addr))
         t.up.pkts += 1
         t.up.bytes += len(data)
 
-    def _bind(self, t: Tunnel, client: tuple, now: float) -> None:
+    def _bind(self, t: Tunnel, client: tuple) -> None:
         t.client = client
         t.active = True
-        t.bound_at = now
         self.clients[client] = t
         t.up = self.route[client] = Flow(t.addr)
         t.down = self.route[t.addr] = Flow(client)
@@ -180,7 +178,7 @@ class OutsideCore:
                                 datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
         self.log.info(f"tunnel {t.tid:016x} at {show(t.addr)} removed: {why}")
 
-    def _claim(self, addr: tuple, t: Tunnel) -> None:
+    def _claim(self, addr: tuple, t: Tunnel | None) -> None:
         """`t` has proved it receives at `addr`: whatever else sat there goes."""
         other = self.by_addr.get(addr)
         if other is not None and other is not t:
@@ -258,7 +256,7 @@ class OutsideCore:
             self.by_addr[addr] = t
             self.stats["registrations"] += 1
             if client is not None and client not in self.clients:
-                self._bind(t, client, now)
+                self._bind(t, client)
                 self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered again, "
                               f"serving client {show(client)} again")
             elif m.flags & proto.F_ACTIVE:
