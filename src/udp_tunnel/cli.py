@@ -202,6 +202,7 @@ def run(a: argparse.Namespace) -> int:
         if fam == socket.AF_INET6 and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
             where += " (IPv4 and IPv6)"
         desc = f"outside agent listening on {where}"
+        info = {"listen": where}
     else:
         host, port = split_hostport(a.outside, "--outside")
         outside_addr = resolve(host, port, "--outside", a.family or socket.AF_UNSPEC)
@@ -212,13 +213,9 @@ def run(a: argparse.Namespace) -> int:
         core.start(now)
         loop = InsideLoop(core, (host, port), outside_addr, service_addr, log,
                           family=a.family or socket.AF_UNSPEC, reload_key=reload_key)
-        desc = (f"inside agent for service {show(service_addr[1])} via outside agent "
-                f"{a.outside} ({show(outside_addr[1])})")
-    loop.info = {"version": __version__, "pid": os.getpid(), "key": bool(secret)}
-    if role == "outside":
-        loop.info["listen"] = where
-    else:
-        loop.info.update(service=show(service_addr[1]), outside=f"{a.outside} ({show(outside_addr[1])})")
+        info = {"service": show(service_addr[1]), "outside": f"{a.outside} ({show(outside_addr[1])})"}
+        desc = f"inside agent for service {info['service']} via outside agent {info['outside']}"
+    loop.info = {"version": __version__, "pid": os.getpid(), "key": bool(secret), **info}
     servers = []
     try:
         if control:
@@ -226,8 +223,11 @@ def run(a: argparse.Namespace) -> int:
         if metrics_addr:
             servers.append(metrics.MetricsServer(metrics_addr, loop))
     except OSError as e:
+        what = "metrics" if servers or not control else "status"
+        for s in servers:
+            s.close()
         loop.close()
-        raise StartError(f"cannot serve {'status' if not servers else 'metrics'}: {e.strerror or e}") from None
+        raise StartError(f"cannot serve {what}: {e.strerror or e}") from None
     log.info(f"udp-tunnel {__version__}: {desc}, protocol {protocol}, "
              f"key {'set from ' + key_from if secret else 'NOT set'}, keepalive {a.keepalive:g} s"
              + (f", status on {control}" if control else "")
