@@ -160,3 +160,27 @@ def converse_keep(target, n: int) -> list:
             raise AssertionError(f"client {i} got no echo")
         out.append((s, msg))
     return out
+
+
+def test_inside_sockets_take_datagrams_only_from_their_own_peers(lab):
+    svc, out, ins, target, _ = start_pair(lab)
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.connect(target)
+    c.settimeout(2)
+    c.send(b"hello")
+    assert c.recv(100) == b"hello"
+    tunnels = out.wait_status(lambda s: s["clients"] == 1)["tunnels"]
+    tunnel_ports = [int(t["endpoint"].rsplit(":", 1)[1]) for t in tunnels]
+    service_side = svc.seen[0][0]  # the inside's service socket, as the service sees it
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.0.0.1", 0))
+    for port in tunnel_ports:  # pretending to be the outside agent
+        stranger.sendto(b"to the service", ("127.0.0.1", port))
+    stranger.sendto(b"to the client", service_side)  # pretending to be the service
+    time.sleep(0.5)
+    assert [d for _, d in svc.seen] == [b"hello"]
+    c.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        c.recv(100)
+    c.close()
+    stranger.close()
