@@ -213,7 +213,9 @@ def run(a: argparse.Namespace) -> int:
         core.start(now)
         loop = InsideLoop(core, (host, port), outside_addr, service_addr, log,
                           family=a.family or socket.AF_UNSPEC, reload_key=reload_key)
-        info = {"service": show(service_addr[1]), "outside": f"{a.outside} ({show(outside_addr[1])})"}
+        resolved = show(outside_addr[1])
+        info = {"service": show(service_addr[1]),
+                "outside": resolved if resolved == a.outside else f"{a.outside} ({resolved})"}
         desc = f"inside agent for service {info['service']} via outside agent {info['outside']}"
     loop.info = {"version": __version__, "pid": os.getpid(), "key": bool(secret), **info}
     servers = []
