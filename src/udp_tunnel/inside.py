@@ -125,9 +125,14 @@ class InsideCore:
             self._send_keepalive(t, now)  # says "active" at once and learns the client address
         self._replenish(now)
 
-    def close(self, tid: int, now: float, why: str) -> None:
+    def _drop(self, tid: int) -> Tunnel:
+        """Remove tunnel tid from the table, keeping the count of active tunnels right."""
         t = self.tunnels.pop(tid)
         self.active -= t.state == ACTIVE
+        return t
+
+    def close(self, tid: int, now: float, why: str) -> None:
+        t = self._drop(tid)
         self.retired.update(datagrams_in=t.rx, bytes_in=t.rx_bytes, datagrams_out=t.tx, bytes_out=t.tx_bytes)
         if not self.legacy and t.registered:
             self.counter += 1
@@ -138,8 +143,7 @@ class InsideCore:
 
     def forget(self, tid: int) -> None:
         """The loop could not open a socket for tunnel tid: drop it without a word to the outside."""
-        t = self.tunnels.pop(tid)
-        self.active -= t.state == ACTIVE
+        self._drop(tid)
         self.stats["socket_errors"] += 1
 
     # --- keepalives ---
