@@ -280,7 +280,7 @@ class InsideCore:
                 # (rebinding); a keepalive re-registers the tunnel from its new address now
                 self.stats["stall_keepalives"] += 1
                 self._send_keepalive(t, now)
-            elif t.registered and now - t.last_reply > self.dead_after:
+            if t.registered and now - t.last_reply > self.dead_after:
                 t.registered = False
                 t.answers = 0
                 self.log.limited("noreply", f"the outside agent has not answered for "
