@@ -55,33 +55,37 @@ class ControlServer:
         # One descriptor held in reserve, so that status still answers when the agent
         # has run out of them (EMFILE): that is when an operator most wants to look.
         reserve: int | None = os.open(os.devnull, os.O_RDONLY)
-        while not self.stopping:
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError as e:
-                if self.stopping:
-                    return
-                if e.errno == errno.EMFILE and reserve is not None:
-                    os.close(reserve)
-                    reserve = None
-                else:
-                    time.sleep(0.1)
-                continue
-            with conn:
-                conn.settimeout(2.0)
-                with self.loop.snapshot_lock:
-                    snap = self.loop.snapshot
+        try:
+            while not self.stopping:
                 try:
-                    conn.sendall(json.dumps(snap).encode() + b"\n")
-                except OSError:
-                    pass
-            if reserve is None:
-                try:
-                    reserve = os.open(os.devnull, os.O_RDONLY)
-                except OSError:
-                    pass
+                    conn, _ = self.sock.accept()
+                except TimeoutError:
+                    continue
+                except OSError as e:
+                    if self.stopping:
+                        return
+                    if e.errno == errno.EMFILE and reserve is not None:
+                        os.close(reserve)
+                        reserve = None
+                    else:
+                        time.sleep(0.1)
+                    continue
+                with conn:
+                    conn.settimeout(2.0)
+                    with self.loop.snapshot_lock:
+                        snap = self.loop.snapshot
+                    try:
+                        conn.sendall(json.dumps(snap).encode() + b"\n")
+                    except OSError:
+                        pass
+                if reserve is None:
+                    try:
+                        reserve = os.open(os.devnull, os.O_RDONLY)
+                    except OSError:
+                        pass
+        finally:
+            if reserve is not None:
+                os.close(reserve)
 
     def close(self) -> None:
         self.stopping = True
