@@ -151,9 +151,9 @@ def converse(target: tuple[str, int], n_clients: int, per_client: int, timeout: 
         s = socket.socket(fam, socket.SOCK_DGRAM)
         s.connect(target)
         s.setblocking(False)
-        state[s] = {"id": i, "seq": 0, "sent_at": 0.0, "msg": b""}
+        state[s] = {"id": i, "seq": 0, "sent_at": 0.0, "msg": b"", "sent": set()}
         sel.register(s, selectors.EVENT_READ)
-    wrong = resent = done = 0
+    wrong = dups = resent = done = 0
     deadline = time.monotonic() + timeout
 
     def message(st) -> bytes:
@@ -163,6 +163,7 @@ def converse(target: tuple[str, int], n_clients: int, per_client: int, timeout: 
     try:
         for s, st in state.items():
             st["msg"] = message(st)
+            st["sent"].add(st["msg"])
             s.send(st["msg"])
             st["sent_at"] = time.monotonic()
         while done < n_clients and time.monotonic() < deadline:
@@ -173,7 +174,10 @@ def converse(target: tuple[str, int], n_clients: int, per_client: int, timeout: 
                 except OSError:
                     continue
                 if data != st["msg"]:
-                    wrong += 1  # someone else's datagram, or a stale duplicate
+                    if data in st["sent"]:
+                        dups += 1  # an echo of a datagram this client sent again
+                    else:
+                        wrong += 1  # someone else's datagram
                     continue
                 st["seq"] += 1
                 if st["seq"] == per_client:
@@ -181,6 +185,7 @@ def converse(target: tuple[str, int], n_clients: int, per_client: int, timeout: 
                     sel.unregister(s)
                     continue
                 st["msg"] = message(st)
+                st["sent"].add(st["msg"])
                 s.send(st["msg"])
                 st["sent_at"] = time.monotonic()
             now = time.monotonic()
@@ -193,7 +198,7 @@ def converse(target: tuple[str, int], n_clients: int, per_client: int, timeout: 
         for s in state:
             s.close()
         sel.close()
-    return {"done": done, "wrong": wrong, "resent": resent,
+    return {"done": done, "wrong": wrong, "dups": dups, "resent": resent,
             "complete": sum(min(st["seq"], per_client) for st in state.values())}
 
 

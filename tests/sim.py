@@ -12,7 +12,7 @@ import itertools
 import socket
 
 from udp_tunnel import proto
-from udp_tunnel.inside import ACTIVE, InsideCore
+from udp_tunnel.inside import ACTIVE, Close, InsideCore, OpenService, Resolve, Send, ToService
 from udp_tunnel.log import DEBUG, Log
 from udp_tunnel.outside import OutsideCore
 
@@ -44,6 +44,7 @@ class Sim:
         self.wire: list[tuple[bytes, tuple, str]] = []  # (data, address, "up"|"down")
         self.resolves = 0  # times the inside asked to look the outside's name up again
         self.up = True  # False: the network between the agents drops everything
+        self.lose_up: set[int] = set()  # tunnels whose datagrams to the outside are lost
         self.inside.start(now)
         self.pump()
 
@@ -75,19 +76,22 @@ class Sim:
             if not acts and not out:
                 return
             for a in acts:
-                if a[0] == "send":
-                    addr = self._public(a[1])
-                    self.wire.append((a[2], addr, "up"))
-                    if self.up:
-                        self.outside.handle(a[2], addr, self.now)
-                elif a[0] == "service":
-                    self.service_socket.add(a[1])
-                elif a[0] == "to_service":
-                    self.service_rx.append((a[1], a[2]))
-                elif a[0] == "close":
-                    self.service_socket.discard(a[1])
-                elif a[0] == "resolve":
+                kind = type(a)
+                if kind is Send:
+                    addr = self._public(a.tid)
+                    self.wire.append((a.data, addr, "up"))
+                    if self.up and a.tid not in self.lose_up:
+                        self.outside.receive(a.data, addr, self.now)
+                elif kind is OpenService:
+                    self.service_socket.add(a.tid)
+                elif kind is ToService:
+                    self.service_rx.append((a.tid, a.data))
+                elif kind is Close:
+                    self.service_socket.discard(a.tid)
+                elif kind is Resolve:
                     self.resolves += 1
+            self.outside.check_invariants()
+            self.inside.check_invariants(self.service_socket)
             for data, addr in out:
                 self.wire.append((data, addr, "down"))
                 tid = self.by_public.get(addr)
@@ -100,24 +104,22 @@ class Sim:
     def deliver_to_inside(self, tid: int, data: bytes) -> None:
         """What the inside loop does with a datagram on tunnel tid's socket."""
         t = self.inside.tunnels[tid]
-        if not self.legacy and proto.is_control(data):
-            self.inside.on_control(tid, data, self.now)
-        elif tid in self.service_socket and t.state == ACTIVE:
+        if tid in self.service_socket and t.state == ACTIVE and not (not self.legacy and proto.is_control(data)):
             self.service_rx.append((tid, data))
-            t.rx += 1
-            t.rx_bytes += len(data)
+            t.rx.pkts += 1
+            t.rx.bytes += len(data)
         else:
-            self.inside.on_spare_data(tid, data, self.now)
+            self.inside.receive(tid, data, self.now)
 
     def send(self, data: bytes, src: tuple) -> None:
         """A datagram arrives at the outside agent from src (client or attacker)."""
-        self.outside.handle(data, src, self.now)
+        self.outside.receive(data, src, self.now)
         self.pump()
 
     def reply(self, tid: int, data: bytes) -> None:
         """The service answers on tunnel tid's service socket."""
         t = self.inside.tunnels[tid]
-        t.tx += 1
+        t.tx.pkts += 1
         self.send(data, self._public(tid))
 
     def advance(self, seconds: float, step: float = 0.25) -> None:

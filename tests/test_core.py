@@ -35,8 +35,9 @@ def test_first_client_datagram_goes_through_at_once_and_a_new_spare_opens():
     assert [d for _, d in sim.service_rx] == [b"hello"]
     tid = sim.service_rx[0][0]
     assert sim.inside.tunnels[tid].state == ACTIVE
-    assert sum(t.state == SPARE for t in sim.inside.tunnels.values()) == 2
-    assert sim.registered_spares() == 2
+    # one more spare than --spares while clients keep arriving (the pool follows demand)
+    assert sum(t.state == SPARE for t in sim.inside.tunnels.values()) == 3
+    assert sim.registered_spares() == 3
     # the inside learned its client's address from the outside's answer
     assert proto.unpack_peer(sim.inside.tunnels[tid].peer, 10) == CLIENT_A
 
@@ -82,7 +83,7 @@ def test_outside_expires_tunnels_whose_keepalives_stop():
     sim.send(b"x", CLIENT_A)
     sim.up = False
     sim.advance(24)
-    assert len(sim.outside.tunnels) == 3
+    assert len(sim.outside.tunnels) == 4  # 1 active, 3 spares (the pool follows demand)
     sim.advance(2)  # 2 * keepalive + 5 s after the last keepalive
     assert sim.outside.tunnels == {} and sim.outside.route == {}
 
@@ -199,7 +200,7 @@ def test_replayed_reply_is_refused_by_the_inside():
     sim = Sim()
     tid, t = next(iter(sim.inside.tunnels.items()))
     old = [d for d, a, w in sim.wire if w == "down" and a == sim.public[tid]][-1]
-    sim.inside.on_control(tid, old, sim.now)
+    sim.inside.receive(tid, old, sim.now)
     assert sim.inside.stats["drop_replay"] == 1
 
 
@@ -228,14 +229,16 @@ def test_wrong_key_on_the_inside_never_registers():
     assert sim.registered_spares() == 0
     assert sim.outside.stats["drop_auth"] >= 2
     sim.send(b"x", CLIENT_A)
-    assert sim.service_rx == [] and sim.outside.stats["drop_no_spare"] == 1
+    assert sim.service_rx == [] and CLIENT_A in sim.outside.pending  # held for a spare...
+    sim.advance(4)
+    assert sim.service_rx == [] and sim.outside.stats["drop_hold_expired"] == 1  # ...that never came
 
 
 def test_reply_with_a_client_on_a_spare_activates_it():
     """The outside bound a spare to a client but the client's datagram got lost."""
     sim = Sim(keepalive=5)
     sim.up = False
-    sim.outside.handle(b"lost", CLIENT_A, sim.now)
+    sim.outside.receive(b"lost", CLIENT_A, sim.now)
     sim.outside.out.clear()
     sim.up = True
     sim.advance(6)
@@ -267,15 +270,15 @@ def test_legacy_outside_takes_c_keepalives_and_refuses_replays_and_old_captures(
     wall_ms = int((sim.now + sim.wall_offset) * 1000)
     o = sim.restart_outside() or sim.outside
     ka = legacy_ka(b"secret", wall_ms + 10)
-    o.handle(ka, v6("203.0.113.9", 1), sim.now)
+    o.receive(ka, v6("203.0.113.9", 1), sim.now)
     assert v6("203.0.113.9", 1) in o.by_addr
-    o.handle(ka, ATTACKER, sim.now)  # replay: nonce not above the last one
+    o.receive(ka, ATTACKER, sim.now)  # replay: nonce not above the last one
     assert ATTACKER not in o.by_addr and o.stats["drop_replay"] == 1
     fresh = sim.new_outside()  # after a restart the counter is 0, but the clock check holds
-    fresh.handle(legacy_ka(b"secret", wall_ms - 3_600_000), ATTACKER, sim.now)
+    fresh.receive(legacy_ka(b"secret", wall_ms - 3_600_000), ATTACKER, sim.now)
     assert ATTACKER not in fresh.by_addr and fresh.stats["drop_clock"] == 1
-    fresh.handle(legacy_ka(b"wrong", wall_ms + 20), ATTACKER, sim.now)  # not verified: data from a new client
-    assert ATTACKER not in fresh.by_addr and fresh.stats["drop_no_spare"] == 1
+    fresh.receive(legacy_ka(b"wrong", wall_ms + 20), ATTACKER, sim.now)  # not verified: data from a new client
+    assert ATTACKER not in fresh.by_addr and ATTACKER in fresh.pending
 
 
 def test_legacy_end_to_end_through_both_cores():
@@ -305,14 +308,21 @@ def test_after_outside_restart_an_old_client_gets_its_own_tunnel_even_if_a_spare
 def test_restarted_outside_holds_new_clients_until_announced_active_tunnels_are_back():
     sim = Sim(keepalive=25)
     sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[-1][0]
     sim.restart_outside()
     o = sim.outside
-    o.announced[sim.inside.session] = 1  # an inside agent said: one active tunnel
+    sim.lose_up = {ta}  # the active tunnel's keepalives are lost for now
+    spare = next(t for t in sim.inside.tunnels.values() if t.state == SPARE)
+    sim.inside._send_keepalive(spare, sim.now)  # the spares come back: "1 active tunnel here"
+    sim.pump()
+    assert o.spares and o.recovering
     sim.send(b"new", CLIENT_B)
-    assert o.stats["drop_recovering"] == 1 and CLIENT_B not in o.clients
-    sim.advance(26)  # the active tunnel is back
-    sim.send(b"new", CLIENT_B)
-    assert sim.service_rx[-1][1] == b"new"
+    assert CLIENT_B in o.pending and CLIENT_B not in o.clients  # held, not given a spare yet
+    sim.lose_up = set()
+    sim.advance(26)  # the active tunnel is back: the held datagram goes on, to a fresh spare
+    assert CLIENT_B in o.clients and sim.service_rx[-1][1] == b"new" and sim.service_rx[-1][0] != ta
+    sim.send(b"a2", CLIENT_A)
+    assert sim.service_rx[-1] == (ta, b"a2")
 
 
 def test_rebound_tunnel_whose_data_came_first_gets_its_conversation_back_and_the_stray_tunnel_closes():
@@ -340,6 +350,6 @@ def test_inside_sends_a_keepalive_at_once_when_the_service_talks_but_nothing_com
     sim.advance(1)
     sent = sim.inside.tunnels[ta].sent
     for _ in range(4):  # the service keeps answering, the client's datagrams are lost
-        sim.inside.tunnels[ta].tx += 1
+        sim.inside.tunnels[ta].tx.pkts += 1
         sim.advance(1)
     assert sim.inside.stats["stall_keepalives"] >= 1 and sim.inside.tunnels[ta].sent > sent

@@ -119,10 +119,10 @@ def test_forged_and_replayed_keepalives_never_receive_client_data(lab):
     assert client_data == []
     # what the attacker got is challenges, which it cannot answer without the key
     assert all(proto.Codec(b"test-key").decode(d).type == proto.REPLY for d in got)
-    st = out.status()
+    st = out.wait_status(lambda s: s["stats"].get("drop_auth"))  # snapshots can be a second old
     assert attacker_addr not in [t["endpoint"] for t in st["tunnels"]]
     assert attacker_addr not in [t["client"] for t in st["tunnels"]]
-    assert st["stats"]["drop_auth"] >= 1 and st["stats"]["challenges"] >= 1
+    assert st["stats"].get("drop_auth", 0) >= 1 and st["stats"].get("challenges", 0) >= 1, st["stats"]
 
 
 def test_out_of_sockets_the_inside_agent_keeps_serving_the_clients_it_has(lab):

@@ -30,8 +30,10 @@ def agent_command() -> list[str]:
 
 
 def start_agent(name: str, args: list[str], env: dict) -> subprocess.Popen:
+    """Start an agent and relay its log; return once it said it started (or after 5 s)."""
     p = subprocess.Popen(agent_command() + args, env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = threading.Event()
 
     def relay() -> None:
         for line in p.stderr:
@@ -39,8 +41,11 @@ def start_agent(name: str, args: list[str], env: dict) -> subprocess.Popen:
             if line[:1] == "<" and line[2:3] == ">":
                 line = f"{PRIO.get(line[1], '?')}: {line[3:]}"
             print(f"  [{name}] {line}", flush=True)
+            started.set()
+        started.set()
 
     threading.Thread(target=relay, daemon=True).start()
+    started.wait(5)
     return p
 
 
@@ -81,7 +86,7 @@ def demo(argv: list[str]) -> int:
         for _ in range(clients_n):
             c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             c.connect(("127.0.0.1", oport))
-            c.settimeout(0.3)
+            c.settimeout(3.0)  # the first datagram waits at the outside until a tunnel is ready
             clients.append(c)
         deadline = time.monotonic() + 8
         for i, c in enumerate(clients, 1):

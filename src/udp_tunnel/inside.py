@@ -2,43 +2,87 @@
 
 The I/O loop owns the sockets: per tunnel one socket connected to the
 outside agent and, once a client uses the tunnel, one connected to the
-service. It forwards data of active tunnels itself, counting datagrams in the
-tunnel's `rx`/`tx` fields, and hands over control datagrams
-(`on_control`), the first data on a spare (`on_spare_data`) and the time
-(`on_timer`, due at `next_timer()`). The core answers with `actions`:
+service. It forwards data of active tunnels itself, counting into the
+tunnel's meters (`rx`: from the outside to the service, `tx`: back), and
+hands over control datagrams and the first data on a spare (`receive`) and
+the time (`on_timer`, due at `next_timer()`). The core answers with the
+actions below, in `actions`.
 
-    ("open", tid)            open a tunnel socket towards the outside agent
-    ("service", tid)         open the service socket of tunnel tid
-    ("send", tid, data)      send data out of tunnel tid's socket
-    ("to_service", tid, data)
-    ("close", tid)           close both sockets of tunnel tid
-    ("resolve",)             look the outside host name up again
+Tables and their invariants (`check_invariants()` asserts every one):
+- every tunnel is SPARE or ACTIVE; `active` counts the ACTIVE ones;
+- every tunnel has exactly one live entry in the keepalive timer heap;
+- an ACTIVE tunnel was told to open its service socket, a SPARE one was not.
 """
 
 from __future__ import annotations
 
+import enum
+import heapq
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
+from typing import NamedTuple
 
 from udp_tunnel import proto
 from udp_tunnel.addr import show
+from udp_tunnel.core import Activity, CoreError, Meter, leg
 from udp_tunnel.log import Log
 from udp_tunnel.proto import Control, ControlError
-from udp_tunnel.status import leg
 
-SPARE, ACTIVE = "spare", "active"
 TICK = 1.0
 STALL = 2.0  # an active tunnel sending without hearing anything back for this long: keepalive now
+RETRY = 0.25  # first wait for an answer to a registration; doubles up to the keepalive interval
 LEGACY_RESOLVE = 300.0  # legacy mode has no replies: look the name up again this often
+DEMAND_WINDOW = 10.0  # spares follow the clients that arrived this recently
+MAX_EXTRA_SPARES = 64  # spares opened for demand beyond --spares
+
+
+class OpenTunnel(NamedTuple):
+    """Open a tunnel socket towards the outside agent; count into the meters."""
+    tid: int
+    rx: Meter
+    tx: Meter
+
+
+class OpenService(NamedTuple):
+    """Open the service socket of tunnel tid."""
+    tid: int
+
+
+class Send(NamedTuple):
+    """Send data out of tunnel tid's socket."""
+    tid: int
+    data: bytes
+
+
+class ToService(NamedTuple):
+    tid: int
+    data: bytes
+
+
+class Close(NamedTuple):
+    """Close both sockets of tunnel tid."""
+    tid: int
+
+
+class Resolve(NamedTuple):
+    """Look the outside agent's host name up again."""
+
+
+class State(enum.Enum):
+    SPARE = "spare"
+    ACTIVE = "active"
+
+
+SPARE, ACTIVE = State.SPARE, State.ACTIVE
 
 
 class Tunnel:
     __slots__ = ("tid", "state", "created", "activated", "registered", "last_reply",
                  "cookie", "peer", "sent", "sent_at", "acked", "rtt", "registrations",
-                 "registered_at", "next_ka", "retry", "answers",
-                 "rx", "rx_bytes", "tx", "tx_bytes", "seen_rx", "seen_tx", "last_rx", "last_tx")
+                 "registered_at", "next_ka", "retry", "answers", "known_by",
+                 "rx", "tx", "rx_act", "tx_act")
 
     def __init__(self, tid: int, now: float) -> None:
         self.tid = tid
@@ -46,7 +90,7 @@ class Tunnel:
         self.created = now
         self.activated: float | None = None
         self.registered = False
-        self.last_reply: float | None = None
+        self.last_reply = now
         self.registered_at: float | None = None
         self.cookie = bytes(proto.COOKIE_LEN)
         self.peer = proto.NO_PEER
@@ -55,12 +99,13 @@ class Tunnel:
         self.rtt: float | None = None
         self.registrations = 0
         self.next_ka = now
-        self.retry = 1.0
+        self.retry = RETRY
         self.answers = 0  # challenges answered at once since the last registration
-        self.rx = self.rx_bytes = self.tx = self.tx_bytes = 0  # from / to the outside
-        self.seen_rx = self.seen_tx = 0
-        self.last_rx: float | None = None
-        self.last_tx: float | None = None
+        self.known_by: int | None = None  # the outside session that registered it
+        self.rx = Meter()  # from the outside, to the service (counted by the loop)
+        self.tx = Meter()  # from the service, to the outside
+        self.rx_act = Activity()
+        self.tx_act = Activity()
 
 
 class InsideCore:
@@ -76,22 +121,25 @@ class InsideCore:
         self.keepalive = keepalive
         self.dead_after = 2 * keepalive + 1  # no reply for this long: the outside is gone
         self.timeout = timeout
-        self.spares = spares
+        self.spares = spares  # the floor: more are opened while clients keep arriving
         self.max_clients = max_clients
         self.log = log
         self.started = now
         self.counter = 0
         self.legacy_nonce = 0
         self.tunnels: dict[int, Tunnel] = {}
-        self.actions: list[tuple] = []
+        self.actions: list = []
         self.stats: Counter[str] = Counter()
         self.retired: Counter[str] = Counter()  # traffic of closed tunnels, for totals that never drop
         self.outside_session: int | None = None
         self.last_reply: float | None = None
+        self.answering = False  # the outside agent answers
         self.last_resolve = now
         self.next_tick = now
-        self.wake = now  # no timer is due before this
+        self.timers: list[tuple[float, int]] = []  # (when, tid): keepalives due, stale entries skipped
         self.active = 0  # tunnels in state ACTIVE
+        self.arrivals: deque[float] = deque()  # when clients arrived, over DEMAND_WINDOW
+        self.waiting = 0  # clients held at the outside for want of a spare (it says so)
 
     # --- tunnels ---
 
@@ -101,25 +149,40 @@ class InsideCore:
     def counts(self) -> tuple[int, int]:
         return self.active, len(self.tunnels) - self.active
 
+    def spare_target(self) -> int:
+        """--spares, plus as many as clients arrived lately or wait at the outside."""
+        extra = min(MAX_EXTRA_SPARES, max(len(self.arrivals), self.waiting))
+        return max(0, min(self.spares + extra, self.max_clients - self.active)) if self.spares else 0
+
     def _replenish(self, now: float) -> None:
         active, spare = self.counts()
-        while spare < self.spares:
-            if active >= self.max_clients:  # the outside counts the datagrams it then drops
-                self.log.limited("limit", f"client limit ({self.max_clients}) reached: no new spare tunnel")
-                return
+        want = self.spare_target()
+        if spare < self.spares and active >= self.max_clients:  # the outside counts what it drops
+            self.log.limited("limit", f"client limit ({self.max_clients}) reached: no new spare tunnel")
+        while spare < want:
             tid = 0
             while tid == 0 or tid in self.tunnels:
                 tid = int.from_bytes(self.random_bytes(8), "big")
             self.tunnels[tid] = t = Tunnel(tid, now)
-            self.actions.append(("open", tid))
+            self.actions.append(OpenTunnel(tid, t.rx, t.tx))
             self._send_keepalive(t, now)  # a new spare announces itself at once
             spare += 1
+
+    def _shrink(self, now: float) -> None:
+        """Close spares beyond the target, the oldest first, once demand has passed."""
+        extra = self.counts()[1] - self.spare_target()
+        if extra <= 0:
+            return
+        for t in sorted((t for t in self.tunnels.values() if t.state is SPARE), key=lambda t: t.created)[:extra]:
+            self.close(t.tid, now, "spare no longer needed")
 
     def _activate(self, t: Tunnel, now: float) -> None:
         t.state = ACTIVE
         self.active += 1
-        t.activated = t.last_rx = now
-        self.actions.append(("service", t.tid))
+        t.activated = now
+        t.rx_act.last = now
+        self.arrivals.append(now)
+        self.actions.append(OpenService(t.tid))
         self.log.info(f"tunnel {t.tid:016x} now carries a client")
         if not self.legacy:
             self._send_keepalive(t, now)  # says "active" at once and learns the client address
@@ -128,23 +191,25 @@ class InsideCore:
     def _drop(self, tid: int) -> Tunnel:
         """Remove tunnel tid from the table, keeping the count of active tunnels right."""
         t = self.tunnels.pop(tid)
-        self.active -= t.state == ACTIVE
+        self.active -= t.state is ACTIVE
         return t
 
     def close(self, tid: int, now: float, why: str) -> None:
         t = self._drop(tid)
-        self.retired.update(datagrams_in=t.rx, bytes_in=t.rx_bytes, datagrams_out=t.tx, bytes_out=t.tx_bytes)
+        self.retired.update(datagrams_in=t.rx.pkts, bytes_in=t.rx.bytes,
+                            datagrams_out=t.tx.pkts, bytes_out=t.tx.bytes)
         if not self.legacy and t.registered:
             self.counter += 1
-            self.actions.append(("send", tid, self._keepalive(t, self.counter, proto.F_CLOSING)))
-        self.actions.append(("close", tid))
+            self.actions.append(Send(tid, self._keepalive(t, self.counter, proto.F_CLOSING)))
+        self.actions.append(Close(tid))
         self.log.info(f"tunnel {tid:016x} closed: {why}")
         self._replenish(now)
 
-    def forget(self, tid: int) -> None:
+    def socket_failed(self, tid: int) -> None:
         """The loop could not open a socket for tunnel tid: drop it without a word to the outside."""
-        self._drop(tid)
-        self.stats["socket_errors"] += 1
+        if tid in self.tunnels:
+            self._drop(tid)
+            self.stats["socket_errors"] += 1
 
     # --- keepalives ---
 
@@ -152,26 +217,65 @@ class InsideCore:
         if self.legacy:
             self.legacy_nonce = max(self.legacy_nonce + 1, int(self.wall() * 1000))
             return proto.legacy_keepalive(self.password, self.legacy_nonce)
-        if t.state == ACTIVE:
+        if t.state is ACTIVE:
             flags |= proto.F_ACTIVE
         return self.codec.encode(Control(proto.KEEPALIVE, flags, self.session, t.tid,
                                          counter, t.cookie, t.peer, self.active))
 
     def _send_keepalive(self, t: Tunnel, now: float) -> None:
+        if t.registered and now - t.last_reply > self.dead_after:
+            self._unregister(t)  # this tunnel's keepalives go unanswered: its mapping may be gone
         self.counter += 1
         t.sent, t.sent_at = self.counter, now
-        self.actions.append(("send", t.tid, self._keepalive(t, self.counter)))
+        self.actions.append(Send(t.tid, self._keepalive(t, self.counter)))
         if t.registered or self.legacy:
             t.next_ka = now + self.keepalive
         else:  # not registered yet: try again soon, backing off up to the keepalive interval
             t.next_ka = now + min(self.keepalive, t.retry)
             t.retry = min(2 * t.retry, self.keepalive)
-        self.wake = min(self.wake, t.next_ka)
+        heapq.heappush(self.timers, (t.next_ka, t.tid))
 
-    def on_control(self, tid: int, data: bytes, now: float) -> None:
+    def _unregister(self, t: Tunnel) -> None:
+        t.registered = False
+        t.answers = 0
+
+    def _register_all_again(self, now: float, but: Tunnel | None = None) -> None:
+        """Every tunnel sends a keepalive at once, active ones first."""
+        for other in sorted(self.tunnels.values(), key=lambda o: o.state is not ACTIVE):
+            if other is not but:
+                self._unregister(other)
+                self._send_keepalive(other, now)
+
+    # --- datagrams in ---
+
+    def receive(self, tid: int, data: bytes, now: float) -> None:
+        """A datagram on tunnel tid's socket that the loop did not forward itself."""
+        if not self.legacy and proto.is_control(data):
+            self._control(tid, data, now)
+        else:
+            self._data(tid, data, now)
+
+    def _control(self, tid: int, data: bytes, now: float) -> None:
         t = self.tunnels.get(tid)
         if t is None:
             return
+        m = self._verify(t, data)
+        if m is None:
+            return
+        t.acked = m.counter
+        self._outside_session(m.session, t, now)
+        self.last_reply = now
+        self.answering = True
+        t.cookie = m.cookie
+        if m.flags & proto.F_REGISTERED:
+            self.waiting = m.active
+            self._registered(t, m, now)
+        elif m.flags & proto.F_REFUSED:
+            self._refused(t, now)
+        else:
+            self._challenged(t, now)
+
+    def _verify(self, t: Tunnel, data: bytes) -> Control | None:
         try:
             m = self.codec.decode(data)
         except ControlError as e:
@@ -179,115 +283,123 @@ class InsideCore:
             self.log.limited(f"bad-{e.args[0]}", "dropped a control datagram from the outside agent: "
                              + ("authentication failed (is the key the same on both ends?)"
                                 if e.args[0] == "auth" else "malformed"))
-            return
-        if m.type != proto.REPLY or m.tunnel != tid:
+            return None
+        if m.type != proto.REPLY or m.tunnel != t.tid:
             self.stats["drop_malformed"] += 1
-            return
+            return None
         if not t.acked < m.counter <= t.sent:
             self.stats["drop_replay"] += 1
-            return
-        t.acked = m.counter
-        if m.session != self.outside_session:
-            restarted = self.outside_session is not None
-            self.outside_session = m.session
-            if restarted:
-                self.stats["outside_restarts"] += 1
-                self.log.warning("the outside agent restarted (new session): registering tunnels again")
-                for other in sorted(self.tunnels.values(), key=lambda o: o.state != ACTIVE):
-                    if other is not t:  # every tunnel at once, active ones first
-                        other.registered = False
-                        other.answers = 0
-                        self._send_keepalive(other, now)
-        self.last_reply = now
-        t.cookie = m.cookie
-        if m.flags & proto.F_REGISTERED:
-            if m.counter == t.sent:
-                t.rtt = now - t.sent_at
-            t.last_reply = now
-            if not t.registered:
-                t.registered = True
-                t.registrations += 1
-                t.registered_at = now
-                t.retry = 1.0
-                t.answers = 0
-                t.next_ka = min(t.next_ka, now + self.keepalive)
-                self.stats["registrations"] += 1
-                self.log.debug(f"tunnel {tid:016x} registered")
-            if m.flags & proto.F_BOUND:
-                t.peer = m.peer
-                if t.state == SPARE:  # the outside gave it to a client whose datagram got lost
-                    self._activate(t, now)
-        elif m.flags & proto.F_REFUSED:
-            t.registered = False
-            if t.state == ACTIVE:  # its client is gone at the outside (now a tunnel's address)
-                self.close(tid, now, "the outside agent no longer knows its client")
-            else:
-                self.log.limited("refused", "the outside agent refused a tunnel: it is at its tunnel limit")
-        else:  # a challenge: prove we receive at our address
-            if t.registered:
-                self.log.info(f"tunnel {tid:016x} must register again (outside restart or new NAT mapping)")
-            t.registered = False
-            if t.answers < 3:
-                t.answers += 1
-                self._send_keepalive(t, now)
+            return None
+        return m
 
-    def on_spare_data(self, tid: int, data: bytes, now: float) -> None:
+    def _outside_session(self, session: int, t: Tunnel, now: float) -> None:
+        if session == self.outside_session:
+            return
+        restarted = self.outside_session is not None
+        self.outside_session = session
+        if restarted:
+            self.stats["outside_restarts"] += 1
+            self.log.warning("the outside agent restarted (new session): registering tunnels again")
+            self._register_all_again(now, but=t)
+
+    def _registered(self, t: Tunnel, m: Control, now: float) -> None:
+        if m.counter == t.sent:
+            t.rtt = now - t.sent_at
+        t.last_reply = now
+        t.known_by = self.outside_session
+        if not t.registered:
+            t.registered = True
+            t.registrations += 1
+            t.registered_at = now
+            t.retry = RETRY
+            t.answers = 0
+            self.stats["registrations"] += 1
+            self.log.debug(f"tunnel {t.tid:016x} registered")
+        if m.flags & proto.F_BOUND:
+            t.peer = m.peer
+            if t.state is SPARE:  # the outside gave it to a client whose datagram got lost
+                self._activate(t, now)
+        self._replenish(now)
+
+    def _refused(self, t: Tunnel, now: float) -> None:
+        t.registered = False
+        if t.state is ACTIVE:  # the outside no longer knows its client, or never gave it one
+            self.close(t.tid, now, "the outside agent does not know its client")
+        else:
+            self.log.limited("refused", "the outside agent refused a tunnel: it is at its tunnel limit")
+
+    def _challenged(self, t: Tunnel, now: float) -> None:
+        """Prove we receive at our address: answer with the cookie, a few times at most."""
+        if t.registered:
+            self.log.info(f"tunnel {t.tid:016x} must register again (outside restart or new NAT mapping)")
+        t.registered = False
+        if t.answers < 3:
+            t.answers += 1
+            self._send_keepalive(t, now)
+
+    def _data(self, tid: int, data: bytes, now: float) -> None:
+        """Data on a tunnel the loop does not forward yet: the first datagram on a spare."""
         t = self.tunnels.get(tid)
         if t is None:
             return
-        if t.state == SPARE:
+        if t.state is SPARE:
+            if not (self.legacy or t.known_by is not None and t.known_by == self.outside_session):
+                # the outside hands out only spares it registered: this came from someone else
+                self.stats["drop_unregistered_spare"] += 1
+                return
             self._activate(t, now)
-        self.actions.append(("to_service", tid, data))
-        t.rx += 1
-        t.rx_bytes += len(data)
+        self.actions.append(ToService(tid, data))
+        t.rx.pkts += 1
+        t.rx.bytes += len(data)
 
     def on_resolved(self, changed: bool, now: float) -> None:
         """The loop looked the outside name up again (and reconnected if `changed`)."""
         if changed:
-            for t in self.tunnels.values():
-                t.registered = False
-                t.answers = 0
-                self._send_keepalive(t, now)
+            self._register_all_again(now)
+
+    def rekey(self, secret: bytes, now: float) -> None:
+        self.password = secret
+        self.codec = proto.Codec(secret)
 
     # --- time ---
 
     def next_timer(self) -> float:
-        return self.wake
+        return min(self.next_tick, self.timers[0][0]) if self.timers else self.next_tick
 
     def on_timer(self, now: float) -> None:
-        self.wake = self.next_tick
-        for t in list(self.tunnels.values()):
-            if t.next_ka <= now:
+        timers = self.timers
+        while timers and timers[0][0] <= now + 0.05:  # those due within 50 ms go out together
+            when, tid = heapq.heappop(timers)
+            t = self.tunnels.get(tid)
+            if t is not None and t.next_ka == when:  # else: stale (rescheduled or closed)
                 self._send_keepalive(t, now)
-            else:
-                self.wake = min(self.wake, t.next_ka)
-        # keepalives due within 50 ms go out together with the next batch
-        self.wake = max(self.wake, now + 0.05)
-        if now < self.next_tick:
-            return
-        self.next_tick = now + TICK
-        for t in list(self.tunnels.values()):
-            if t.rx != t.seen_rx:
-                t.seen_rx, t.last_rx = t.rx, now
-            if t.tx != t.seen_tx:
-                t.seen_tx, t.last_tx = t.tx, now
-            if t.state == ACTIVE and now - t.last_rx > self.timeout:
-                self.close(t.tid, now, f"no datagram from the client for {now - t.last_rx:.0f} s")
-                continue
-            if (t.state == ACTIVE and not self.legacy and t.last_tx == now and now - t.last_rx > STALL
-                    and now - t.sent_at > STALL):
+        if now >= self.next_tick:
+            self.next_tick = now + TICK
+            self._tick(now)
+
+    def _tick(self, now: float) -> None:
+        """Once a second: the active tunnels' activity, and the pool of spares."""
+        while self.arrivals and now - self.arrivals[0] > DEMAND_WINDOW:
+            self.arrivals.popleft()
+        for t in [t for t in self.tunnels.values() if t.state is ACTIVE]:
+            t.rx_act.sample(t.rx, now)
+            moved = t.tx_act.sample(t.tx, now)
+            if now - t.rx_act.last > self.timeout:
+                self.close(t.tid, now, f"no datagram from the client for {now - t.rx_act.last:.0f} s")
+            elif moved and not self.legacy and now - t.rx_act.last > STALL and now - t.sent_at > STALL:
                 # the service talks, the client seems not to: maybe the NAT mapping changed
                 # (rebinding); a keepalive re-registers the tunnel from its new address now
                 self.stats["stall_keepalives"] += 1
                 self._send_keepalive(t, now)
-            if t.registered and now - t.last_reply > self.dead_after:
-                t.registered = False
-                t.answers = 0
-                self.log.limited("noreply", f"the outside agent has not answered for "
-                                 f"{now - t.last_reply:.0f} s")
+        if self.answering and not self.legacy and now - (self.last_reply or self.started) > self.dead_after:
+            self.answering = False
+            self.log.limited("noreply", f"the outside agent has not answered for "
+                             f"{now - (self.last_reply or self.started):.0f} s")
+            for t in self.tunnels.values():
+                self._unregister(t)
         self._replenish(now)
+        self._shrink(now)
         self._check_resolve(now)
-        self.wake = min(self.wake, self.next_tick)
 
     def shutdown(self, now: float) -> None:
         """Close every tunnel, telling the outside agent so that it forgets them now."""
@@ -300,34 +412,45 @@ class InsideCore:
             due = now - self.last_resolve >= LEGACY_RESOLVE
         else:
             heard = self.last_reply if self.last_reply is not None else self.started
-            due = (now - heard > self.dead_after and now - self.last_resolve > self.dead_after
-                   and not any(t.registered for t in self.tunnels.values()))
+            due = not self.answering and now - heard > self.dead_after and now - self.last_resolve > self.dead_after
         if due:
             self.last_resolve = now
-            self.actions.append(("resolve",))
+            self.actions.append(Resolve())
 
-    # --- what the operator sees ---
+    # --- checks and what the operator sees ---
+
+    def check_invariants(self, service_open: set[int] | None = None) -> None:
+        """`service_open`: the tunnels whose service socket the loop (or a simulation) opened."""
+        if sum(t.state is ACTIVE for t in self.tunnels.values()) != self.active:
+            raise CoreError("active count")
+        live = Counter(tid for when, tid in self.timers if tid in self.tunnels and self.tunnels[tid].next_ka == when)
+        for tid, t in self.tunnels.items():
+            if not isinstance(t.state, State) or t.tid != tid:
+                raise CoreError(f"tunnel {tid:x}: state")
+            if live[tid] < 1:
+                raise CoreError(f"tunnel {tid:x}: no keepalive timer")
+            if service_open is not None and (tid in service_open) != (t.state is ACTIVE):
+                raise CoreError(f"tunnel {tid:x}: service socket vs state")
 
     def snapshot(self, now: float) -> dict:
         tunnels = []
         for t in self.tunnels.values():
             tunnels.append({
-                "id": f"{t.tid:016x}", "state": t.state,
+                "id": f"{t.tid:016x}", "state": t.state.value,
                 "registered": t.registered or self.legacy,
                 "client": show(proto.unpack_peer(t.peer, socket.AF_INET6)) if t.peer != proto.NO_PEER else None,
                 "age": now - t.created, "rtt": t.rtt,
                 "registered_ago": None if t.registered_at is None else now - t.registered_at,
                 "registrations": t.registrations,
-                "from_outside": leg(t.rx, t.rx_bytes, t.last_rx, now),
-                "to_outside": leg(t.tx, t.tx_bytes, t.last_tx, now),
+                "from_outside": leg(t.rx, t.rx_act, now),
+                "to_outside": leg(t.tx, t.tx_act, now),
             })
         totals = self.retired.copy()
         for t in self.tunnels.values():
-            totals.update(datagrams_in=t.rx, bytes_in=t.rx_bytes, datagrams_out=t.tx, bytes_out=t.tx_bytes)
+            totals.update(datagrams_in=t.rx.pkts, bytes_in=t.rx.bytes, datagrams_out=t.tx.pkts, bytes_out=t.tx.bytes)
         active, spare = self.counts()
         return {"role": "inside", "protocol": "legacy" if self.legacy else "v1",
                 "uptime": now - self.started, "clients": active, "spares": spare,
-                "outside_answering": self.legacy or (self.last_reply is not None
+                "outside_answering": self.legacy or (self.answering and self.last_reply is not None
                                                      and now - self.last_reply <= self.dead_after),
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels}
-

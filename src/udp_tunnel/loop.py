@@ -14,13 +14,14 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from udp_tunnel import proto, systemd
 from udp_tunnel.addr import AddrError, resolve, show
-from udp_tunnel.inside import ACTIVE, InsideCore
+from udp_tunnel.inside import Close, InsideCore, OpenService, OpenTunnel, Resolve, Send, ToService
 from udp_tunnel.log import Log
 from udp_tunnel.outside import OutsideCore
 
@@ -68,6 +69,14 @@ class Loop:
         if self.handlers.pop(fd, None) is not None:
             self.ep.unregister(fd)
 
+    def internal_error(self, where: str, e: Exception) -> None:
+        """A bug met a datagram or event: count it, log it (the traceback once), serve everyone else."""
+        name = type(e).__name__
+        first = self.errors[f"internal_{name}"] == 0
+        self.errors[f"internal_{name}"] += 1
+        text = "".join(traceback.format_exception(e)).rstrip() if first else str(e)
+        self.log.limited(f"internal-{where}-{name}", f"internal error in {where} (going on): {text}", prio=3)
+
     def net_error(self, where: str, e: OSError) -> None:
         name = errno.errorcode.get(e.errno or 0, str(e.errno))
         self.errors[f"{where}_{name}"] += 1
@@ -101,8 +110,7 @@ class Loop:
         except (OSError, ValueError) as e:
             self.log.error(f"SIGHUP: key not changed: {e}")
             return
-        self.core.password = secret
-        self.core.codec = proto.Codec(secret)
+        self.core.rekey(secret, time.monotonic())
         self.log.info("SIGHUP: key file read again")
 
     # --- running ---
@@ -136,9 +144,15 @@ class Loop:
                 for fd, _ in events:
                     h = self.handlers.get(fd)
                     if h is not None:
-                        h(now)
+                        try:
+                            h(now)
+                        except Exception as e:  # noqa: BLE001 - contained: one event lost, not the agent
+                            self.internal_error("datagram handling", e)
                 if now >= self.core.next_timer():
-                    self.tick(now)
+                    try:
+                        self.tick(now)
+                    except Exception as e:  # noqa: BLE001
+                        self.internal_error("timer", e)
                 if now >= self.next_publish:
                     self.next_publish = now + 1.0
                     self.publish(now)
@@ -209,7 +223,7 @@ class OutsideLoop(Loop):
                 f.pkts += 1
                 f.bytes += n
             else:
-                self.core.handle(bytes(mv[:n]), addr, now)
+                self.core.receive(bytes(mv[:n]), addr, now)
                 if self.core.out:
                     self.flush()
 
@@ -219,12 +233,12 @@ class OutsideLoop(Loop):
 
 
 class Pipe:
-    """The sockets of one inside tunnel."""
+    """The sockets of one inside tunnel, and the meters the fast path counts into."""
 
-    __slots__ = ("tid", "t", "tsock", "ssock")
+    __slots__ = ("tid", "rx", "tx", "tsock", "ssock")
 
-    def __init__(self, tid: int, t, tsock: socket.socket) -> None:
-        self.tid, self.t, self.tsock = tid, t, tsock
+    def __init__(self, a: OpenTunnel, tsock: socket.socket) -> None:
+        self.tid, self.rx, self.tx, self.tsock = a.tid, a.rx, a.tx, tsock
         self.ssock: socket.socket | None = None
 
 
@@ -249,9 +263,13 @@ class InsideLoop(Loop):
 
     def _tunnel_socket(self) -> socket.socket:
         s = socket.socket(self.outside_family, socket.SOCK_DGRAM)
-        s.setblocking(False)
-        _bufsizes(s)
-        s.connect(self.outside_addr)
+        try:
+            s.setblocking(False)
+            _bufsizes(s)
+            s.connect(self.outside_addr)
+        except OSError:
+            s.close()
+            raise
         return s
 
     def apply(self, now: float) -> None:
@@ -260,42 +278,51 @@ class InsideLoop(Loop):
             for a in actions:
                 self._apply(a)
 
-    def _apply(self, a: tuple) -> None:
-        kind, tid = a[0], a[1] if len(a) > 1 else None
-        p = self.pipes.get(tid)
+    def _apply(self, a) -> None:
+        kind = type(a)
+        p = self.pipes.get(a.tid) if kind is not Resolve else None
         try:
-            if kind == "open":
+            if kind is Send:
+                if p is not None:
+                    p.tsock.send(a.data)
+            elif kind is ToService:
+                if p is not None and p.ssock is not None:
+                    p.ssock.send(a.data)
+            elif kind is OpenTunnel:
                 s = self._tunnel_socket()
-                p = self.pipes[tid] = Pipe(tid, self.core.tunnels[tid], s)
+                p = self.pipes[a.tid] = Pipe(a, s)
                 self.watch(s.fileno(), lambda now, p=p: self._on_tunnel(p, now))
-            elif kind == "service" and p is not None:
-                s = socket.socket(self.service_family, socket.SOCK_DGRAM)
-                s.setblocking(False)
-                _bufsizes(s)
-                s.connect(self.service_addr)
-                p.ssock = s
-                self.watch(s.fileno(), lambda now, p=p: self._on_service(p, now))
-            elif kind == "send" and p is not None:
-                p.tsock.send(a[2])
-            elif kind == "to_service" and p is not None and p.ssock is not None:
-                p.ssock.send(a[2])
-            elif kind == "close" and p is not None:
-                self._close_pipe(p)
-            elif kind == "resolve" and self.resolving is None:
-                host, port = self.outside_name
-                self.resolving = self.resolver.submit(resolve, host, port, "--outside", self.family)
-        except OSError as e:
-            self.net_error(kind, e)
-            if kind in ("open", "service") and tid in self.core.tunnels:
-                # no socket (EMFILE, ...): the core forgets the tunnel, the pool refills later
+            elif kind is OpenService:
+                if p is not None:
+                    s = socket.socket(self.service_family, socket.SOCK_DGRAM)
+                    p.ssock = s
+                    s.setblocking(False)
+                    _bufsizes(s)
+                    s.connect(self.service_addr)
+                    self.watch(s.fileno(), lambda now, p=p: self._on_service(p, now))
+            elif kind is Close:
                 if p is not None:
                     self._close_pipe(p)
-                self.core.forget(tid)
+            elif kind is Resolve:
+                if self.resolving is None:
+                    host, port = self.outside_name
+                    self.resolving = self.resolver.submit(resolve, host, port, "--outside", self.family)
+        except OSError as e:
+            self.net_error(kind.__name__, e)
+            if kind in (OpenTunnel, OpenService):
+                self._lost_socket(a.tid)
+
+    def _lost_socket(self, tid: int) -> None:
+        """No socket for tunnel tid (EMFILE, no route...): the core forgets it, the pool refills later."""
+        p = self.pipes.get(tid)
+        if p is not None:
+            self._close_pipe(p)
+        self.core.socket_failed(tid)
 
     def _close_pipe(self, p: Pipe) -> None:
         del self.pipes[p.tid]
         for s in (p.tsock, p.ssock):
-            if s is not None:
+            if s is not None and s.fileno() >= 0:
                 self.unwatch(s.fileno())
                 s.close()
         p.ssock = None
@@ -314,7 +341,12 @@ class InsideLoop(Loop):
             for p in list(self.pipes.values()):
                 self.unwatch(p.tsock.fileno())
                 p.tsock.close()
-                p.tsock = self._tunnel_socket()
+                try:
+                    p.tsock = self._tunnel_socket()
+                except OSError as e:  # as when a tunnel socket can't be opened
+                    self.net_error("OpenTunnel", e)
+                    self._lost_socket(p.tid)
+                    continue
                 self.watch(p.tsock.fileno(), lambda now, p=p: self._on_tunnel(p, now))
         self.core.on_resolved(changed, now)
         self.apply(now)
@@ -325,7 +357,7 @@ class InsideLoop(Loop):
 
     def _on_tunnel(self, p: Pipe, now: float) -> None:
         recv = p.tsock.recv_into
-        buf, mv, t = self.buf, self.mv, p.t
+        buf, mv, m = self.buf, self.mv, p.rx
         legacy = self.core.legacy
         for _ in range(BATCH):
             try:
@@ -335,17 +367,15 @@ class InsideLoop(Loop):
             except OSError as e:  # ICMP: the outside agent's port is closed, or no route
                 self.net_error("tunnel", e)
                 return
-            if n == proto.CTRL_LEN and not legacy and buf[:4] == proto.MAGIC:
-                self.core.on_control(p.tid, bytes(mv[:n]), now)
-            elif p.ssock is None or t.state != ACTIVE:
-                self.core.on_spare_data(p.tid, bytes(mv[:n]), now)
+            if p.ssock is None or n == proto.CTRL_LEN and not legacy and buf[:4] == proto.MAGIC:
+                self.core.receive(p.tid, bytes(mv[:n]), now)
             else:
                 try:
                     p.ssock.send(mv[:n])
                 except OSError as e:
                     self.net_error("service", e)
-                t.rx += 1
-                t.rx_bytes += n
+                m.pkts += 1
+                m.bytes += n
                 continue
             self.apply(now)
             if p.tid not in self.pipes:
@@ -353,7 +383,7 @@ class InsideLoop(Loop):
 
     def _on_service(self, p: Pipe, now: float) -> None:
         recv, send = p.ssock.recv_into, p.tsock.send
-        buf, mv, t = self.buf, self.mv, p.t
+        buf, mv, m = self.buf, self.mv, p.tx
         for _ in range(BATCH):
             try:
                 n = recv(buf)
@@ -366,8 +396,8 @@ class InsideLoop(Loop):
                 send(mv[:n])
             except OSError as e:
                 self.net_error("tunnel", e)
-            t.tx += 1
-            t.tx_bytes += n
+            m.pkts += 1
+            m.bytes += n
 
     def close(self) -> None:
         for p in list(self.pipes.values()):

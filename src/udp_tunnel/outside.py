@@ -2,70 +2,141 @@
 
 The I/O loop forwards datagrams of known flows itself with one lookup in
 `route` (source address -> Flow, whose `dst` is where to send). Everything
-else comes here through `handle()`: control messages, datagrams from unknown
-sources (new clients), and, in legacy mode, every 40-byte datagram. What to
-send is left in `out` as (bytes, address) pairs; `on_timer()` wants to be
-called about once a second.
+else comes here through `receive()`: control messages, datagrams from
+unknown sources (new clients), and, in legacy mode, every 40-byte datagram.
+What to send is left in `out` as `Datagram`s; `on_timer()` is due at
+`next_timer()`.
+
+Tables and their invariants (`check_invariants()` asserts every one):
+
+- `tunnels` (id -> Tunnel) and `by_addr` (public address -> Tunnel) hold the
+  same tunnels, each under its own id and address.
+- A tunnel is in exactly one state: SPARE (in `spares`, no client), BOUND
+  (its client in `clients`, both directions in `route`) or ORPHAN (the inside
+  says it carries a client this agent does not know: never handed out).
+- `route` holds exactly the two flows of every BOUND tunnel: client -> the
+  tunnel's address, the tunnel's address -> the client.
+- No address is both a client's and a tunnel's.
+- `pending` holds new clients waiting for a spare, none of them a client or a
+  tunnel; their datagrams and bytes stay within the HOLD_* bounds.
+- Per source (an IPv4 address or an IPv6 /64), `Source.unanswered` lists
+  BOUND tunnels of that source that may not have had an answer yet.
+- Every tunnel's session is in `sessions`; a session counts its ORPHAN and
+  BOUND tunnels in `active`.
 """
 
 from __future__ import annotations
 
+import enum
 import os
+import socket
 import time
 from collections import Counter
 
 from udp_tunnel import proto
 from udp_tunnel.addr import show
+from udp_tunnel.core import Activity, CoreError, Datagram, Flow, ReplayWindow, TokenBucket, leg
 from udp_tunnel.log import Log
 from udp_tunnel.proto import Control, ControlError
-from udp_tunnel.status import leg
 
-COOKIE_SLOT = 60.0  # seconds; a cookie stays valid for one to two slots
+# A new client's first datagrams wait here when no spare tunnel is ready (or while
+# this agent, just restarted, waits for the active tunnels to come back).
+HOLD_TIME = 3.0  # seconds a held client waits at most
+HOLD_DATAGRAMS = 16  # per client
+HOLD_BYTES = 64 * 1024  # per client
+HOLD_CLIENTS = 1024  # in all
+HOLD_PER_SOURCE = 128  # per source address
+HOLD_TOTAL_BYTES = 4 << 20
+# A source (an IPv4 address or an IPv6 /64) holds at most this many tunnels whose
+# client has not had a single datagram back: a spray of junk from many ports of one
+# host takes a few tunnels, not the pool.
+UNANSWERED_PER_SOURCE = 32
+SOURCES = 4096  # source records kept (least recently used go first)
+SESSIONS = 256  # inside sessions remembered
+CHALLENGE_RATE = 50.0  # per source and second (the burst is the tunnel table's size)
+CHALLENGE_GLOBAL = 2000.0  # in all, per second: bounds what spoofed floods can reflect
+POLL = 0.05  # timer while clients are held
+INF = float("inf")
 
 
-class Flow:
-    """One direction of a bound tunnel: where datagrams from a source go."""
+class State(enum.Enum):
+    SPARE = "spare"
+    BOUND = "active"
+    ORPHAN = "orphan"
 
-    __slots__ = ("dst", "pkts", "bytes")
 
-    def __init__(self, dst: tuple) -> None:
-        self.dst = dst
-        self.pkts = 0
-        self.bytes = 0
+class Session:
+    """What this agent knows of one inside agent's session (its random id)."""
+
+    __slots__ = ("sid", "window", "active", "announced", "last")
+
+    def __init__(self, sid: int, now: float) -> None:
+        self.sid = sid
+        self.window = ReplayWindow()  # its keepalive counters: each accepted once
+        self.active = 0  # ORPHAN and BOUND tunnels here
+        self.announced: int | None = None  # active tunnels it said it has (while recovering)
+        self.last = now
 
 
 class Tunnel:
-    __slots__ = ("tid", "session", "addr", "client", "active", "created", "last_ka",
-                 "counter", "registered_at", "rebinds", "up", "down",
-                 "seen_up", "seen_down", "last_up", "last_down")
+    __slots__ = ("tid", "session", "addr", "state", "client", "src", "created", "last_ka",
+                 "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
 
-    def __init__(self, tid: int, session: int, addr: tuple, now: float) -> None:
+    def __init__(self, tid: int, session: Session, addr: tuple, now: float) -> None:
         self.tid = tid
         self.session = session
         self.addr = addr
+        self.state = State.SPARE
         self.client: tuple | None = None
-        self.active = False  # bound to a client, or said so by the inside: never a spare again
+        self.src: Source | None = None  # the client's source record
         self.created = self.last_ka = self.registered_at = now
         self.counter = 0
         self.rebinds = 0
         self.up: Flow | None = None  # client -> inside
         self.down: Flow | None = None  # inside -> client
-        self.seen_up = self.seen_down = 0
-        self.last_up: float | None = None
-        self.last_down: float | None = None
+        self.up_act: Activity | None = None
+        self.down_act: Activity | None = None
 
 
-class TokenBucket:
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate, self.burst, self.tokens, self.t = rate, burst, burst, now
+class Source:
+    """Per client source address: budgets and what it holds."""
 
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
-        self.t = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
+    __slots__ = ("key", "challenges", "unanswered", "pending")
+
+    def __init__(self, key, now: float, burst: float) -> None:
+        self.key = key
+        self.challenges = TokenBucket(CHALLENGE_RATE, burst, now)
+        self.unanswered: list[Tunnel] = []
+        self.pending = 0
+
+    def busy(self) -> bool:
+        return bool(self.unanswered) or self.pending > 0
+
+    def blocked(self) -> bool:
+        """At its limit of tunnels without an answer (pruned of those answered since)."""
+        if len(self.unanswered) < UNANSWERED_PER_SOURCE:
+            return False
+        self.unanswered = [t for t in self.unanswered if t.down is not None and t.down.pkts == 0]
+        return len(self.unanswered) >= UNANSWERED_PER_SOURCE
+
+
+class Pending:
+    __slots__ = ("addr", "src", "datagrams", "size", "since")
+
+    def __init__(self, addr: tuple, src: Source, now: float) -> None:
+        self.addr, self.src, self.since = addr, src, now
+        self.datagrams: list[bytes] = []
+        self.size = 0
+
+
+def source_key(addr: tuple):
+    """An IPv4 address as text, or the /64 prefix of an IPv6 one as bytes."""
+    host = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    if ":" in host:
+        return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])[:8]
+    return host
 
 
 class OutsideCore:
@@ -75,12 +146,15 @@ class OutsideCore:
         self.legacy = legacy
         self.password = secret
         self.codec = proto.Codec(secret)
+        self.random_bytes = random_bytes
         self.cookie_secret = random_bytes(32)  # new each start: old cookies die with the process
         self.session = int.from_bytes(random_bytes(8), "big")
         self.keepalive = keepalive
         self.expiry = keepalive + 10 if legacy else 2 * keepalive + 5
+        # a cookie lives one to two slots: longer than a keepalive interval and a lost one
+        self.cookie_slot = max(60.0, self.expiry)
         self.max_clients = max_clients
-        self.max_tunnels = max_clients + 32
+        self.max_tunnels = max_clients + 64
         self.family = family
         self.log = log
         self.max_skew = max_skew
@@ -90,23 +164,29 @@ class OutsideCore:
         self.tunnels: dict[int, Tunnel] = {}
         self.by_addr: dict[tuple, Tunnel] = {}
         self.clients: dict[tuple, Tunnel] = {}
-        self.spares: dict[int, Tunnel] = {}
-        self.out: list[tuple[bytes, tuple]] = []
+        self.spares: dict[int, Tunnel] = {}  # in order of their last keepalive, freshest last
+        self.pending: dict[tuple, Pending] = {}  # in order of arrival
+        self.pending_bytes = 0
+        self.sources: dict = {}  # source key -> Source, least recently used first
+        self.sessions: dict[int, Session] = {}
+        self.out: list[Datagram] = []
         self.stats: Counter[str] = Counter()
         self.retired: Counter[str] = Counter()  # traffic of tunnels gone, for totals that never drop
-        self.challenges = TokenBucket(200.0, 200.0, now)
+        self.challenges = TokenBucket(CHALLENGE_GLOBAL, CHALLENGE_GLOBAL, now)
         self.legacy_nonce = 0
+        self.legacy_session = Session(0, now)
         self.legacy_ids = 0
         self.next_tick = now + 1.0
+        self.poll_at = INF  # while clients are held: look at them again then
         # Just started: active tunnels of a running inside agent come back with their
-        # clients. Until they have (or the expiry window is over), new clients wait,
+        # clients. Until they have (or the expiry window is over), new clients are held,
         # so that an old client can't be given a fresh spare instead of its own tunnel.
+        self.recover_until = now if legacy else now + self.expiry
         self.recovering = not legacy
-        self.announced: dict[int, int] = {}  # inside session -> active tunnels it says it has
 
-    # --- datagrams ---
+    # --- datagrams in ---
 
-    def handle(self, data: bytes, addr: tuple, now: float) -> None:
+    def receive(self, data: bytes, addr: tuple, now: float) -> None:
         n = len(data)
         if self.legacy:
             if n == proto.LEGACY_LEN:
@@ -119,7 +199,7 @@ class OutsideCore:
             return
         f = self.route.get(addr)
         if f is not None:
-            self.out.append((data, f.dst))
+            self.out.append(Datagram(data, f.dst))
             f.pkts += 1
             f.bytes += n
         elif addr in self.by_addr:
@@ -127,73 +207,185 @@ class OutsideCore:
         else:
             self._new_client(data, addr, now)
 
+    def rekey(self, secret: bytes, now: float) -> None:
+        self.password = secret
+        self.codec = proto.Codec(secret)
+
+    # --- new clients ---
+
+    def _source(self, addr: tuple, now: float) -> Source:
+        key = source_key(addr)
+        s = self.sources.pop(key, None)
+        if s is None:
+            s = Source(key, now, float(self.max_tunnels))
+            for _ in range(8):  # forget the least recently used source that holds nothing
+                if len(self.sources) < SOURCES:
+                    break
+                old_key = next(iter(self.sources))
+                old = self.sources.pop(old_key)
+                if old.busy():
+                    self.sources[old_key] = old  # to the back: still in use
+        self.sources[key] = s
+        return s
+
     def _recovered(self, now: float) -> bool:
-        if now - self.started > self.expiry:
-            self.recovering = False
-        else:
-            have = Counter(t.session for t in self.tunnels.values() if t.active)
-            self.recovering = any(have[s] < n for s, n in self.announced.items())
+        """Done waiting for the active tunnels of the inside agents that have spoken."""
+        if self.recovering:
+            if now >= self.recover_until:
+                self.recovering = False
+            else:
+                said = [s for s in self.sessions.values() if s.announced is not None]
+                self.recovering = not said or any(s.active < s.announced for s in said)
         return not self.recovering
 
     def _new_client(self, data: bytes, addr: tuple, now: float) -> None:
-        if self.recovering and not self._recovered(now):
-            self.stats["drop_recovering"] += 1
-            self.log.limited("recovering", f"new client {show(addr)} waits: active tunnels are "
-                             "still coming back after this agent's restart")
+        p = self.pending.get(addr)
+        if p is None:
+            if len(self.clients) >= self.max_clients:
+                self.stats["drop_limit"] += 1
+                self.log.limited("limit", f"client limit ({self.max_clients}) reached: "
+                                 f"dropping datagrams of new client {show(addr)}")
+                return
+            src = self._source(addr, now)
+            if self.spares and not src.blocked() and self._recovered(now):
+                self._bind(self._freshest_spare(), addr, src, now)
+                self._forward_first(addr, data)
+                return
+            p = self._hold(addr, src, now)
+            if p is None:
+                return
+        if len(p.datagrams) >= HOLD_DATAGRAMS or p.size + len(data) > HOLD_BYTES \
+                or self.pending_bytes + len(data) > HOLD_TOTAL_BYTES:
+            self.stats["drop_hold_full"] += 1
             return
-        if len(self.clients) >= self.max_clients:
-            self.stats["drop_limit"] += 1
-            self.log.limited("limit", f"client limit ({self.max_clients}) reached: "
-                             f"dropping datagrams of new client {show(addr)}")
-            return
-        if not self.spares:
-            self.stats["drop_no_spare"] += 1
-            self.log.limited("nospare", f"no spare tunnel for new client {show(addr)}: "
-                             "dropped (is the inside agent running and registered?)")
-            return
-        t = max(self.spares.values(), key=lambda s: s.last_ka)  # the freshest NAT mapping
-        del self.spares[t.tid]
-        self._bind(t, addr)
-        self.log.info(f"client {show(addr)} takes tunnel {t.tid:016x} at {show(t.addr)}")
-        self.out.append((data, t.addr))
-        t.up.pkts += 1
-        t.up.bytes += len(data)
+        p.datagrams.append(data)
+        p.size += len(data)
+        self.pending_bytes += len(data)
+        self.stats["held"] += 1
 
-    def _bind(self, t: Tunnel, client: tuple) -> None:
-        t.client = client
-        t.active = True
+    def _hold(self, addr: tuple, src: Source, now: float) -> Pending | None:
+        if len(self.pending) >= HOLD_CLIENTS or src.pending >= HOLD_PER_SOURCE:
+            self.stats["drop_hold_full"] += 1
+            self.log.limited("holdfull", f"too many new clients waiting for a tunnel: dropping "
+                             f"datagrams of {show(addr)}")
+            return None
+        p = self.pending[addr] = Pending(addr, src, now)
+        src.pending += 1
+        self.poll_at = min(self.poll_at, now + POLL)
+        return p
+
+    def _freshest_spare(self) -> Tunnel:
+        return self.spares[next(reversed(self.spares))]
+
+    def _forward_first(self, addr: tuple, data: bytes) -> None:
+        f = self.route[addr]
+        self.out.append(Datagram(data, f.dst))
+        f.pkts += 1
+        f.bytes += len(data)
+
+    def _serve_pending(self, now: float) -> None:
+        """Bind held clients, in order of arrival, to spares; drop those held too long."""
+        if not self.pending:
+            self.poll_at = INF
+            return
+        self.poll_at = now + POLL  # clients blocked by their source's limit wait for answers
+        recovered = self._recovered(now)
+        for addr in list(self.pending):
+            p = self.pending[addr]
+            if now - p.since > HOLD_TIME:
+                self._unhold(p)
+                self.stats["drop_hold_expired"] += len(p.datagrams)
+                self.log.limited("holdexp", f"new client {show(addr)} waited {HOLD_TIME:g} s for a "
+                                 "tunnel: dropped (is the inside agent running and registered?)")
+                continue
+            if not self.spares or not recovered:
+                continue  # look at the rest for expiry only
+            if p.src.blocked():
+                continue
+            self._unhold(p)
+            self._bind(self._freshest_spare(), addr, p.src, now)
+            for d in p.datagrams:  # in order, before anything newer from this client
+                self._forward_first(addr, d)
+
+    def _unhold(self, p: Pending) -> None:
+        del self.pending[p.addr]
+        p.src.pending -= 1
+        self.pending_bytes -= p.size
+
+    # --- table changes: every one goes through these ---
+
+    def _bind(self, t: Tunnel, client: tuple, src: Source, now: float) -> None:
+        if t.state is State.SPARE:
+            del self.spares[t.tid]
+            t.session.active += 1
+        t.state = State.BOUND
+        t.client, t.src = client, src
         self.clients[client] = t
         t.up = self.route[client] = Flow(t.addr)
         t.down = self.route[t.addr] = Flow(client)
+        t.up_act, t.down_act = Activity(now), Activity()
+        src.unanswered.append(t)
+        self.log.info(f"client {show(client)} takes tunnel {t.tid:016x} at {show(t.addr)}")
+
+    def _orphan(self, t: Tunnel) -> None:
+        """The inside says t carries a client: never hand it out."""
+        if t.state is State.SPARE:
+            del self.spares[t.tid]
+            t.state = State.ORPHAN
+            t.session.active += 1
+
+    def _add(self, tid: int, session: Session, addr: tuple, now: float) -> Tunnel:
+        self._claim(addr, None)
+        t = Tunnel(tid, session, addr, now)
+        self.tunnels[tid] = t
+        self.by_addr[addr] = t
+        self.spares[tid] = t
+        self.stats["registrations"] += 1
+        return t
 
     def _remove(self, t: Tunnel, why: str) -> None:
+        if self.tunnels.get(t.tid) is not t:
+            return
         del self.tunnels[t.tid]
         del self.by_addr[t.addr]
-        self.spares.pop(t.tid, None)
-        if t.client is not None:
-            del self.clients[t.client]
-            del self.route[t.client]
-            del self.route[t.addr]
-            self.retired.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
-                                datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+        if t.state is State.SPARE:
+            del self.spares[t.tid]
+        else:
+            t.session.active -= 1
+        if t.state is State.BOUND:
+            self._unroute(t)
         self.log.info(f"tunnel {t.tid:016x} at {show(t.addr)} removed: {why}")
 
+    def _unroute(self, t: Tunnel) -> None:
+        del self.clients[t.client]
+        del self.route[t.client]
+        del self.route[t.addr]
+        if t in t.src.unanswered:
+            t.src.unanswered.remove(t)
+        self.retired.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
+                            datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+
     def _claim(self, addr: tuple, t: Tunnel | None) -> None:
-        """`t` has proved it receives at `addr`: whatever else sat there goes."""
+        """`t` (or a new tunnel) has proved it receives at `addr`: whatever else sat there goes."""
         other = self.by_addr.get(addr)
         if other is not None and other is not t:
             self._remove(other, "its address was taken over by another tunnel")
         c = self.clients.get(addr)
         if c is not None:
             self._remove(c, "its client address is now a tunnel's")
+        p = self.pending.get(addr)
+        if p is not None:
+            self._unhold(p)
 
     def _move(self, t: Tunnel, addr: tuple, now: float) -> None:
         self._claim(addr, t)
+        if self.tunnels.get(t.tid) is not t:  # t's own client sat at addr: t went with it
+            return
         old = t.addr
         del self.by_addr[old]
         self.by_addr[addr] = t
         t.addr = addr
-        if t.client is not None:
+        if t.state is State.BOUND:
             self.route[addr] = self.route.pop(old)
             t.up.dst = addr
         t.rebinds += 1
@@ -201,87 +393,159 @@ class OutsideCore:
         self.stats["rebinds"] += 1
         self.log.info(f"tunnel {t.tid:016x} moved from {show(old)} to {show(addr)} (NAT rebinding)")
 
-    def _cookie(self, slot: int, tid: int, addr: tuple) -> bytes:
-        return proto.cookie(self.cookie_secret, slot, tid, addr)
+    # --- control messages ---
+
+    def _cookie(self, slot: int, m: Control, addr: tuple) -> bytes:
+        return proto.cookie(self.cookie_secret, slot, m.session, m.tunnel, addr)
 
     def _control(self, data: bytes, addr: tuple, now: float) -> None:
+        m = self._authentic(data, addr)
+        if m is None:
+            return
+        session = self.sessions.get(m.session)
+        t = self.tunnels.get(m.tunnel)
+        if not self._fresh(m, session, t):
+            return
+        slot = int(now // self.cookie_slot)
+        cur = self._cookie(slot, m, addr)
+        if m.cookie != cur and m.cookie != self._cookie(slot - 1, m, addr):
+            self._challenge(m, addr, cur, now)
+            return
+        if session is None:
+            session = self._new_session(m.session, now)
+            if session is None:
+                self._reply(addr, m, proto.F_REFUSED, cur)
+                return
+        session.last = now
+        if m.flags & proto.F_CLOSING:
+            if t is not None:
+                self._remove(t, "closed by the inside agent")
+            return
+        if t is None:
+            t = self._register(m, session, addr, now, cur)
+            if t is None:
+                return
+        elif t.addr != addr:
+            self._move(t, addr, now)
+            if self.tunnels.get(t.tid) is not t:
+                return
+        if m.flags & proto.F_ACTIVE and t.state is State.SPARE:
+            # the inside took this spare into use, but no client was given it here:
+            # datagrams from someone else (spoofed as coming from us) woke it. It closes it.
+            self._remove(t, "activated at the inside without a client from here")
+            self.stats["drop_spoofed_activation"] += 1
+            self._reply(addr, m, proto.F_REFUSED, cur)
+            return
+        t.counter = m.counter
+        t.last_ka = now
+        if t.state is State.SPARE:  # freshest keepalive last: the next client takes it
+            self.spares[t.tid] = self.spares.pop(t.tid)
+        if self.recovering:
+            session.announced = m.active
+        if t.state is State.BOUND:
+            self._reply(addr, m, proto.F_REGISTERED | proto.F_BOUND, cur, proto.pack_peer(t.client))
+        else:
+            self._reply(addr, m, proto.F_REGISTERED, cur)
+        self._serve_pending(now)
+
+    def _authentic(self, data: bytes, addr: tuple) -> Control | None:
         try:
             m = self.codec.decode(data)
         except ControlError as e:
             self.stats[f"drop_{e.args[0]}"] += 1
             self.log.limited(f"bad-{e.args[0]}", f"dropped control datagram from {show(addr)}: "
                              f"{'authentication failed (wrong key?)' if e.args[0] == 'auth' else 'malformed'}")
-            return
+            return None
         if m.type != proto.KEEPALIVE:
             self.stats["drop_malformed"] += 1
+            return None
+        return m
+
+    def _fresh(self, m: Control, session: Session | None, t: Tunnel | None) -> bool:
+        """Each keepalive counts once, also after its tunnel is gone; checked before any
+        answer, so replays of captured keepalives cost one MAC and get nothing back."""
+        if t is not None and t.session.sid != m.session:
+            self.stats["drop_session"] += 1
+            return False
+        if session is not None and not session.window.fresh(m.counter) \
+                or t is not None and m.counter <= t.counter:
+            self.stats["drop_replay"] += 1
+            return False
+        return True
+
+    def _challenge(self, m: Control, addr: tuple, cookie: bytes, now: float) -> None:
+        """Prove you receive at `addr`: the cookie goes there, no state is kept."""
+        if m.flags & proto.F_CLOSING:
             return
-        slot = int(now // COOKIE_SLOT)
-        cur = self._cookie(slot, m.tunnel, addr)
-        if m.cookie != cur and m.cookie != self._cookie(slot - 1, m.tunnel, addr):
-            if m.flags & proto.F_CLOSING:
-                return
-            if not self.challenges.take(now):
-                self.stats["drop_rate"] += 1
-                return
-            self.stats["challenges"] += 1
-            self._reply(addr, m, 0, cur)
+        if not self._source(addr, now).challenges.take(now) or not self.challenges.take(now):
+            self.stats["drop_rate"] += 1
             return
-        t = self.tunnels.get(m.tunnel)
-        if t is not None:
-            if t.session != m.session:
-                self.stats["drop_session"] += 1
-                return
-            if m.counter <= t.counter:
-                self.stats["drop_replay"] += 1
-                return
-            if m.flags & proto.F_CLOSING:
-                self._remove(t, "closed by the inside agent")
-                return
-        elif m.flags & proto.F_CLOSING:
-            return
-        if t is None:
-            client = proto.unpack_peer(m.peer, self.family) if m.flags & proto.F_ACTIVE else None
-            if len(self.tunnels) >= self.max_tunnels or (client is not None and client in self.by_addr):
-                # at the limit; or an active tunnel whose "client" was really another tunnel's
-                # new address (its data arrived before its keepalive after a NAT rebinding):
-                # refused, and the inside closes an active tunnel that is refused
-                self.stats["drop_limit" if client is None else "drop_stale_client"] += 1
-                if client is None:
-                    self.log.limited("tlimit", f"tunnel limit ({self.max_tunnels}) reached: refusing a new tunnel")
-                self._reply(addr, m, proto.F_REFUSED, cur)
-                return
-            self._claim(addr, None)
-            t = Tunnel(m.tunnel, m.session, addr, now)
-            self.tunnels[t.tid] = t
-            self.by_addr[addr] = t
-            self.stats["registrations"] += 1
-            if client is not None and client not in self.clients:
-                self._bind(t, client)
-                self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered again, "
-                              f"serving client {show(client)} again")
-            elif m.flags & proto.F_ACTIVE:
-                t.active = True  # its client is unknown here: it will never carry another one
-                self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered without its client")
-            else:
-                self.spares[t.tid] = t
-                self.log.debug(f"spare tunnel {t.tid:016x} registered at {show(addr)}")
-        elif t.addr != addr:
-            self._move(t, addr, now)
-        if m.flags & proto.F_ACTIVE and not t.active:
-            t.active = True
-            del self.spares[t.tid]
-        t.counter = m.counter
-        t.last_ka = now
-        if self.recovering:
-            self.announced[m.session] = m.active
-        if t.client is None:
-            self._reply(addr, m, proto.F_REGISTERED, cur)
+        self.stats["challenges"] += 1
+        self._reply(addr, m, 0, cookie)
+
+    def _new_session(self, sid: int, now: float) -> Session | None:
+        if len(self.sessions) >= SESSIONS:
+            # forget one with no tunnel left whose cookies have died; never one that could
+            # still replay (its window would be lost)
+            dead = next((s for s in self.sessions.values() if s.active == 0 and not self._has_tunnels(s)
+                         and now - s.last > 2 * self.cookie_slot), None)
+            if dead is None:
+                self.stats["drop_sessions"] += 1
+                self.log.limited("sessions", f"{SESSIONS} inside agent sessions known: refusing another")
+                return None
+            del self.sessions[dead.sid]
+        s = self.sessions[sid] = Session(sid, now)
+        return s
+
+    def _has_tunnels(self, s: Session) -> bool:
+        return any(t.session is s for t in self.tunnels.values())
+
+    def _register(self, m: Control, session: Session, addr: tuple, now: float, cookie: bytes) -> Tunnel | None:
+        """A tunnel this agent does not know proved its address: register it, or refuse."""
+        if len(self.tunnels) >= self.max_tunnels:
+            self.stats["drop_limit"] += 1
+            self.log.limited("tlimit", f"tunnel limit ({self.max_tunnels}) reached: refusing a new tunnel")
+            self._reply(addr, m, proto.F_REFUSED, cookie)
+            return None
+        if not m.flags & proto.F_ACTIVE:
+            t = self._add(m.tunnel, session, addr, now)
+            self.log.debug(f"spare tunnel {t.tid:016x} registered at {show(addr)}")
+            return t
+        # an active tunnel this agent does not know: it comes back after this agent's
+        # restart (then, and only then, with its client), or it was forgotten (refused:
+        # the inside closes it, its client gets a fresh tunnel)
+        client = proto.unpack_peer(m.peer, self.family)
+        if now >= self.recover_until or self.legacy:
+            self.stats["drop_stale_tunnel"] += 1
+            self._reply(addr, m, proto.F_REFUSED, cookie)
+            return None
+        if client is not None and (client == addr or client in self.by_addr):
+            # its "client" is a tunnel's address (after a NAT rebinding the service's answer
+            # can come before the keepalive and look like a new client): refused
+            self.stats["drop_stale_client"] += 1
+            self._reply(addr, m, proto.F_REFUSED, cookie)
+            return None
+        t = self._add(m.tunnel, session, addr, now)
+        if client is not None and client not in self.clients:
+            self._bind(t, client, self._source(client, now), now)
+            self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered again, "
+                          f"serving client {show(client)} again")
+            p = self.pending.get(client)
+            if p is not None:  # it spoke before its tunnel was back: what it said goes on now
+                self._unhold(p)
+                for d in p.datagrams:
+                    self._forward_first(client, d)
         else:
-            self._reply(addr, m, proto.F_REGISTERED | proto.F_BOUND, cur, proto.pack_peer(t.client))
+            self._orphan(t)
+            self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered without its client")
+        return t
 
     def _reply(self, addr: tuple, m: Control, flags: int, cookie: bytes, peer: bytes = proto.NO_PEER) -> None:
-        r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, peer)
-        self.out.append((self.codec.encode(r), addr))
+        waiting = min(len(self.pending), 0xFFFF) if flags & proto.F_REGISTERED else 0
+        r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, peer, waiting)
+        self.out.append(Datagram(self.codec.encode(r), addr))
+
+    # --- legacy keepalives ---
 
     def _legacy_keepalive(self, nonce: int, addr: tuple, now: float) -> None:
         if nonce <= self.legacy_nonce:
@@ -298,52 +562,88 @@ class OutsideCore:
             if len(self.tunnels) >= self.max_tunnels:
                 self.stats["drop_limit"] += 1
                 return
-            self._claim(addr, None)
             self.legacy_ids += 1
-            t = Tunnel(self.legacy_ids, 0, addr, now)
-            self.tunnels[t.tid] = t
-            self.by_addr[addr] = t
-            self.spares[t.tid] = t
-            self.stats["registrations"] += 1
+            self.sessions.setdefault(0, self.legacy_session)
+            t = self._add(self.legacy_ids, self.legacy_session, addr, now)
             self.log.debug(f"spare tunnel {t.tid:016x} registered at {show(addr)}")
         t.last_ka = now
+        if t.state is State.SPARE:
+            self.spares[t.tid] = self.spares.pop(t.tid)
+        self._serve_pending(now)
 
     # --- time ---
 
     def next_timer(self) -> float:
-        return self.next_tick
+        return min(self.next_tick, self.poll_at)
 
     def on_timer(self, now: float) -> None:
+        self._serve_pending(now)
+        if now < self.next_tick:
+            return
         self.next_tick = now + 1.0
         for t in list(self.tunnels.values()):
             if now - t.last_ka > self.expiry:
                 self._remove(t, f"no keepalive for {now - t.last_ka:.0f} s")
-            elif t.client is not None:
-                if t.up.pkts != t.seen_up:
-                    t.seen_up, t.last_up = t.up.pkts, now
-                if t.down.pkts != t.seen_down:
-                    t.seen_down, t.last_down = t.down.pkts, now
+            elif t.state is State.BOUND:
+                t.up_act.sample(t.up, now)
+                t.down_act.sample(t.down, now)
+        for s in [s for s in self.sessions.values() if s.active == 0 and now - s.last > 2 * self.cookie_slot]:
+            if not self._has_tunnels(s):
+                del self.sessions[s.sid]
 
-    # --- what the operator sees ---
+    # --- checks and what the operator sees ---
+
+    def check_invariants(self) -> None:
+        def need(cond: bool, what: str) -> None:
+            if not cond:
+                raise CoreError(what)
+
+        need(len(self.tunnels) == len(self.by_addr), "tunnels and by_addr differ in size")
+        bound = 0
+        active: Counter[int] = Counter()
+        for tid, t in self.tunnels.items():
+            need(t.tid == tid and self.by_addr.get(t.addr) is t, f"tunnel {tid:x} not under its id and address")
+            need(self.sessions.get(t.session.sid) is t.session, f"tunnel {tid:x}: session unknown")
+            need((self.spares.get(tid) is t) == (t.state is State.SPARE), f"tunnel {tid:x}: spare table")
+            need((t.client is not None) == (t.state is State.BOUND), f"tunnel {tid:x}: client vs state")
+            if t.state is not State.SPARE:
+                active[t.session.sid] += 1
+            if t.state is State.BOUND:
+                bound += 1
+                need(self.clients.get(t.client) is t, f"tunnel {tid:x}: client not in clients")
+                need(self.route.get(t.client) is t.up and t.up.dst == t.addr, f"tunnel {tid:x}: up route")
+                need(self.route.get(t.addr) is t.down and t.down.dst == t.client, f"tunnel {tid:x}: down route")
+        need(len(self.spares) == sum(t.state is State.SPARE for t in self.tunnels.values()), "stray spares")
+        need(len(self.clients) == bound and len(self.route) == 2 * bound, "clients/route hold stray entries")
+        need(not set(self.clients) & set(self.by_addr), "an address is both a client's and a tunnel's")
+        need(not set(self.pending) & (set(self.clients) | set(self.by_addr)), "a held client is known")
+        need(self.pending_bytes == sum(p.size for p in self.pending.values()), "held bytes")
+        need(len(self.pending) <= HOLD_CLIENTS, "too many held clients")
+        need(len(self.tunnels) <= self.max_tunnels and len(self.clients) <= self.max_clients, "limits")
+        for s in self.sessions.values():
+            need(s.active == active[s.sid], f"session {s.sid:x}: active count {s.active} != {active[s.sid]}")
+        held: Counter = Counter(id(p.src) for p in self.pending.values())
+        for s in self.sources.values():
+            need(s.pending == held[id(s)], "source pending count")
+            need(all(t.src is s and self.clients.get(t.client) is t for t in s.unanswered),
+                 "source lists a tunnel that is gone")
 
     def snapshot(self, now: float) -> dict:
         tunnels = []
         for t in self.tunnels.values():
-            up, down = t.up or Flow(()), t.down or Flow(())
             tunnels.append({
-                "id": f"{t.tid:016x}", "state": "active" if t.active else "spare",
+                "id": f"{t.tid:016x}", "state": "spare" if t.state is State.SPARE else "active",
                 "endpoint": show(t.addr), "client": show(t.client) if t.client else None,
                 "age": now - t.created, "last_keepalive": now - t.last_ka,
                 "registered": now - t.registered_at, "rebinds": t.rebinds,
-                "to_inside": leg(up.pkts, up.bytes, t.last_up, now),
-                "to_client": leg(down.pkts, down.bytes, t.last_down, now),
+                "to_inside": leg(t.up, t.up_act, now),
+                "to_client": leg(t.down, t.down_act, now),
             })
         totals = self.retired.copy()
-        for t in self.tunnels.values():
-            if t.client is not None:
-                totals.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
-                              datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+        for t in self.clients.values():
+            totals.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
+                          datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
         return {"role": "outside", "protocol": "legacy" if self.legacy else "v1",
                 "uptime": now - self.started, "clients": len(self.clients),
-                "spares": len(self.spares), "stats": dict(self.stats), "totals": dict(totals),
-                "tunnels": tunnels}
+                "spares": len(self.spares), "waiting": len(self.pending),
+                "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels}

@@ -113,9 +113,9 @@ def unpack_peer(peer: bytes, family: int) -> tuple | None:
     return (socket.inet_ntop(socket.AF_INET6, raw), port, 0, 0)
 
 
-def cookie(secret: bytes, slot: int, tunnel: int, addr: tuple) -> bytes:
+def cookie(secret: bytes, slot: int, session: int, tunnel: int, addr: tuple) -> bytes:
     """Stateless proof that the bearer receives datagrams at `addr`."""
-    msg = slot.to_bytes(8, "big") + tunnel.to_bytes(8, "big") + pack_peer(addr)
+    msg = slot.to_bytes(8, "big") + session.to_bytes(8, "big") + tunnel.to_bytes(8, "big") + pack_peer(addr)
     return hmac.new(secret, msg, hashlib.sha256).digest()[:COOKIE_LEN]
 
 

@@ -19,11 +19,6 @@ import time
 DEFAULT_GLOB = "/run/udp-tunnel*/control.sock"
 
 
-def leg(datagrams: int, nbytes: int, last: float | None, now: float) -> dict:
-    """One direction of a tunnel's traffic, as snapshots show it."""
-    return {"datagrams": datagrams, "bytes": nbytes, "last": None if last is None else now - last}
-
-
 class ControlServer:
     def __init__(self, path: str, loop) -> None:
         self.path = path

@@ -1,0 +1,113 @@
+"""What both sans-I/O cores share: their output types, the fast path's meters,
+rate limits, the replay window and the pieces of a status snapshot.
+
+Both cores have one shape (as aioquic's QuicConnection): datagrams and events
+go in with the time `now`; what to do comes out as typed actions (the
+outside: `Datagram`s in `core.out`; the inside: the actions in inside.py, in
+`core.actions`); `next_timer()` says when to call `on_timer(now)`.
+
+The I/O loop never writes into a core's objects, with one exception made for
+speed and kept in one class: a `Meter` (and the outside's `Flow`, a meter
+with a destination) is created by a core and handed to the loop, which
+counts the datagrams it forwards on its own into it; the core only reads it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Datagram(NamedTuple):
+    """Send `data` to `addr` (outside agent: from its one socket)."""
+
+    data: bytes
+    addr: tuple
+
+
+class Meter:
+    """Datagrams and bytes the loop forwarded on one path, counted by the loop."""
+
+    __slots__ = ("pkts", "bytes")
+
+    def __init__(self) -> None:
+        self.pkts = 0
+        self.bytes = 0
+
+
+class Flow(Meter):
+    """One direction of a bound tunnel at the outside: where datagrams from a source go."""
+
+    __slots__ = ("dst",)
+
+    def __init__(self, dst: tuple) -> None:
+        super().__init__()
+        self.dst = dst
+
+
+class Activity:
+    """When a meter last moved, sampled once a second by a core's timer."""
+
+    __slots__ = ("seen", "last")
+
+    def __init__(self, now: float | None = None) -> None:
+        self.seen = 0
+        self.last = now
+
+    def sample(self, m: Meter, now: float) -> bool:
+        """True when `m` moved since the last sample."""
+        if m.pkts != self.seen:
+            self.seen, self.last = m.pkts, now
+            return True
+        return False
+
+
+class TokenBucket:
+    __slots__ = ("rate", "burst", "tokens", "t")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.t = rate, burst, burst, now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class ReplayWindow:
+    """Which counters of one sender were seen: the highest, and a bitmap of the
+    WINDOW below it (as IPsec and WireGuard keep it). Each counter passes once."""
+
+    WINDOW = 4096
+    __slots__ = ("top", "bits")
+
+    def __init__(self) -> None:
+        self.top = 0
+        self.bits = 0
+
+    def fresh(self, c: int) -> bool:
+        """Check and mark: False for a counter seen before or too far below the top."""
+        if c > self.top:
+            shift = c - self.top
+            self.bits = ((self.bits << shift) | 1) & ((1 << self.WINDOW) - 1) if shift < self.WINDOW else 1
+            self.top = c
+            return True
+        off = self.top - c
+        if off >= self.WINDOW or self.bits >> off & 1:
+            return False
+        self.bits |= 1 << off
+        return True
+
+
+def leg(m: Meter | None, act: Activity | None, now: float) -> dict:
+    """One direction of a tunnel's traffic, as snapshots show it."""
+    if m is None:
+        return {"datagrams": 0, "bytes": 0, "last": None}
+    last = act.last if act is not None else None
+    return {"datagrams": m.pkts, "bytes": m.bytes, "last": None if last is None else now - last}
+
+
+class CoreError(AssertionError):
+    """A table invariant does not hold (raised by check_invariants)."""
