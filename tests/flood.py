@@ -32,6 +32,7 @@ The flood comes from a separate process; the rate it really reached is printed.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import pathlib
@@ -46,7 +47,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
 sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "src"))
 from agents import Agent, free_port  # noqa: E402
-from bench import ECHO, cpu_seconds  # noqa: E402
+from bench import cpu_seconds  # noqa: E402
 
 # Targets of issue 7
 MAX_LOSS = 1.0  # % of the established client's datagrams
@@ -63,16 +64,35 @@ SPRAY_HOST = "127.0.0.2"
 REPLAY_HOST = "127.0.0.3"
 NEW_CLIENT_NET = "127.1"
 
+# The echo service in its own process, with large socket buffers: a short stall of
+# this helper must not drop the established client's datagrams in the harness itself.
+ECHO = """
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+    s.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+s.bind(("127.0.0.1", 0)); print(s.getsockname()[1], flush=True)
+buf = bytearray(65536); mv = memoryview(buf)
+while True:
+    n, a = s.recvfrom_into(buf)
+    try:
+        s.sendto(mv[:n], a)
+    except OSError:
+        pass
+"""
+
 # The user-space NAT in its own process (so that the harness and the flood do not
 # compete with it for one interpreter). Prints its port; on "dump" prints the distinct
 # control datagrams that went up, as hex in a JSON list.
 NAT = """
-import json, resource, sys
+import json, resource, socket, sys
 sys.path.insert(0, sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 from agents import UdpNat
 nat = UdpNat((sys.argv[2], int(sys.argv[3])))
+for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # everything going up crosses this one socket
+    nat.front.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
 print(nat.port, flush=True)
 for line in sys.stdin:
     if line.strip() == "dump":
@@ -227,9 +247,11 @@ class NewClient:
 
 
 def run_scenario(kind: str, *, seconds: float, rate: float, cps: float, keepalive: float,
-                 flow_rate: float, tmp: pathlib.Path, replay_ports: int = 4, log=print) -> dict:
+                 flow_rate: float, tmp: pathlib.Path, replay_ports: int = 4,
+                 replay_host: str = REPLAY_HOST, spray_host: str = SPRAY_HOST) -> dict:
     """One scenario with fresh agents; returns its figures (see report())."""
-    r: dict = {"kind": kind, "seconds": seconds, "rate": rate, "cps": cps, "flow_rate": flow_rate}
+    r: dict = {"kind": kind, "seconds": seconds, "rate": rate, "cps": cps, "flow_rate": flow_rate,
+               "replay_host": replay_host, "spray_host": spray_host}
     echo = nat = sender = None
     agents: list[Agent] = []
     est = None
@@ -252,6 +274,7 @@ def run_scenario(kind: str, *, seconds: float, rate: float, cps: float, keepaliv
         pids = {"outside": out.proc.pid, "inside": ins.proc.pid}
 
         est = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        est.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         est.connect(target)
         est.setblocking(False)
         sel.register(est, selectors.EVENT_READ, None)
@@ -300,11 +323,11 @@ def run_scenario(kind: str, *, seconds: float, rate: float, cps: float, keepaliv
                         nat.stdin.flush()
                         captured = json.loads(nat.stdout.readline())
                         r["captured"] = len(captured)
-                        cfg.update(host=REPLAY_HOST, ports=replay_ports, datagrams=captured)
+                        cfg.update(host=replay_host, ports=replay_ports, datagrams=captured)
                         if not captured:
                             raise RuntimeError("the NAT captured no control datagram during the warm-up")
                     else:
-                        cfg.update(host=SPRAY_HOST, first_port=1023 + (os.getpid() * 7919) % 20000)
+                        cfg.update(host=spray_host, first_port=1023 + (os.getpid() * 7919) % 20000)
                     sender = subprocess.Popen([sys.executable, "-c", SENDER], stdin=subprocess.PIPE,
                                               stdout=subprocess.PIPE, text=True)
                     sender.stdin.write(json.dumps(cfg) + "\n")
@@ -426,9 +449,9 @@ def report(r: dict) -> str:
         lines.append(f"== baseline: no flood, {r['seconds']:g} s ==")
     elif kind == "replay":
         lines.append(f"== replay flood: {r.get('captured', 0)} distinct control datagrams captured going up, "
-                     f"replayed from {REPLAY_HOST} at {r['rate']:g}/s for {r['seconds']:g} s ==")
+                     f"replayed from {r['replay_host']} at {r['rate']:g}/s for {r['seconds']:g} s ==")
     else:
-        lines.append(f"== port spray: junk from a new source port of {SPRAY_HOST} per datagram, "
+        lines.append(f"== port spray: junk from a new source port of {r['spray_host']} per datagram, "
                      f"{r['rate']:g}/s for {r['seconds']:g} s ==")
     dur = max(1e-9, f.get("t1", 0) - f.get("t0", 0))
     got = f.get("sent", 0) / dur
@@ -500,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="datagrams per second of the established client (default 100)")
     p.add_argument("--keepalive", type=float, default=2.0, help="the agents' -t (default 2)")
     p.add_argument("--replay-ports", type=int, default=4, help="source ports the replay comes from (default 4)")
+    p.add_argument("--replay-host", default=REPLAY_HOST, help=f"where the replay comes from (default {REPLAY_HOST})")
+    p.add_argument("--spray-host", default=SPRAY_HOST, help=f"where the spray comes from (default {SPRAY_HOST})")
     p.add_argument("--scenarios", default="baseline,replay,spray",
                    help="comma-separated, from baseline, replay, spray (default all three)")
     p.add_argument("--check", action="store_true", help="exit status 1 when a target is missed")
@@ -508,6 +533,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [k for k in kinds if k not in ("baseline", "replay", "spray")]
     if bad or not kinds:
         p.error(f"unknown scenario {', '.join(bad)}" if bad else "no scenario")
+    for h in (a.replay_host, a.spray_host):
+        try:
+            ok = ipaddress.ip_address(h).version == 4 and ipaddress.ip_address(h).is_loopback
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"{h}: the flood comes from an IPv4 loopback address (127.0.0.0/8)")
     if not (0 < a.seconds <= 600 and 0 < a.rate <= 100000 and 0 <= a.clients_per_second <= 100
             and 0 < a.flow_rate <= 10000):
         p.error("out of range: 0 < --seconds <= 600, 0 < --rate <= 100000, 0 <= --clients-per-second <= 100")
@@ -521,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             r = run_scenario(kind, seconds=a.seconds, rate=a.rate, cps=a.clients_per_second,
                              keepalive=a.keepalive, flow_rate=a.flow_rate, tmp=pathlib.Path(d),
-                             replay_ports=a.replay_ports)
+                             replay_ports=a.replay_ports, replay_host=a.replay_host, spray_host=a.spray_host)
             results.append(r)
             print(report(r) + "\n", flush=True)
     print(summary(results))
