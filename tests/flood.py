@@ -287,7 +287,7 @@ def run_scenario(kind: str, *, seconds: float, rate: float, cps: float, keepaliv
         warmup = max(3.0, 1.5 * keepalive)
         flood_at = t_start + warmup
         planned_end = flood_at + seconds
-        arrivals = [flood_at + k / cps for k in range(int(seconds * cps))] if cps > 0 else []
+        arrivals: list[float] = []  # when the new clients come: set when the flood has started
         next_est = next_rss = t_start
         window = None  # (start, end) of the flood as it happened
         cpu0 = cpu1 = None
@@ -334,6 +334,8 @@ def run_scenario(kind: str, *, seconds: float, rate: float, cps: float, keepaliv
                     sender.stdin.flush()
                     sender.stdout.readline()  # "go"
                     window = (time.monotonic(), planned_end)
+                if cps > 0:
+                    arrivals = [window[0] + k / cps for k in range(int(seconds * cps))]
             if window is not None and cpu1 is None:  # the flood's end
                 if kind == "baseline" and now >= window[1]:
                     cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -377,6 +379,7 @@ def run_scenario(kind: str, *, seconds: float, rate: float, cps: float, keepaliv
                         c.sock.close()
 
         # figures
+        r.setdefault("flood", {"sent": 0, "t0": flood_at, "t1": planned_end, "errors": -1})  # it hung
         w0, w1 = window if window else (flood_at, planned_end)
         in_flood = [s for s, ts in est_sent.items() if w0 <= ts <= w1]
         cutoff = time.monotonic() - 1.0  # echoes of the last second may still be on their way
