@@ -16,7 +16,7 @@ max_clients ?= 1000
 SOURCES := $(wildcard src/udp_tunnel/*.py)
 UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
 
-.PHONY: all check test lint bench demo install install-outside install-inside uninstall clean key \
+.PHONY: all check test lint bench flood demo install install-outside install-inside uninstall clean key \
         check-outside-args check-inside-args
 
 all: udp-tunnel
@@ -51,6 +51,10 @@ lint:
 
 bench: .venv/.stamp
 	.venv/bin/python tests/bench.py
+
+# The agents under a replay flood and a port spray (issue 7): figures against the targets.
+flood: .venv/.stamp
+	.venv/bin/python tests/flood.py
 
 install: udp-tunnel
 	install -D -m 755 udp-tunnel $(DESTDIR)$(BINDIR)/udp-tunnel
