@@ -101,19 +101,23 @@ class Tunnel:
 class Source:
     """Per client source address: budgets and what it holds."""
 
-    __slots__ = ("key", "challenges", "unanswered", "pending")
+    __slots__ = ("key", "challenges", "unanswered", "pending", "bound", "limit")
 
-    def __init__(self, key, now: float, burst: float) -> None:
+    def __init__(self, key, now: float, burst: float, limit: int) -> None:
         self.key = key
         self.challenges = TokenBucket(CHALLENGE_RATE, burst, now)
         self.unanswered: list[Tunnel] = []
         self.pending = 0
+        self.bound = 0  # tunnels its clients hold
+        self.limit = limit
 
     def busy(self) -> bool:
-        return bool(self.unanswered) or self.pending > 0
+        return self.bound > 0 or self.pending > 0
 
     def blocked(self) -> bool:
-        """At its limit of tunnels without an answer (pruned of those answered since)."""
+        """At its limit of tunnels, or of tunnels without an answer (pruned of those answered since)."""
+        if self.bound >= self.limit:
+            return True
         if len(self.unanswered) < UNANSWERED_PER_SOURCE:
             return False
         self.unanswered = [t for t in self.unanswered if t.down is not None and t.down.pkts == 0]
@@ -142,7 +146,8 @@ def source_key(addr: tuple):
 class OutsideCore:
     def __init__(self, *, secret: bytes, keepalive: float, max_clients: int,
                  family: int, now: float, log: Log, legacy: bool = False,
-                 max_skew: float = 120.0, random_bytes=os.urandom, wall=time.time) -> None:
+                 max_skew: float = 120.0, max_per_source: int = 0, random_bytes=os.urandom,
+                 wall=time.time) -> None:
         self.legacy = legacy
         self.password = secret
         self.codec = proto.Codec(secret)
@@ -154,6 +159,7 @@ class OutsideCore:
         # a cookie lives one to two slots: longer than a keepalive interval and a lost one
         self.cookie_slot = max(60.0, self.expiry)
         self.max_clients = max_clients
+        self.max_per_source = max_per_source or max(16, max_clients // 8)
         self.max_tunnels = max_clients + 64
         self.family = family
         self.log = log
@@ -217,7 +223,7 @@ class OutsideCore:
         key = source_key(addr)
         s = self.sources.pop(key, None)
         if s is None:
-            s = Source(key, now, float(self.max_tunnels))
+            s = Source(key, now, float(self.max_tunnels), self.max_per_source)
             for _ in range(8):  # forget the least recently used source that holds nothing
                 if len(self.sources) < SOURCES:
                     break
@@ -325,6 +331,7 @@ class OutsideCore:
         t.down = self.route[t.addr] = Flow(client)
         t.up_act, t.down_act = Activity(now), Activity()
         src.unanswered.append(t)
+        src.bound += 1
         self.log.info(f"client {show(client)} takes tunnel {t.tid:016x} at {show(t.addr)}")
 
     def _orphan(self, t: Tunnel) -> None:
@@ -360,6 +367,7 @@ class OutsideCore:
         del self.clients[t.client]
         del self.route[t.client]
         del self.route[t.addr]
+        t.src.bound -= 1
         if t in t.src.unanswered:
             t.src.unanswered.remove(t)
         self.retired.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
@@ -623,8 +631,10 @@ class OutsideCore:
         for s in self.sessions.values():
             need(s.active == active[s.sid], f"session {s.sid:x}: active count {s.active} != {active[s.sid]}")
         held: Counter = Counter(id(p.src) for p in self.pending.values())
+        bound_by: Counter = Counter(id(t.src) for t in self.clients.values())
         for s in self.sources.values():
             need(s.pending == held[id(s)], "source pending count")
+            need(s.bound == bound_by[id(s)], "source tunnel count")
             need(all(t.src is s and self.clients.get(t.client) is t for t in s.unanswered),
                  "source lists a tunnel that is gone")
 
