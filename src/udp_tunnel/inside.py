@@ -81,7 +81,7 @@ SPARE, ACTIVE = State.SPARE, State.ACTIVE
 class Tunnel:
     __slots__ = ("tid", "state", "created", "activated", "registered", "last_reply",
                  "cookie", "peer", "sent", "sent_at", "acked", "rtt", "registrations",
-                 "registered_at", "next_ka", "retry", "answers", "known_by",
+                 "registered_at", "next_ka", "retry", "answers", "known_by", "key",
                  "rx", "tx", "rx_act", "tx_act")
 
     def __init__(self, tid: int, now: float) -> None:
@@ -102,6 +102,7 @@ class Tunnel:
         self.retry = RETRY
         self.answers = 0  # challenges answered at once since the last registration
         self.known_by: int | None = None  # the outside session that registered it
+        self.key = 0  # the key its keepalives are made with (0: the current one)
         self.rx = Meter()  # from the outside, to the service (counted by the loop)
         self.tx = Meter()  # from the service, to the outside
         self.rx_act = Activity()
@@ -113,8 +114,10 @@ class InsideCore:
                  max_clients: int, now: float, log: Log, legacy: bool = False,
                  random_bytes=os.urandom, wall=time.time) -> None:
         self.legacy = legacy
-        self.password = secret
-        self.codec = proto.Codec(secret)
+        self.secrets = proto.key_list(secret)
+        self.password = self.secrets[0]
+        self.codec = proto.Codec(*self.secrets)
+        self.keys = len(self.secrets)
         self.random_bytes = random_bytes
         self.wall = wall
         self.session = int.from_bytes(random_bytes(8), "big")
@@ -220,7 +223,7 @@ class InsideCore:
         if t.state is ACTIVE:
             flags |= proto.F_ACTIVE
         return self.codec.encode(Control(proto.KEEPALIVE, flags, self.session, t.tid,
-                                         counter, t.cookie, t.peer, self.active))
+                                         counter, t.cookie, t.peer, self.active, t.key))
 
     def _send_keepalive(self, t: Tunnel, now: float) -> None:
         if t.registered and now - t.last_reply > self.dead_after:
@@ -270,6 +273,9 @@ class InsideCore:
         if m.flags & proto.F_REGISTERED:
             self.waiting = m.active
             self._registered(t, m, now)
+            if m.flags & proto.F_REKEY and t.key:  # the outside has our current key too: use it
+                t.key = 0
+                self._send_keepalive(t, now)
         elif m.flags & proto.F_REFUSED:
             self._refused(t, now)
         else:
@@ -326,7 +332,10 @@ class InsideCore:
         if t.state is ACTIVE:  # the outside no longer knows its client, or never gave it one
             self.close(t.tid, now, "the outside agent does not know its client")
         else:
-            self.log.limited("refused", "the outside agent refused a tunnel: it is at its tunnel limit")
+            if self.keys > 1:
+                t.key = (t.key + 1) % self.keys
+            self.log.limited("refused", "the outside agent refused a tunnel (at its tunnel limit, "
+                             "or it has another key)")
 
     def _challenged(self, t: Tunnel, now: float) -> None:
         """Prove we receive at our address: answer with the cookie, a few times at most."""
@@ -357,9 +366,20 @@ class InsideCore:
         if changed:
             self._register_all_again(now)
 
-    def rekey(self, secret: bytes, now: float) -> None:
-        self.password = secret
-        self.codec = proto.Codec(secret)
+    def rekey(self, secrets: list[bytes], now: float, reregister: bool = True) -> None:
+        """New keys, the current one first (older ones follow while the other end may not
+        have the new one yet): every tunnel registers again at once, with the new key."""
+        self.secrets = secrets
+        self.password = secrets[0]
+        self.codec = proto.Codec(*secrets)
+        self.keys = len(secrets)
+        for t in self.tunnels.values():
+            t.key = min(t.key, self.keys - 1)
+        if reregister:
+            for t in self.tunnels.values():
+                t.key = 0
+            if not self.legacy:
+                self._register_all_again(now)
 
     # --- time ---
 
@@ -372,6 +392,8 @@ class InsideCore:
             when, tid = heapq.heappop(timers)
             t = self.tunnels.get(tid)
             if t is not None and t.next_ka == when:  # else: stale (rescheduled or closed)
+                if not t.registered and self.keys > 1:  # no answer: maybe the other end has the other key
+                    t.key = (t.key + 1) % self.keys
                 self._send_keepalive(t, now)
         if now >= self.next_tick:
             self.next_tick = now + TICK

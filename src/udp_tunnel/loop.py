@@ -25,6 +25,7 @@ from udp_tunnel.inside import Close, InsideCore, OpenService, OpenTunnel, Resolv
 from udp_tunnel.log import Log
 from udp_tunnel.outside import OutsideCore
 
+KEY_GRACE = 600.0  # seconds an old key stays accepted after SIGHUP brought a new one
 BATCH = 64  # datagrams read from one socket before the others get a turn
 BUFSIZE = 65536
 SOCKBUF = 4 << 20
@@ -60,6 +61,8 @@ class Loop:
         self._sig_w.setblocking(False)
         self.watch(self._sig_r.fileno(), self._on_signal)
         self.pending_signals: list[int] = []
+        self.keys = core.secrets  # the key file's keys, for SIGHUP
+        self.forget_old_at = 0.0
 
     def watch(self, fd: int, handler: Callable[[float], None]) -> None:
         self.handlers[fd] = handler
@@ -110,8 +113,19 @@ class Loop:
         except (OSError, ValueError) as e:
             self.log.error(f"SIGHUP: key not changed: {e}")
             return
-        self.core.rekey(secret, time.monotonic())
-        self.log.info("SIGHUP: key file read again")
+        keys = proto.key_list(secret)
+        old = [k for k in self.keys if k not in keys]
+        now = time.monotonic()
+        # the key it replaces stays accepted for a while, so the other end can be reloaded later
+        self.core.rekey(keys + old[:1], now)
+        self.keys, self.forget_old_at = keys, now + KEY_GRACE if old else 0.0
+        self.log.info("SIGHUP: key file read again" + (f"; the old key is accepted for {KEY_GRACE:g} s more"
+                                                         if old else ""))
+
+    def _forget_old_key(self) -> None:
+        self.forget_old_at = 0.0
+        self.core.rekey(self.keys, time.monotonic(), reregister=False)
+        self.log.info("the old key is no longer accepted")
 
     # --- running ---
 
@@ -153,6 +167,8 @@ class Loop:
                         self.tick(now)
                     except Exception as e:  # noqa: BLE001
                         self.internal_error("timer", e)
+                if self.forget_old_at and now >= self.forget_old_at:
+                    self._forget_old_key()
                 if now >= self.next_publish:
                     self.next_publish = now + 1.0
                     self.publish(now)

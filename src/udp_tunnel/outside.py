@@ -79,7 +79,7 @@ class Session:
 
 
 class Tunnel:
-    __slots__ = ("tid", "session", "addr", "state", "client", "src", "created", "last_ka",
+    __slots__ = ("tid", "session", "addr", "state", "client", "src", "created", "last_ka", "key",
                  "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
 
     def __init__(self, tid: int, session: Session, addr: tuple, now: float) -> None:
@@ -91,6 +91,7 @@ class Tunnel:
         self.src: Source | None = None  # the client's source record
         self.created = self.last_ka = self.registered_at = now
         self.counter = 0
+        self.key = 0  # which of the codec's keys its last keepalive was made with
         self.rebinds = 0
         self.up: Flow | None = None  # client -> inside
         self.down: Flow | None = None  # inside -> client
@@ -149,8 +150,9 @@ class OutsideCore:
                  max_skew: float = 120.0, max_per_source: int = 0, random_bytes=os.urandom,
                  wall=time.time) -> None:
         self.legacy = legacy
-        self.password = secret
-        self.codec = proto.Codec(secret)
+        self.secrets = proto.key_list(secret)
+        self.password = self.secrets[0]
+        self.codec = proto.Codec(*self.secrets)
         self.random_bytes = random_bytes
         self.cookie_secret = random_bytes(32)  # new each start: old cookies die with the process
         self.session = int.from_bytes(random_bytes(8), "big")
@@ -213,9 +215,18 @@ class OutsideCore:
         else:
             self._new_client(data, addr, now)
 
-    def rekey(self, secret: bytes, now: float) -> None:
-        self.password = secret
-        self.codec = proto.Codec(secret)
+    def rekey(self, secrets: list[bytes], now: float, reregister: bool = True) -> None:
+        """New keys, the current one first; older ones are still accepted from tunnels that carry
+        clients, which are asked to move to the current key. Spares must register again."""
+        self.secrets = secrets
+        self.password = secrets[0]
+        self.codec = proto.Codec(*secrets)
+        if not reregister:
+            return
+        for t in list(self.tunnels.values()):
+            t.key = -1  # registered under a key that is not the current one
+            if t.state is State.SPARE and not self.legacy:
+                self._remove(t, "registered under the old key")
 
     # --- new clients ---
 
@@ -429,6 +440,13 @@ class OutsideCore:
             if t is not None:
                 self._remove(t, "closed by the inside agent")
             return
+        if m.key and (t is None or t.state is State.SPARE):
+            # an old key (while keys are rotated) keeps clients' tunnels going, nothing more
+            if t is not None:
+                self._remove(t, "a spare under the old key")
+            self.stats["drop_old_key"] += 1
+            self._reply(addr, m, proto.F_REFUSED, cur)
+            return
         if t is None:
             t = self._register(m, session, addr, now, cur)
             if t is None:
@@ -446,14 +464,16 @@ class OutsideCore:
             return
         t.counter = m.counter
         t.last_ka = now
+        t.key = m.key
         if t.state is State.SPARE:  # freshest keepalive last: the next client takes it
             self.spares[t.tid] = self.spares.pop(t.tid)
         if self.recovering:
             session.announced = m.active
+        flags = proto.F_REGISTERED | (proto.F_REKEY if m.key else 0)
         if t.state is State.BOUND:
-            self._reply(addr, m, proto.F_REGISTERED | proto.F_BOUND, cur, proto.pack_peer(t.client))
+            self._reply(addr, m, flags | proto.F_BOUND, cur, proto.pack_peer(t.client))
         else:
-            self._reply(addr, m, proto.F_REGISTERED, cur)
+            self._reply(addr, m, flags, cur)
         self._serve_pending(now)
 
     def _authentic(self, data: bytes, addr: tuple) -> Control | None:
@@ -550,7 +570,7 @@ class OutsideCore:
 
     def _reply(self, addr: tuple, m: Control, flags: int, cookie: bytes, peer: bytes = proto.NO_PEER) -> None:
         waiting = min(len(self.pending), 0xFFFF) if flags & proto.F_REGISTERED else 0
-        r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, peer, waiting)
+        r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, peer, waiting, m.key)
         self.out.append(Datagram(self.codec.encode(r), addr))
 
     # --- legacy keepalives ---

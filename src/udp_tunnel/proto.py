@@ -7,6 +7,7 @@ length comparison.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import socket
@@ -14,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"UDPT"
-VERSION = 1
+VERSION = 2
 
 KEEPALIVE = 1  # inside -> outside
 REPLY = 2  # outside -> inside
@@ -26,6 +27,7 @@ F_CLOSING = 0x02  # the inside closed this tunnel; forget it now
 F_REGISTERED = 0x01  # the cookie was valid: the tunnel is registered at the source address
 F_BOUND = 0x02  # the tunnel is bound to the client in the peer field
 F_REFUSED = 0x04  # the outside is at its tunnel limit and did not register it
+F_REKEY = 0x08  # the keepalive was made with an old key: send the next one with the current key
 
 _BODY = struct.Struct("!4sBBBxQQQ16s16sHH")
 BODY_LEN = _BODY.size  # 68
@@ -51,45 +53,80 @@ class Control:
     counter: int  # keepalive: sender's counter; reply: the answered keepalive's counter
     cookie: bytes = bytes(COOKIE_LEN)
     peer: bytes = NO_PEER  # client address, 16-byte IPv6 (v4-mapped) + 2-byte port
-    active: int = 0  # keepalive: how many active tunnels the inside agent has (at most 65535)
+    active: int = 0  # keepalive: active tunnels the inside has; reply: clients waiting for a spare
+    key: int = 0  # which of the codec's keys made (encode) or verified (decode) the tag
 
 
-def derive_key(secret: bytes) -> bytes:
-    """The HMAC key: the pre-shared secret bound to this protocol and version."""
-    return hmac.new(secret, b"udp-tunnel control v1", hashlib.sha256).digest()
+# The key is stretched with scrypt (memory-hard: 32 MiB and about 0.1 s per guess), so a
+# captured control message does not let anyone test guesses of a weak key quickly.
+KDF_SALT = b"udp-tunnel control v2"
+KDF_N, KDF_R, KDF_P = 1 << 15, 8, 1
+SECRET_FIELDS = slice(48, 68)  # peer address, port and count: encrypted
+
+
+def key_list(secret: bytes) -> list[bytes]:
+    """The keys in a key file: the current one first, then old ones still accepted while a
+    key is rotated. A key with no newline in it is one key."""
+    keys = [k.strip(b"\r") for k in secret.split(b"\n") if k.strip(b"\r")]
+    return keys or [b""]
+
+
+@functools.lru_cache(maxsize=8)
+def derive_keys(secret: bytes) -> tuple[bytes, bytes]:
+    """(MAC key, encryption key) from the pre-shared secret."""
+    k = hashlib.scrypt(secret, salt=KDF_SALT, n=KDF_N, r=KDF_R, p=KDF_P, maxmem=64 << 20, dklen=64)
+    return k[:32], k[32:]
 
 
 def is_control(data: bytes | memoryview) -> bool:
     return len(data) == CTRL_LEN and data[:4] == MAGIC
 
 
+def _xor(data: bytes, enc_key: bytes, nonce: bytes) -> bytes:
+    """Encrypt or decrypt the secret fields: XOR with HMAC(enc_key, nonce), a PRF keystream.
+    The nonce (magic..counter of the same message) is never reused under one key: a
+    keepalive's counter is used once per inside session, a reply answers one keepalive."""
+    stream = hmac.new(enc_key, nonce, hashlib.sha256).digest()
+    return bytes(a ^ b for a, b in zip(data, stream, strict=False))
+
+
 class Codec:
-    """Encodes and authenticates control messages with HMAC-SHA-256."""
+    """Encodes and authenticates control messages: HMAC-SHA-256 over the whole message,
+    the client address and counts encrypted. Several keys while a key is rotated:
+    the first encodes, every one verifies."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_keys",)
 
-    def __init__(self, secret: bytes) -> None:
-        self._key = derive_key(secret)
+    def __init__(self, *secrets: bytes) -> None:
+        self._keys = [derive_keys(s) for s in secrets]
 
     def encode(self, m: Control) -> bytes:
-        body = _BODY.pack(
+        mac_key, enc_key = self._keys[m.key]
+        body = bytearray(_BODY.pack(
             MAGIC, VERSION, m.type, m.flags, m.session, m.tunnel, m.counter,
             m.cookie, m.peer[:16], int.from_bytes(m.peer[16:18], "big"), min(m.active, 0xFFFF),
-        )
-        return body + hmac.new(self._key, body, hashlib.sha256).digest()
+        ))
+        body[SECRET_FIELDS] = _xor(body[SECRET_FIELDS], enc_key, body[:32])
+        return bytes(body) + hmac.new(mac_key, body, hashlib.sha256).digest()
+
+    def _verify(self, body: bytes, tag: bytes) -> int:
+        """The index of the key that made `tag`."""
+        for i, (mac_key, _) in enumerate(self._keys):
+            if hmac.compare_digest(hmac.new(mac_key, body, hashlib.sha256).digest(), tag):
+                return i
+        raise ControlError("auth")
 
     def decode(self, data: bytes) -> Control:
         """Parse and verify; raises ControlError('malformed'|'auth') otherwise."""
         if len(data) != CTRL_LEN or data[:4] != MAGIC:
             raise ControlError("malformed")
         body = data[:BODY_LEN]
-        tag = hmac.new(self._key, body, hashlib.sha256).digest()
-        if not hmac.compare_digest(tag, data[BODY_LEN:]):
-            raise ControlError("auth")
+        i = self._verify(body, data[BODY_LEN:])
+        body = body[:48] + _xor(body[SECRET_FIELDS], self._keys[i][1], body[:32])
         _, ver, typ, flags, session, tunnel, counter, cookie, paddr, pport, active = _BODY.unpack(body)
         if ver != VERSION or typ not in (KEEPALIVE, REPLY):
             raise ControlError("malformed")
-        return Control(typ, flags, session, tunnel, counter, cookie, paddr + pport.to_bytes(2, "big"), active)
+        return Control(typ, flags, session, tunnel, counter, cookie, paddr + pport.to_bytes(2, "big"), active, i)
 
 
 def pack_peer(addr: tuple) -> bytes:
