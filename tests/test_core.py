@@ -353,3 +353,110 @@ def test_inside_sends_a_keepalive_at_once_when_the_service_talks_but_nothing_com
         sim.inside.tunnels[ta].tx.pkts += 1
         sim.advance(1)
     assert sim.inside.stats["stall_keepalives"] >= 1 and sim.inside.tunnels[ta].sent > sent
+
+
+# --- the security review's findings (issue 12) ---
+
+def test_a_closed_tunnels_keepalive_replayed_from_its_own_address_registers_nothing():
+    sim = Sim(keepalive=5)
+    sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[-1][0]
+    addr = sim.public[ta]
+    last = [d for d, a, w in sim.wire if w == "up" and a == addr][-1]  # an ACTIVE keepalive
+    sim.inside.close(ta, sim.now, "test")
+    sim.pump()
+    assert ta not in sim.outside.tunnels
+    sim.advance(10)
+    sim.send(last, addr)  # spoofed from the genuine address, well within the cookie's life
+    assert ta not in sim.outside.tunnels and CLIENT_A not in sim.outside.clients
+    assert sim.outside.stats["drop_replay"] >= 1
+
+
+def test_a_ghost_tunnel_on_a_reused_nat_port_never_carries_another_clients_datagrams():
+    sim = Sim(keepalive=5)
+    sim.send(b"z1", CLIENT_A)  # client Z
+    tz = sim.service_rx[-1][0]
+    sim.advance(6)  # a keepalive that names Z as the tunnel's client
+    old = sim.public[tz]
+    capture = [d for d, a, w in sim.wire if w == "up" and a == old][-1]
+    sim.inside.close(tz, sim.now, "idle")
+    sim.pump()
+    sim.send(b"y1", CLIENT_B)  # client Y's tunnel: the NAT gives it Z's old public port
+    ty = sim.service_rx[-1][0]
+    sim.rebind(ty)
+    sim.public[ty], sim.by_public[old] = old, ty
+    sim.advance(6)  # Y's tunnel re-registers from there
+    sim.send(capture, old)  # the ghost of Z's tunnel, bound to Z, from the same address
+    sim.send(b"z2", CLIENT_A)
+    assert (ty, b"z2") not in sim.service_rx
+    sim.reply(ty, b"to-y")
+    assert b"to-y" not in sim.received.get(CLIENT_A, [])
+
+
+def test_the_key_is_stretched_with_a_memory_hard_kdf():
+    mac, enc = proto.derive_keys(b"correct horse")
+    k = hashlib.scrypt(b"correct horse", salt=proto.KDF_SALT, n=1 << 15, r=8, p=1, maxmem=64 << 20, dklen=64)
+    assert (mac, enc) == (k[:32], k[32:]) and proto.KDF_N * proto.KDF_R * 128 >= 32 << 20  # 32 MiB a guess
+
+
+def test_client_addresses_and_counts_do_not_travel_in_clear():
+    sim = Sim(keepalive=5)
+    sim.send(b"a1", CLIENT_A)
+    sim.advance(12)
+    assert len(sim.wire) > 10
+    assert not any(proto.pack_peer(CLIENT_A) in d for d, _, _ in sim.wire)
+
+
+def test_keys_rotated_70_s_apart_lose_no_client_datagram_and_end_all_under_the_new_key():
+    sim = Sim(keepalive=25, key=b"old")
+    sim.send(b"a0", CLIENT_A)
+    ta = sim.service_rx[-1][0]
+    sim.inside.rekey([b"new", b"old"], sim.now)  # home reloaded first (the old key kept for a while)
+    sent = 0
+    for step in range(140):  # 70 s, a datagram every 0.5 s, then the VPS reloads
+        if step == 70:
+            sim.outside.rekey([b"new", b"old"], sim.now)
+        sim.send(b"a%d" % step, CLIENT_A)
+        sent += 1
+        sim.advance(0.5)
+    assert [d for tid, d in sim.service_rx if tid == ta][-sent:] == [b"a%d" % i for i in range(140)]
+    sim.advance(30)
+    assert all(t.key == 0 for t in sim.outside.tunnels.values())  # every tunnel on the new key
+    sim.outside.rekey([b"new"], sim.now, reregister=False)  # the old key is forgotten
+    sim.send(b"c1", CLIENT_B)
+    assert sim.service_rx[-1][1] == b"c1"
+
+
+def test_a_spare_registered_under_the_old_key_takes_no_client_after_the_rotation():
+    sim = Sim(keepalive=25, key=b"old")
+    spares_before = set(sim.outside.spares)
+    sim.outside.rekey([b"new", b"old"], sim.now)
+    assert not set(sim.outside.spares) & spares_before
+    sim.inside.rekey([b"new", b"old"], sim.now)
+    sim.pump()
+    sim.send(b"c1", CLIENT_B)
+    tid = sim.service_rx[-1][0]
+    assert sim.outside.tunnels[tid].key == 0
+
+
+def test_the_restart_hold_survives_a_datagram_that_arrives_before_the_first_keepalive():
+    sim = Sim(keepalive=25)
+    sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[-1][0]
+    sim.restart_outside()
+    sim.send(b"a2", CLIENT_A)  # before any keepalive reached the new outside agent
+    sim.advance(26)
+    sim.send(b"a3", CLIENT_A)
+    assert [d for tid, d in sim.service_rx if tid == ta] == [b"a1", b"a2", b"a3"]
+
+
+def test_spoofed_data_on_a_spare_is_undone_within_one_round_trip():
+    sim = Sim(keepalive=25, spares=2)
+    spare = next(tid for tid, t in sim.inside.tunnels.items() if t.state == SPARE)
+    sim.deliver_to_inside(spare, b"spoofed")  # as if from the outside agent's address
+    sim.pump()
+    assert spare not in sim.inside.tunnels  # refused by the outside at the next keepalive, closed
+    assert sim.outside.stats["drop_spoofed_activation"] == 1
+    assert sum(t.state == SPARE for t in sim.inside.tunnels.values()) >= 2
+    sim.send(b"real", CLIENT_A)
+    assert sim.service_rx[-1][1] == b"real"

@@ -332,8 +332,10 @@ class InsideCore:
         if t.state is ACTIVE:  # the outside no longer knows its client, or never gave it one
             self.close(t.tid, now, "the outside agent does not know its client")
         else:
-            if self.keys > 1:
+            if self.keys > 1 and t.answers < 3:  # keys are being rotated: try the other one now
                 t.key = (t.key + 1) % self.keys
+                t.answers += 1
+                self._send_keepalive(t, now)
             self.log.limited("refused", "the outside agent refused a tunnel (at its tunnel limit, "
                              "or it has another key)")
 
