@@ -186,7 +186,7 @@ def run(a: argparse.Namespace) -> int:
     log = Log(WARNING if a.quiet else DEBUG if a.verbose else INFO)
     reload_key = (lambda: read_key_file(a.key_file)) if a.key_file else None
     now = time.monotonic()
-    protocol = "legacy (C udp-tunnel 1.x)" if a.legacy else "v1"
+    protocol = "legacy (C udp-tunnel 1.x)" if a.legacy else "v2"
     control = a.control
     if control is None and os.environ.get("RUNTIME_DIRECTORY"):
         control = os.path.join(os.environ["RUNTIME_DIRECTORY"].split(":")[0], "control.sock")

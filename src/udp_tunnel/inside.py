@@ -473,7 +473,7 @@ class InsideCore:
         for t in self.tunnels.values():
             totals.update(datagrams_in=t.rx.pkts, bytes_in=t.rx.bytes, datagrams_out=t.tx.pkts, bytes_out=t.tx.bytes)
         active, spare = self.counts()
-        return {"role": "inside", "protocol": "legacy" if self.legacy else "v1",
+        return {"role": "inside", "protocol": "legacy" if self.legacy else "v2",
                 "uptime": now - self.started, "clients": active, "spares": spare,
                 "outside_answering": self.legacy or (self.answering and self.last_reply is not None
                                                      and now - self.last_reply <= self.dead_after),

@@ -673,7 +673,7 @@ class OutsideCore:
         for t in self.clients.values():
             totals.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
                           datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
-        return {"role": "outside", "protocol": "legacy" if self.legacy else "v1",
+        return {"role": "outside", "protocol": "legacy" if self.legacy else "v2",
                 "uptime": now - self.started, "clients": len(self.clients),
                 "spares": len(self.spares), "waiting": len(self.pending),
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels}
