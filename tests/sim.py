@@ -54,8 +54,13 @@ class Sim:
                            log=Log(DEBUG, self.log), legacy=self.legacy,
                            wall=lambda: self.now + self.wall_offset, **kw)
 
-    def restart_outside(self) -> None:
+    def restart_outside(self, remember: bool = False) -> None:
+        """A new outside agent; with `remember`, it read its predecessor's state file."""
+        saved = self.outside.saved_tunnels()
         self.outside = self.new_outside()
+        if remember:
+            self.outside.remembered(saved, self.now)
+            self.pump()
 
     def rebind(self, tid: int) -> tuple:
         """The NAT forgets tunnel tid's mapping; its next datagram gets a new public port."""

@@ -460,3 +460,32 @@ def test_spoofed_data_on_a_spare_is_undone_within_one_round_trip():
     assert sum(t.state == SPARE for t in sim.inside.tunnels.values()) >= 2
     sim.send(b"real", CLIENT_A)
     assert sim.service_rx[-1][1] == b"real"
+
+
+def test_a_restarted_outside_that_remembers_its_tunnels_has_them_back_at_once():
+    sim = Sim(keepalive=25)
+    sim.send(b"a1", CLIENT_A)
+    ta = sim.service_rx[-1][0]
+    sim.advance(1)
+    sim.restart_outside(remember=True)  # HELLOs to every tunnel: they register again now
+    sim.send(b"a2", CLIENT_A)
+    assert sim.service_rx[-1] == (ta, b"a2")
+    assert sim.inside.stats["hellos"] == 1
+
+
+def test_a_replayed_hello_grants_nothing_and_costs_one_keepalive_per_tunnel():
+    sim = Sim(keepalive=25)
+    sim.send(b"a1", CLIENT_A)
+    sim.advance(1)
+    sim.restart_outside(remember=True)
+    hello = next(d for d, a, w in sim.wire if w == "down" and proto.is_control(d)
+                 and proto.Codec(b"secret").decode(d).flags & proto.F_HELLO)
+    tid = proto.Codec(b"secret").decode(hello).tunnel
+    sim.advance(2)
+    before = len([1 for _, _, w in sim.wire if w == "up"])
+    sim.deliver_to_inside(tid, hello)  # replayed (spoofed from the outside's address)
+    sim.pump()
+    after = len([1 for _, _, w in sim.wire if w == "up"])
+    assert after - before <= 2 * len(sim.inside.tunnels)  # keepalives (and cookie answers), nothing else
+    sim.send(b"a2", CLIENT_A)
+    assert sim.service_rx[-1][1] == b"a2"

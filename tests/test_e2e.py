@@ -85,6 +85,29 @@ def test_traffic_resumes_after_an_agent_restarts(lab, which):
         th.join(2)
 
 
+def test_an_outside_restart_at_the_default_keepalive_resumes_within_a_second(lab, tmp_path):
+    """The restarted outside agent reads where its tunnels were and asks them to register now,
+    instead of waiting up to 25 s for their next keepalive."""
+    svc, out, ins, target, _ = start_pair(lab, t="25", outside_extra=["--state-file", str(tmp_path / "out.state")])
+    stop, log = threading.Event(), []
+    th = threading.Thread(target=flow, args=(target, lambda: not stop.is_set(),
+                                             lambda: log.append(time.monotonic()), 0.05), daemon=True)
+    th.start()
+    try:
+        resumes_after(log, 0)
+        time.sleep(2.5)  # the state file is written every 2 s
+        assert out.stop() == 0
+        t = time.monotonic()
+        out.start()
+        took = resumes_after(log, t, timeout=30)
+        print(f"traffic resumed {took * 1000:.0f} ms after the outside agent restarted (keepalive 25 s)")
+        assert took < 1.0
+        assert len(svc.sources_by_client()[b"flow"]) == 1  # its own tunnel, its own service socket
+    finally:
+        stop.set()
+        th.join(2)
+
+
 def test_forged_and_replayed_keepalives_never_receive_client_data(lab):
     svc, out, ins, target, nat = start_pair(lab, via="nat")
     assert converse(target, n_clients=2, per_client=3)["done"] == 2

@@ -58,6 +58,9 @@ def build_parser() -> Parser:
     g.add_argument("--control", metavar="PATH",
                    help="serve 'udp-tunnel status' on this Unix socket (default: $RUNTIME_DIRECTORY/control.sock)")
     g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
+    g.add_argument("--state-file", metavar="PATH",
+                   help="outside: remember where the tunnels are, so that after a restart they register "
+                        "again at once (default: $STATE_DIRECTORY/outside.state under systemd)")
     g.add_argument("-v", "--verbose", action="store_true", help="log every tunnel event")
     g.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     g.add_argument("-V", "--version", action="version", version=f"udp-tunnel {__version__}")
@@ -197,7 +200,10 @@ def run(a: argparse.Namespace) -> int:
         fam = sock.family
         core = OutsideCore(secret=secret, keepalive=a.keepalive, max_clients=a.max_clients, family=fam,
                            now=now, log=log, legacy=a.legacy, max_skew=a.max_clock_skew)
-        loop = OutsideLoop(core, sock, log, reload_key=reload_key)
+        state = a.state_file
+        if state is None and os.environ.get("STATE_DIRECTORY"):
+            state = os.path.join(os.environ["STATE_DIRECTORY"].split(":")[0], "outside.state")
+        loop = OutsideLoop(core, sock, log, state_path=state, reload_key=reload_key)
         where = show(sock.getsockname())
         if fam == socket.AF_INET6 and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
             where += " (IPv4 and IPv6)"

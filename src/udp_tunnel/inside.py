@@ -143,6 +143,7 @@ class InsideCore:
         self.active = 0  # tunnels in state ACTIVE
         self.arrivals: deque[float] = deque()  # when clients arrived, over DEMAND_WINDOW
         self.waiting = 0  # clients held at the outside for want of a spare (it says so)
+        self.last_hello = -1e9
 
     # --- tunnels ---
 
@@ -265,6 +266,9 @@ class InsideCore:
         m = self._verify(t, data)
         if m is None:
             return
+        if m.flags & proto.F_HELLO:
+            self._hello(m, now)
+            return
         t.acked = m.counter
         self._outside_session(m.session, t, now)
         self.last_reply = now
@@ -293,10 +297,22 @@ class InsideCore:
         if m.type != proto.REPLY or m.tunnel != t.tid:
             self.stats["drop_malformed"] += 1
             return None
+        if m.flags & proto.F_HELLO and m.counter == 0:
+            return m
         if not t.acked < m.counter <= t.sent:
             self.stats["drop_replay"] += 1
             return None
         return m
+
+    def _hello(self, m: Control, now: float) -> None:
+        """An outside agent that just started found us in its state file: register every
+        tunnel again now, without waiting for the next keepalive. Believed for nothing else."""
+        if m.session == self.outside_session or now - self.last_hello < 1.0:
+            return
+        self.last_hello = now
+        self.stats["hellos"] += 1
+        self.log.info("the outside agent says it restarted: registering tunnels again")
+        self._register_all_again(now)
 
     def _outside_session(self, session: int, t: Tunnel, now: float) -> None:
         if session == self.outside_session:

@@ -19,12 +19,13 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from udp_tunnel import proto, systemd
+from udp_tunnel import proto, statefile, systemd
 from udp_tunnel.addr import AddrError, resolve, show
 from udp_tunnel.inside import Close, InsideCore, OpenService, OpenTunnel, Resolve, Send, ToService
 from udp_tunnel.log import Log
 from udp_tunnel.outside import OutsideCore
 
+STATE_SAVE = 2.0  # seconds between looks at whether the state file needs writing
 KEY_GRACE = 600.0  # seconds an old key stays accepted after SIGHUP brought a new one
 BATCH = 64  # datagrams read from one socket before the others get a turn
 BUFSIZE = 65536
@@ -196,17 +197,47 @@ class Loop:
 
 
 class OutsideLoop(Loop):
-    def __init__(self, core: OutsideCore, sock: socket.socket, log: Log, **kw) -> None:
+    def __init__(self, core: OutsideCore, sock: socket.socket, log: Log, state_path: str | None = None,
+                 **kw) -> None:
         super().__init__(core, log, **kw)
         self.sock = sock
         sock.setblocking(False)
         _bufsizes(sock)
         self.ctrl_len = proto.LEGACY_LEN if core.legacy else proto.CTRL_LEN
         self.watch(sock.fileno(), self._on_udp)
+        self.state_path = state_path
+        self.saved = b""
+        self.next_save = 0.0
+        if state_path:
+            try:
+                entries = statefile.load(state_path)
+            except ValueError as e:
+                log.warning(f"{e}: tunnels register again at their next keepalive")
+                entries = []
+            if entries:
+                log.info(f"asking the {len(entries)} tunnel(s) of the previous run to register again")
+                core.remembered(entries, time.monotonic())
+                self.flush()
 
     def tick(self, now: float) -> None:
         self.core.on_timer(now)
         self.flush()
+        if self.state_path and now >= self.next_save:
+            self.next_save = now + STATE_SAVE
+            self.save_state()
+
+    def save_state(self) -> None:
+        data = statefile.dump(self.core.saved_tunnels())
+        if data != self.saved:
+            try:
+                statefile.save(self.state_path, data)
+                self.saved = data
+            except OSError as e:
+                self.log.limited("state", f"cannot write the state file {self.state_path}: {e.strerror or e}")
+
+    def shutdown(self, now: float) -> None:
+        if self.state_path:
+            self.save_state()
 
     def flush(self) -> None:
         out = self.core.out

@@ -599,6 +599,25 @@ class OutsideCore:
             self.spares[t.tid] = self.spares.pop(t.tid)
         self._serve_pending(now)
 
+    # --- across a restart ---
+
+    def saved_tunnels(self) -> list[tuple[int, tuple]]:
+        """What to remember across a restart: where the tunnels are."""
+        return [(t.tid, t.addr) for t in self.tunnels.values()] if not self.legacy else []
+
+    def remembered(self, entries: list[tuple[int, tuple]], now: float) -> None:
+        """Just started: tell the tunnels a previous run knew to register again now. A HELLO
+        grants nothing; the inside answers it with keepalives that go through the usual
+        challenge (and a replayed HELLO costs the inside one keepalive per tunnel)."""
+        for tid, addr in entries[: self.max_tunnels]:
+            if self.family == socket.AF_INET6 and ":" not in addr[0]:
+                addr = ("::ffff:" + addr[0], addr[1], 0, 0)
+            elif self.family == socket.AF_INET and ":" in addr[0]:
+                continue
+            m = Control(proto.REPLY, proto.F_HELLO, self.session, tid, 0)
+            self.out.append(Datagram(self.codec.encode(m), addr))
+            self.stats["hellos"] += 1
+
     # --- time ---
 
     def next_timer(self) -> float:

@@ -28,6 +28,7 @@ F_REGISTERED = 0x01  # the cookie was valid: the tunnel is registered at the sou
 F_BOUND = 0x02  # the tunnel is bound to the client in the peer field
 F_REFUSED = 0x04  # the outside is at its tunnel limit and did not register it
 F_REKEY = 0x08  # the keepalive was made with an old key: send the next one with the current key
+F_HELLO = 0x10  # unasked, from an outside agent that just started: register again now
 
 _BODY = struct.Struct("!4sBBBxQQQ16s16sHH")
 BODY_LEN = _BODY.size  # 68
