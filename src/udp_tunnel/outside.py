@@ -68,10 +68,11 @@ class State(enum.Enum):
 class Session:
     """What this agent knows of one inside agent's session (its random id)."""
 
-    __slots__ = ("sid", "window", "active", "announced", "last")
+    __slots__ = ("sid", "window", "active", "announced", "last", "src")
 
-    def __init__(self, sid: int, now: float) -> None:
+    def __init__(self, sid: int, now: float, src=None) -> None:
         self.sid = sid
+        self.src = src  # where it first registered from (its source key)
         self.window = ReplayWindow()  # its keepalive counters: each accepted once
         self.active = 0  # ORPHAN and BOUND tunnels here
         self.announced: int | None = None  # active tunnels it said it has (while recovering)
@@ -431,11 +432,13 @@ class OutsideCore:
             self._challenge(m, addr, cur, now)
             return
         if session is None:
-            session = self._new_session(m.session, now)
+            session = self._new_session(m.session, addr, now)
             if session is None:
                 self._reply(addr, m, proto.F_REFUSED, cur)
                 return
         session.last = now
+        if self.recovering:
+            session.announced = m.active
         if m.flags & proto.F_CLOSING:
             if t is not None:
                 self._remove(t, "closed by the inside agent")
@@ -467,8 +470,6 @@ class OutsideCore:
         t.key = m.key
         if t.state is State.SPARE:  # freshest keepalive last: the next client takes it
             self.spares[t.tid] = self.spares.pop(t.tid)
-        if self.recovering:
-            session.announced = m.active
         flags = proto.F_REGISTERED | (proto.F_REKEY if m.key else 0)
         if t.state is State.BOUND:
             self._reply(addr, m, flags | proto.F_BOUND, cur, proto.pack_peer(t.client))
@@ -511,7 +512,7 @@ class OutsideCore:
         self.stats["challenges"] += 1
         self._reply(addr, m, 0, cookie)
 
-    def _new_session(self, sid: int, now: float) -> Session | None:
+    def _new_session(self, sid: int, addr: tuple, now: float) -> Session | None:
         if len(self.sessions) >= SESSIONS:
             # forget one with no tunnel left whose cookies have died; never one that could
             # still replay (its window would be lost)
@@ -522,7 +523,11 @@ class OutsideCore:
                 self.log.limited("sessions", f"{SESSIONS} inside agent sessions known: refusing another")
                 return None
             del self.sessions[dead.sid]
-        s = self.sessions[sid] = Session(sid, now)
+        s = self.sessions[sid] = Session(sid, now, source_key(addr))
+        if self.recovering:  # an inside agent restarted here: don't wait for its old session
+            for old in self.sessions.values():
+                if old.src == s.src and old is not s:
+                    old.announced = None
         return s
 
     def _has_tunnels(self, s: Session) -> bool:

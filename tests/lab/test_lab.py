@@ -75,11 +75,12 @@ class Net:
         assert s, f"{a['name']}: status condition not met\n{self.lab.log(a['name'] + '.log')}"
         return s
 
-    def pair(self, service: str, port: int, *extra: str, outside_addr: str | None = None, legacy: bool = False):
+    def pair(self, service: str, port: int, *extra: str, outside_addr: str | None = None, legacy: bool = False,
+             outside_extra: tuple = ()):
         """An outside agent on the VPS and an inside agent at home for one service."""
         mode = ["--legacy"] if legacy else []
         common = ["-t", KEEPALIVE, "--key-file", self.key, *mode, *extra]
-        out = self.agent("vps", f"outside-{port}", "-l", str(port), *common)
+        out = self.agent("vps", f"outside-{port}", "-l", str(port), *common, *outside_extra)
         ins = self.agent("home", f"inside-{port}", "-s", service, "-o", outside_addr or f"{VPS4}:{port}", *common)
         self.wait_status(out, lambda s: s["spares"] >= 1)
         return out, ins
@@ -118,16 +119,19 @@ def wireguard(lab: Lab, tmp: str) -> None:
         os.chmod(path, 0o600)
         keys[side] = (path, pub)
     env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
-    for ns, ifname in (("home", "wgh"), ("work1", "wgw")):
+    # wireguard-go's control sockets live in /var/run/wireguard, which namespaces share:
+    # interface names of this lab's own, so that two labs at once don't take each other's
+    wgh, wgw = f"{lab.prefix}h", f"{lab.prefix}w"
+    for ns, ifname in (("home", wgh), ("work1", wgw)):
         lab.spawn(ns, ["wireguard-go", "-f", ifname], f"wireguard-{ns}.log", env=env)
         assert wait_for(lambda ifname=ifname: os.path.exists(f"/var/run/wireguard/{ifname}.sock"), 10), \
             lab.log(f"wireguard-{ns}.log")
-    lab.sh("home", f"wg set wgh private-key {keys['home'][0]} listen-port {WG_PORT} "
+    lab.sh("home", f"wg set {wgh} private-key {keys['home'][0]} listen-port {WG_PORT} "
                    f"peer {keys['work'][1]} allowed-ips 100.100.0.2/32; "
-                   "ip addr add 100.100.0.1/24 dev wgh; ip link set wgh up")
-    lab.sh("work1", f"wg set wgw private-key {keys['work'][0]} "
+                   f"ip addr add 100.100.0.1/24 dev {wgh}; ip link set {wgh} up")
+    lab.sh("work1", f"wg set {wgw} private-key {keys['work'][0]} "
                     f"peer {keys['home'][1]} allowed-ips 100.100.0.1/32 endpoint {VPS4}:{PORT}; "
-                    "ip addr add 100.100.0.2/24 dev wgw; ip link set wgw up")
+                    f"ip addr add 100.100.0.2/24 dev {wgw}; ip link set {wgw} up")
 
 
 @pytest.fixture
@@ -214,6 +218,23 @@ def test_restart_outside_then_inside_under_traffic(lab, net):
         took_in = resumed_after(lab, "flow4.log", t)
         print(f"traffic resumed {took_out:.2f} s after the outside agent restarted, "
               f"{took_in:.2f} s after the inside agent restarted (keepalive {KEEPALIVE} s)")
+    finally:
+        lab.stop(flow)
+
+
+def test_outside_restart_at_the_default_keepalive_resumes_within_a_second(lab, net):
+    """The restarted outside agent asks the tunnels in its state file to register at once."""
+    state = os.path.join(net.tmp, "outside.state")
+    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9997, "-t", "25", outside_extra=("--state-file", state))
+    flow = lab.spawn_tool("work1", "flow4b.log", "flow", VPS4, "9997", "60")
+    try:
+        resumed_after(lab, "flow4b.log", 0)
+        time.sleep(2.5)  # the state file is written every 2 s
+        t = time.time()
+        net.restart(out)
+        took = resumed_after(lab, "flow4b.log", t)
+        print(f"traffic resumed {took:.2f} s after the outside agent restarted (keepalive 25 s, state file)")
+        assert took < 1.0
     finally:
         lab.stop(flow)
 
