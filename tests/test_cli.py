@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from agents import ROOT, command, converse, env, free_port
-from udp_tunnel import __version__
+from udp_tunnel import __version__, proto
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -113,7 +113,7 @@ def test_metrics_are_valid_prometheus_text_with_the_counts(lab):
     lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1"])
     assert converse(("127.0.0.1", port), 3, 4)["done"] == 3
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # one datagram that fails authentication
-        s.sendto(b"UDPT" + bytes(96), ("127.0.0.1", port))
+        s.sendto(b"UDPT" + bytes(proto.CTRL_LEN - 4), ("127.0.0.1", port))
     out.wait_status(lambda s: s["clients"] == 3 and s["stats"].get("drop_auth"))
     body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value

@@ -98,7 +98,8 @@ def test_forged_keepalive_is_dropped_without_answer_or_state():
     assert (dict(sim.outside.tunnels), dict(sim.outside.route)) == before
 
 
-@pytest.mark.parametrize("data", [b"UDPT", b"UDPT" + bytes(95), bytes(100), b"UDPT" + bytes(97)])
+@pytest.mark.parametrize("data", [b"UDPT", b"UDPT" + bytes(proto.CTRL_LEN - 5), bytes(proto.CTRL_LEN),
+                                  b"UDPT" + bytes(proto.CTRL_LEN - 3)])
 def test_truncated_or_garbage_control_never_becomes_a_tunnel(data):
     """Not control-shaped: plain data of a new client, forwarded as such, never a registration."""
     sim = Sim()
@@ -109,7 +110,7 @@ def test_truncated_or_garbage_control_never_becomes_a_tunnel(data):
 
 def test_control_shaped_garbage_is_dropped_and_counted():
     sim = Sim()
-    sim.send(b"UDPT" + bytes(96), ATTACKER)
+    sim.send(b"UDPT" + bytes(proto.CTRL_LEN - 4), ATTACKER)
     assert sim.outside.stats["drop_auth"] == 1
     assert ATTACKER not in sim.outside.by_addr and ATTACKER not in sim.outside.clients
     assert sim.service_rx == []

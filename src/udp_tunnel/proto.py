@@ -29,11 +29,12 @@ F_BOUND = 0x02  # the tunnel is bound to the client in the peer field
 F_REFUSED = 0x04  # the outside is at its tunnel limit and did not register it
 F_REKEY = 0x08  # the keepalive was made with an old key: send the next one with the current key
 F_HELLO = 0x10  # unasked, from an outside agent that just started: register again now
+F_PROBE = 0x04  # keepalive: this spare now idles on purpose (its mapping's lifetime is measured)
 
-_BODY = struct.Struct("!4sBBBxQQQ16s16sHH")
-BODY_LEN = _BODY.size  # 68
+_BODY = struct.Struct("!4sBBBxQQQ16s16sHH16sHH")
+BODY_LEN = _BODY.size  # 88
 TAG_LEN = 32
-CTRL_LEN = BODY_LEN + TAG_LEN  # 100
+CTRL_LEN = BODY_LEN + TAG_LEN  # 120
 COOKIE_LEN = 16
 NO_PEER = bytes(18)
 
@@ -56,13 +57,15 @@ class Control:
     peer: bytes = NO_PEER  # client address, 16-byte IPv6 (v4-mapped) + 2-byte port
     active: int = 0  # keepalive: active tunnels the inside has; reply: clients waiting for a spare
     key: int = 0  # which of the codec's keys made (encode) or verified (decode) the tag
+    seen: bytes = NO_PEER  # reply: the address the outside sees the tunnel at (as peer)
+    interval: int = 0  # keepalive: seconds until this tunnel's next keepalive
 
 
 # The key is stretched with scrypt (memory-hard: 32 MiB and about 0.1 s per guess), so a
 # captured control message does not let anyone test guesses of a weak key quickly.
 KDF_SALT = b"udp-tunnel control v2"
 KDF_N, KDF_R, KDF_P = 1 << 15, 8, 1
-SECRET_FIELDS = slice(48, 68)  # peer address, port and count: encrypted
+SECRET_FIELDS = slice(48, 88)  # peer, count, seen address, interval: encrypted
 
 
 def key_list(secret: bytes) -> list[bytes]:
@@ -87,7 +90,8 @@ def _xor(data: bytes, enc_key: bytes, nonce: bytes) -> bytes:
     """Encrypt or decrypt the secret fields: XOR with HMAC(enc_key, nonce), a PRF keystream.
     The nonce (magic..counter of the same message) is never reused under one key: a
     keepalive's counter is used once per inside session, a reply answers one keepalive."""
-    stream = hmac.new(enc_key, nonce, hashlib.sha256).digest()
+    stream = b"".join(hmac.new(enc_key, bytes(nonce) + bytes([i]), hashlib.sha256).digest()
+                      for i in range((len(data) + 31) // 32))
     return bytes(a ^ b for a, b in zip(data, stream, strict=False))
 
 
@@ -106,6 +110,7 @@ class Codec:
         body = bytearray(_BODY.pack(
             MAGIC, VERSION, m.type, m.flags, m.session, m.tunnel, m.counter,
             m.cookie, m.peer[:16], int.from_bytes(m.peer[16:18], "big"), min(m.active, 0xFFFF),
+            m.seen[:16], int.from_bytes(m.seen[16:18], "big"), min(m.interval, 0xFFFF),
         ))
         body[SECRET_FIELDS] = _xor(body[SECRET_FIELDS], enc_key, body[:32])
         return bytes(body) + hmac.new(mac_key, body, hashlib.sha256).digest()
@@ -124,10 +129,12 @@ class Codec:
         body = data[:BODY_LEN]
         i = self._verify(body, data[BODY_LEN:])
         body = body[:48] + _xor(body[SECRET_FIELDS], self._keys[i][1], body[:32])
-        _, ver, typ, flags, session, tunnel, counter, cookie, paddr, pport, active = _BODY.unpack(body)
+        (_, ver, typ, flags, session, tunnel, counter, cookie, paddr, pport, active,
+         saddr, sport, interval) = _BODY.unpack(body)
         if ver != VERSION or typ not in (KEEPALIVE, REPLY):
             raise ControlError("malformed")
-        return Control(typ, flags, session, tunnel, counter, cookie, paddr + pport.to_bytes(2, "big"), active, i)
+        return Control(typ, flags, session, tunnel, counter, cookie, paddr + pport.to_bytes(2, "big"), active, i,
+                       saddr + sport.to_bytes(2, "big"), interval)
 
 
 def pack_peer(addr: tuple) -> bytes:
