@@ -24,7 +24,7 @@ def v6(ip: str, port: int) -> tuple:
 class Sim:
     def __init__(self, key: bytes = b"secret", keepalive: float = 25.0, timeout: float = 60.0,
                  spares: int = 2, max_clients: int = 100, legacy: bool = False,
-                 inside_key: bytes | None = None, now: float = 10_000.0) -> None:
+                 inside_key: bytes | None = None, now: float = 10_000.0, nat_timeout: float | None = None) -> None:
         self.now = now
         self.key, self.keepalive, self.legacy = key, keepalive, legacy
         self.max_clients = max_clients
@@ -45,6 +45,8 @@ class Sim:
         self.resolves = 0  # times the inside asked to look the outside's name up again
         self.up = True  # False: the network between the agents drops everything
         self.lose_up: set[int] = set()  # tunnels whose datagrams to the outside are lost
+        self.nat_timeout = nat_timeout  # the NAT forgets a mapping idle this long (None: never)
+        self.last_use: dict[int, float] = {}
         self.inside.start(now)
         self.pump()
 
@@ -68,6 +70,14 @@ class Sim:
         del self.by_public[old]
         return old
 
+    def _expire(self, tid: int) -> bool:
+        """The NAT forgets tid's mapping if it idled longer than its timeout."""
+        if self.nat_timeout is not None and tid in self.public and \
+                self.now - self.last_use.get(tid, self.now) > self.nat_timeout:
+            self.rebind(tid)
+            return True
+        return False
+
     def _public(self, tid: int) -> tuple:
         if tid not in self.public:
             addr = v6("203.0.113.7", next(self.ports))
@@ -83,7 +93,9 @@ class Sim:
             for a in acts:
                 kind = type(a)
                 if kind is Send:
+                    self._expire(a.tid)
                     addr = self._public(a.tid)
+                    self.last_use[a.tid] = self.now
                     self.wire.append((a.data, addr, "up"))
                     if self.up and a.tid not in self.lose_up:
                         self.outside.receive(a.data, addr, self.now)
@@ -100,6 +112,10 @@ class Sim:
             for data, addr in out:
                 self.wire.append((data, addr, "down"))
                 tid = self.by_public.get(addr)
+                if tid is not None and self._expire(tid):
+                    continue  # the mapping is gone: lost
+                if tid is not None:
+                    self.last_use[tid] = self.now
                 if tid is None or tid not in self.inside.tunnels:
                     self.received.setdefault(addr, []).append(data)
                 elif self.up:

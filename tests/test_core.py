@@ -22,11 +22,11 @@ def keepalives(sim: Sim, direction: str = "up") -> list[tuple[bytes, tuple]]:
 
 def test_spares_register_through_a_challenge_before_any_client_arrives():
     sim = Sim(spares=2)
-    assert sim.registered_spares() == 2
+    assert sim.registered_spares() == 3  # --spares, and one to learn the NAT's timeout with
     assert all(t.registered and t.rtt is not None for t in sim.inside.tunnels.values())
     # each spare: keepalive without cookie -> challenge -> keepalive with cookie -> registered
-    assert sim.outside.stats["challenges"] == 2
-    assert sim.outside.stats["registrations"] == 2
+    assert sim.outside.stats["challenges"] == 3
+    assert sim.outside.stats["registrations"] == 3
 
 
 def test_first_client_datagram_goes_through_at_once_and_a_new_spare_opens():
@@ -35,9 +35,9 @@ def test_first_client_datagram_goes_through_at_once_and_a_new_spare_opens():
     assert [d for _, d in sim.service_rx] == [b"hello"]
     tid = sim.service_rx[0][0]
     assert sim.inside.tunnels[tid].state == ACTIVE
-    # one more spare than --spares while clients keep arriving (the pool follows demand)
-    assert sum(t.state == SPARE for t in sim.inside.tunnels.values()) == 3
-    assert sim.registered_spares() == 3
+    # one more spare than before while clients keep arriving (the pool follows demand)
+    assert sum(t.state == SPARE for t in sim.inside.tunnels.values()) == 4
+    assert sim.registered_spares() == 4
     # the inside learned its client's address from the outside's answer
     assert proto.unpack_peer(sim.inside.tunnels[tid].peer, 10) == CLIENT_A
 
@@ -56,8 +56,10 @@ def test_replies_reach_only_their_own_client():
     assert sim.service_rx[-1] == (ta, b"a2")
 
 
-def test_keepalive_every_interval_on_each_tunnel():
-    sim = Sim(keepalive=25, spares=1)
+def test_keepalive_every_interval_on_each_tunnel_once_the_nat_is_known_to_allow_it():
+    sim = Sim(keepalive=25, spares=1)  # the simulated NAT never forgets a mapping
+    sim.advance(300)  # probes: mappings survive 20 s, then 31.25 s idle: -t is safe
+    assert sim.inside.learner.done() and sim.inside.interval() == 25
     start = len(keepalives(sim))
     sim.advance(250)
     per_tunnel = {}
@@ -83,7 +85,7 @@ def test_outside_expires_tunnels_whose_keepalives_stop():
     sim.send(b"x", CLIENT_A)
     sim.up = False
     sim.advance(24)
-    assert len(sim.outside.tunnels) == 4  # 1 active, 3 spares (the pool follows demand)
+    assert len(sim.outside.tunnels) == 5  # 1 active, 4 spares (the pool follows demand)
     sim.advance(2)  # 2 * keepalive + 5 s after the last keepalive
     assert sim.outside.tunnels == {} and sim.outside.route == {}
 
@@ -490,3 +492,25 @@ def test_a_replayed_hello_grants_nothing_and_costs_one_keepalive_per_tunnel():
     assert after - before <= 2 * len(sim.inside.tunnels)  # keepalives (and cookie answers), nothing else
     sim.send(b"a2", CLIENT_A)
     assert sim.service_rx[-1][1] == b"a2"
+
+
+# --- keepalives that fit the path (issue 10) ---
+
+@pytest.mark.parametrize("nat_timeout,upper", [(15, 25), (30, 25), (60, 25), (180, 25), (60, 120), (180, 120)])
+def test_the_keepalive_interval_learns_the_nat_timeout_and_stays_under_it(nat_timeout, upper):
+    sim = Sim(keepalive=upper, nat_timeout=nat_timeout, timeout=10_000)
+    sim.send(b"a1", CLIENT_A)  # a client, idle from now on (and never closed for it)
+    ta = sim.service_rx[-1][0]
+    sim.advance(1800, step=0.5)
+    learned = sim.inside.learner
+    assert learned.done(), learned.snapshot()
+    assert sim.inside.interval() < nat_timeout
+    if upper < 0.8 * nat_timeout:
+        assert sim.inside.interval() == upper  # a lenient NAT: no more keepalives than -t
+    else:
+        assert sim.inside.interval() >= 0.6 * nat_timeout  # not far under either
+    changed = sim.inside.stats["mappings_changed"]
+    sim.advance(1800, step=0.5)  # settled: no mapping lapses any more, the idle client still works
+    assert sim.inside.stats["mappings_changed"] == changed
+    sim.send(b"a2", CLIENT_A)
+    assert sim.service_rx[-1] == (ta, b"a2")

@@ -27,6 +27,7 @@ from typing import NamedTuple
 from udp_tunnel import proto
 from udp_tunnel.addr import show
 from udp_tunnel.core import Activity, CoreError, Meter, leg
+from udp_tunnel.keepalive import MIN_INTERVAL, Learner
 from udp_tunnel.log import Log
 from udp_tunnel.proto import Control, ControlError
 
@@ -82,6 +83,7 @@ class Tunnel:
     __slots__ = ("tid", "state", "created", "activated", "registered", "last_reply",
                  "cookie", "peer", "sent", "sent_at", "acked", "rtt", "registrations",
                  "registered_at", "next_ka", "retry", "answers", "known_by", "key",
+                 "seen", "prev_sent_at", "probe_idle", "probe_seen", "probe_counter",
                  "rx", "tx", "rx_act", "tx_act")
 
     def __init__(self, tid: int, now: float) -> None:
@@ -103,6 +105,11 @@ class Tunnel:
         self.answers = 0  # challenges answered at once since the last registration
         self.known_by: int | None = None  # the outside session that registered it
         self.key = 0  # the key its keepalives are made with (0: the current one)
+        self.seen = proto.NO_PEER  # where the outside sees it (its NAT mapping), as the last reply said
+        self.prev_sent_at = now
+        self.probe_idle = 0.0  # while it probes: how long it idles
+        self.probe_seen = proto.NO_PEER  # ... and where it was seen before
+        self.probe_counter = 0  # the keepalive after the idle, whose answer tells
         self.rx = Meter()  # from the outside, to the service (counted by the loop)
         self.tx = Meter()  # from the service, to the outside
         self.rx_act = Activity()
@@ -121,8 +128,9 @@ class InsideCore:
         self.random_bytes = random_bytes
         self.wall = wall
         self.session = int.from_bytes(random_bytes(8), "big")
-        self.keepalive = keepalive
-        self.dead_after = 2 * keepalive + 1  # no reply for this long: the outside is gone
+        self.keepalive = keepalive  # the upper bound (-t); the interval in use is learned
+        self.learner = Learner(keepalive, now)
+        self.probe: Tunnel | None = None  # the spare that idles to measure a mapping's lifetime
         self.timeout = timeout
         self.spares = spares  # the floor: more are opened while clients keep arriving
         self.max_clients = max_clients
@@ -156,6 +164,7 @@ class InsideCore:
     def spare_target(self) -> int:
         """--spares, plus as many as clients arrived lately or wait at the outside."""
         extra = min(MAX_EXTRA_SPARES, max(len(self.arrivals), self.waiting))
+        extra += not (self.legacy or self.learner.done())  # one to probe with, while learning
         return max(0, min(self.spares + extra, self.max_clients - self.active)) if self.spares else 0
 
     def _replenish(self, now: float) -> None:
@@ -177,10 +186,13 @@ class InsideCore:
         extra = self.counts()[1] - self.spare_target()
         if extra <= 0:
             return
-        for t in sorted((t for t in self.tunnels.values() if t.state is SPARE), key=lambda t: t.created)[:extra]:
+        spares = (t for t in self.tunnels.values() if t.state is SPARE and t is not self.probe)
+        for t in sorted(spares, key=lambda t: t.created)[:extra]:
             self.close(t.tid, now, "spare no longer needed")
 
     def _activate(self, t: Tunnel, now: float) -> None:
+        if self.probe is t:  # in use now: no figure from it
+            self.probe = None
         t.state = ACTIVE
         self.active += 1
         t.activated = now
@@ -196,6 +208,8 @@ class InsideCore:
         """Remove tunnel tid from the table, keeping the count of active tunnels right."""
         t = self.tunnels.pop(tid)
         self.active -= t.state is ACTIVE
+        if self.probe is t:
+            self.probe = None
         return t
 
     def close(self, tid: int, now: float, why: str) -> None:
@@ -217,27 +231,84 @@ class InsideCore:
 
     # --- keepalives ---
 
-    def _keepalive(self, t: Tunnel, counter: int, flags: int = 0) -> bytes:
+    def interval(self) -> float:
+        """Seconds between keepalives on every tunnel now."""
+        return self.keepalive if self.legacy else self.learner.interval()
+
+    def dead_after(self) -> float:
+        """No reply for this long: the outside agent is gone."""
+        return 2 * self.interval() + 1
+
+    def _keepalive(self, t: Tunnel, counter: int, flags: int = 0, interval: float = 0.0) -> bytes:
         if self.legacy:
             self.legacy_nonce = max(self.legacy_nonce + 1, int(self.wall() * 1000))
             return proto.legacy_keepalive(self.password, self.legacy_nonce)
         if t.state is ACTIVE:
             flags |= proto.F_ACTIVE
-        return self.codec.encode(Control(proto.KEEPALIVE, flags, self.session, t.tid,
-                                         counter, t.cookie, t.peer, self.active, t.key))
+        return self.codec.encode(Control(proto.KEEPALIVE, flags, self.session, t.tid, counter, t.cookie,
+                                         t.peer, self.active, t.key, interval=round(interval)))
 
-    def _send_keepalive(self, t: Tunnel, now: float) -> None:
-        if t.registered and now - t.last_reply > self.dead_after:
+    def _send_keepalive(self, t: Tunnel, now: float, probe: float = 0.0) -> None:
+        """Send a keepalive on t now; with `probe`, t then idles that long on purpose."""
+        if self.probe is t and not probe:
+            self._probe_ends(t, now)
+        elif t.registered and now - t.last_reply > self.dead_after():
             self._unregister(t)  # this tunnel's keepalives go unanswered: its mapping may be gone
         self.counter += 1
-        t.sent, t.sent_at = self.counter, now
-        self.actions.append(Send(t.tid, self._keepalive(t, self.counter)))
-        if t.registered or self.legacy:
-            t.next_ka = now + self.keepalive
+        t.prev_sent_at, t.sent, t.sent_at = t.sent_at, self.counter, now
+        if probe:
+            wait = probe
+        elif t.registered or self.legacy:
+            wait = self.interval()
         else:  # not registered yet: try again soon, backing off up to the keepalive interval
-            t.next_ka = now + min(self.keepalive, t.retry)
-            t.retry = min(2 * t.retry, self.keepalive)
+            wait = min(self.interval(), t.retry)
+            t.retry = min(2 * t.retry, self.interval())
+        self.actions.append(Send(t.tid, self._keepalive(t, self.counter, proto.F_PROBE if probe else 0, wait)))
+        t.next_ka = now + wait
         heapq.heappush(self.timers, (t.next_ka, t.tid))
+
+    # --- how long NAT mappings live (keepalive.py) ---
+
+    def _start_probe(self, now: float) -> None:
+        """Let one registered spare idle for the learner's next probe time."""
+        if self.legacy or self.probe is not None or not self.answering:
+            return
+        idle = self.learner.next_probe(now)
+        if idle is None:
+            return
+        spares = [t for t in self.tunnels.values() if t.state is SPARE and t.registered and t.seen != proto.NO_PEER]
+        if len(spares) < 2 or any(t.probe_counter for t in spares):  # one stays ready; one result at a time
+            return
+        t = min(spares, key=lambda t: t.created)
+        self.probe, t.probe_idle, t.probe_seen = t, idle, t.seen
+        self._send_keepalive(t, now, probe=idle)
+
+    def _probe_ends(self, t: Tunnel, now: float) -> None:
+        self.probe = None
+        if now >= t.sent_at + t.probe_idle - 0.1:  # it idled as long as asked: the answer tells
+            t.probe_counter = self.counter + 1
+        else:  # interrupted (an outside restart...): no figure from this one
+            t.probe_idle = 0.0
+
+    def _observe(self, t: Tunnel, seen: bytes, counter: int, now: float) -> None:
+        """The outside says where it sees tunnel t: has its NAT mapping changed?"""
+        if seen == proto.NO_PEER:
+            return
+        if t.probe_counter and counter == t.probe_counter:
+            self.learner.result(t.probe_idle, survived=seen == t.probe_seen)
+            t.probe_counter = 0
+            self.log.debug(f"NAT mapping {'survived' if seen == t.probe_seen else 'lapsed after'} "
+                           f"{t.probe_idle:.1f} s idle; keepalive interval now {self.interval():.1f} s")
+        elif t.probe_counter:  # the answer to the keepalive after the idle is lost: no figure
+            t.probe_counter = 0
+        elif t.seen != proto.NO_PEER and seen != t.seen:
+            self.stats["mappings_changed"] += 1
+            idle = now - max(t.prev_sent_at, t.tx_act.last or 0.0, t.rx_act.last or 0.0)
+            if idle >= MIN_INTERVAL:  # it idled that long and the NAT forgot it
+                self.learner.result(idle, survived=False)
+                self.log.info(f"a NAT mapping lapsed after {idle:.0f} s idle: keepalive interval now "
+                              f"{self.interval():.1f} s")
+        t.seen = seen
 
     def _unregister(self, t: Tunnel) -> None:
         t.registered = False
@@ -269,6 +340,7 @@ class InsideCore:
         if m.flags & proto.F_HELLO:
             self._hello(m, now)
             return
+        self._observe(t, m.seen, m.counter, now)
         t.acked = m.counter
         self._outside_session(m.session, t, now)
         self.last_reply = now
@@ -431,7 +503,7 @@ class InsideCore:
                 # (rebinding); a keepalive re-registers the tunnel from its new address now
                 self.stats["stall_keepalives"] += 1
                 self._send_keepalive(t, now)
-        if self.answering and not self.legacy and now - (self.last_reply or self.started) > self.dead_after:
+        if self.answering and not self.legacy and now - (self.last_reply or self.started) > self.dead_after():
             self.answering = False
             self.log.limited("noreply", f"the outside agent has not answered for "
                              f"{now - (self.last_reply or self.started):.0f} s")
@@ -439,6 +511,7 @@ class InsideCore:
                 self._unregister(t)
         self._replenish(now)
         self._shrink(now)
+        self._start_probe(now)
         self._check_resolve(now)
 
     def shutdown(self, now: float) -> None:
@@ -452,7 +525,8 @@ class InsideCore:
             due = now - self.last_resolve >= LEGACY_RESOLVE
         else:
             heard = self.last_reply if self.last_reply is not None else self.started
-            due = not self.answering and now - heard > self.dead_after and now - self.last_resolve > self.dead_after
+            dead = self.dead_after()
+            due = not self.answering and now - heard > dead and now - self.last_resolve > dead
         if due:
             self.last_resolve = now
             self.actions.append(Resolve())
@@ -491,6 +565,7 @@ class InsideCore:
         active, spare = self.counts()
         return {"role": "inside", "protocol": "legacy" if self.legacy else "v2",
                 "uptime": now - self.started, "clients": active, "spares": spare,
+                "keepalive": {**self.learner.snapshot(), "interval": self.interval(), "upper": self.keepalive},
                 "outside_answering": self.legacy or (self.answering and self.last_reply is not None
-                                                     and now - self.last_reply <= self.dead_after),
+                                                     and now - self.last_reply <= self.dead_after()),
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels}

@@ -81,6 +81,7 @@ class Session:
 
 class Tunnel:
     __slots__ = ("tid", "session", "addr", "state", "client", "src", "created", "last_ka", "key",
+                 "interval", "probe",
                  "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
 
     def __init__(self, tid: int, session: Session, addr: tuple, now: float) -> None:
@@ -93,6 +94,8 @@ class Tunnel:
         self.created = self.last_ka = self.registered_at = now
         self.counter = 0
         self.key = 0  # which of the codec's keys its last keepalive was made with
+        self.interval = 25.0  # seconds to its next keepalive, as its last one said
+        self.probe = False  # it idles on purpose: never handed out
         self.rebinds = 0
         self.up: Flow | None = None  # client -> inside
         self.down: Flow | None = None  # inside -> client
@@ -265,8 +268,9 @@ class OutsideCore:
                                  f"dropping datagrams of new client {show(addr)}")
                 return
             src = self._source(addr, now)
-            if self.spares and not src.blocked() and self._recovered(now):
-                self._bind(self._freshest_spare(), addr, src, now)
+            spare = self._ready_spare(now)
+            if spare is not None and not src.blocked() and self._recovered(now):
+                self._bind(spare, addr, src, now)
                 self._forward_first(addr, data)
                 return
             p = self._hold(addr, src, now)
@@ -292,8 +296,16 @@ class OutsideCore:
         self.poll_at = min(self.poll_at, now + POLL)
         return p
 
-    def _freshest_spare(self) -> Tunnel:
-        return self.spares[next(reversed(self.spares))]
+    def _ready_spare(self, now: float) -> Tunnel | None:
+        """The spare with the freshest keepalive, unless even that one missed its last
+        keepalive (its NAT mapping may be gone) or idles on purpose (a probe)."""
+        for tid in reversed(self.spares):
+            t = self.spares[tid]
+            if now - t.last_ka > 1.2 * t.interval + 1.0:
+                return None  # the rest are older still
+            if not t.probe:
+                return t
+        return None
 
     def _forward_first(self, addr: tuple, data: bytes) -> None:
         f = self.route[addr]
@@ -316,12 +328,11 @@ class OutsideCore:
                 self.log.limited("holdexp", f"new client {show(addr)} waited {HOLD_TIME:g} s for a "
                                  "tunnel: dropped (is the inside agent running and registered?)")
                 continue
-            if not self.spares or not recovered:
+            spare = self._ready_spare(now) if recovered else None
+            if spare is None or p.src.blocked():
                 continue  # look at the rest for expiry only
-            if p.src.blocked():
-                continue
             self._unhold(p)
-            self._bind(self._freshest_spare(), addr, p.src, now)
+            self._bind(spare, addr, p.src, now)
             for d in p.datagrams:  # in order, before anything newer from this client
                 self._forward_first(addr, d)
 
@@ -356,6 +367,7 @@ class OutsideCore:
     def _add(self, tid: int, session: Session, addr: tuple, now: float) -> Tunnel:
         self._claim(addr, None)
         t = Tunnel(tid, session, addr, now)
+        t.interval = self.keepalive
         self.tunnels[tid] = t
         self.by_addr[addr] = t
         self.spares[tid] = t
@@ -468,6 +480,8 @@ class OutsideCore:
         t.counter = m.counter
         t.last_ka = now
         t.key = m.key
+        t.probe = bool(m.flags & proto.F_PROBE)
+        t.interval = min(max(float(m.interval), 1.0), 1.5 * self.keepalive) if m.interval else self.keepalive
         if t.state is State.SPARE:  # freshest keepalive last: the next client takes it
             self.spares[t.tid] = self.spares.pop(t.tid)
         flags = proto.F_REGISTERED | (proto.F_REKEY if m.key else 0)
@@ -575,7 +589,8 @@ class OutsideCore:
 
     def _reply(self, addr: tuple, m: Control, flags: int, cookie: bytes, peer: bytes = proto.NO_PEER) -> None:
         waiting = min(len(self.pending), 0xFFFF) if flags & proto.F_REGISTERED else 0
-        r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, peer, waiting, m.key)
+        r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, peer, waiting, m.key,
+                    proto.pack_peer(addr))
         self.out.append(Datagram(self.codec.encode(r), addr))
 
     # --- legacy keepalives ---
@@ -634,7 +649,7 @@ class OutsideCore:
             return
         self.next_tick = now + 1.0
         for t in list(self.tunnels.values()):
-            if now - t.last_ka > self.expiry:
+            if now - t.last_ka > (self.expiry if self.legacy else 2 * t.interval + 5):
                 self._remove(t, f"no keepalive for {now - t.last_ka:.0f} s")
             elif t.state is State.BOUND:
                 t.up_act.sample(t.up, now)

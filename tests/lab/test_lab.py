@@ -204,6 +204,18 @@ def test_idle_longer_than_the_carrier_nat_timeout_then_traffic_resumes(lab, net)
     print(f"after {CARRIER_UDP_TIMEOUT + 8} s idle the first ping came back in {time.monotonic() - t0:.2f} s")
 
 
+def test_after_idling_past_the_carrier_nat_timeout_the_first_datagram_is_answered(lab, net):
+    """Both agents at -t 25, the carrier NAT forgets UDP mappings after 20 s: the keepalive
+    interval is learned and kept under that, so no idle period loses the first datagram."""
+    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9996, "-t", "25")
+    r = lab.tool("work1", "idles", VPS4, "9996", "40,44,48,52", timeout=260)
+    res = json.loads(r.stdout)
+    st = net.status(ins)
+    print(f"first datagram after idling: {res}; keepalive: {st['keepalive']}")
+    assert all(x["answered"] for x in res), res
+    assert st["keepalive"]["interval"] < CARRIER_UDP_TIMEOUT
+
+
 # 4
 def test_restart_outside_then_inside_under_traffic(lab, net):
     out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9998)

@@ -48,6 +48,26 @@ def probe(host: str, port: str) -> int:
             return 1
 
 
+def idles(host: str, port: str, periods: str) -> None:
+    """One client: a datagram, then for each period: idle that long and send ONE datagram
+    (no resend); print whether each first datagram after an idle was answered within 2 s."""
+    out = []
+    with socket.socket(fam(host), socket.SOCK_DGRAM) as s:
+        s.connect((host, int(port)))
+        s.settimeout(2.0)
+        for i, idle in enumerate([0.0] + [float(x) for x in periods.split(",")]):
+            time.sleep(idle)
+            msg = b"idle %d" % i
+            t0 = time.monotonic()
+            s.send(msg)
+            try:
+                ok = s.recv(100) == msg
+            except OSError:
+                ok = False
+            out.append({"idle": idle, "answered": ok, "ms": round((time.monotonic() - t0) * 1000, 1)})
+    print(json.dumps(out))
+
+
 def converse(host: str, port: str, n: str, per: str) -> None:
     from agents import converse as run
     print(json.dumps(run((host, int(port)), int(n), int(per), timeout=90, retry=0.5)))
