@@ -514,3 +514,18 @@ def test_the_keepalive_interval_learns_the_nat_timeout_and_stays_under_it(nat_ti
     assert sim.inside.stats["mappings_changed"] == changed
     sim.send(b"a2", CLIENT_A)
     assert sim.service_rx[-1] == (ta, b"a2")
+
+
+def test_a_spare_that_missed_its_keepalive_is_not_handed_out_until_it_registers_again():
+    sim = Sim(keepalive=25, spares=1)
+    sim.advance(1)
+    sim.inside.learner.survived = 31.25  # as learned: -t is safe
+    sim.lose_up = set(sim.inside.tunnels)  # its keepalives are lost (its mapping may be gone)
+    sim.advance(40)
+    assert sim.outside.spares  # still registered at the outside...
+    sim.send(b"new", CLIENT_A)
+    assert CLIENT_A in sim.outside.pending and sim.service_rx == []  # ...but not handed out
+    sim.lose_up = set()
+    sim.advance(30)  # its next keepalive gets through: fresh again
+    sim.send(b"again", CLIENT_A)
+    assert sim.service_rx[-1][1] == b"again"
