@@ -518,8 +518,9 @@ def test_the_keepalive_interval_learns_the_nat_timeout_and_stays_under_it(nat_ti
 
 def test_a_spare_that_missed_its_keepalive_is_not_handed_out_until_it_registers_again():
     sim = Sim(keepalive=25, spares=1)
-    sim.advance(1)
-    sim.inside.learner.survived = 31.25  # as learned: -t is safe
+    sim.inside.learner.survived = 31.25  # as if learned: -t is safe, no probes
+    sim.advance(30)
+    assert len(sim.outside.spares) == 1 and not next(iter(sim.outside.spares.values())).probe
     sim.lose_up = set(sim.inside.tunnels)  # its keepalives are lost (its mapping may be gone)
     sim.advance(40)
     assert sim.outside.spares  # still registered at the outside...
