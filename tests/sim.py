@@ -86,8 +86,7 @@ class Sim:
 
     def pump(self) -> None:
         for _ in range(1000):
-            acts, self.inside.actions = self.inside.actions, []
-            out, self.outside.out = self.outside.out, []
+            acts, out = self.inside.take(), self.outside.take()
             if not acts and not out:
                 return
             for a in acts:

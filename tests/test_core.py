@@ -242,7 +242,7 @@ def test_reply_with_a_client_on_a_spare_activates_it():
     sim = Sim(keepalive=5)
     sim.up = False
     sim.outside.receive(b"lost", CLIENT_A, sim.now)
-    sim.outside.out.clear()
+    sim.outside.take()
     sim.up = True
     sim.advance(6)
     assert sum(t.state == ACTIVE for t in sim.inside.tunnels.values()) == 1

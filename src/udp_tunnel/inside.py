@@ -451,6 +451,11 @@ class InsideCore:
         t.rx.pkts += 1
         t.rx.bytes += len(data)
 
+    def take(self) -> list:
+        """The actions to carry out, handed over (and forgotten here)."""
+        actions, self.actions = self.actions, []
+        return actions
+
     def on_resolved(self, changed: bool, now: float) -> None:
         """The loop looked the outside name up again (and reconnected if `changed`)."""
         if changed:

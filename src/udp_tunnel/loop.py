@@ -240,14 +240,12 @@ class OutsideLoop(Loop):
             self.save_state()
 
     def flush(self) -> None:
-        out = self.core.out
         send = self.sock.sendto
-        for data, addr in out:
+        for data, addr in self.core.take():
             try:
                 send(data, addr)
             except OSError as e:
                 self.net_error("send", e)
-        out.clear()
 
     def _on_udp(self, now: float) -> None:
         recv, send = self.sock.recvfrom_into, self.sock.sendto
@@ -321,8 +319,7 @@ class InsideLoop(Loop):
 
     def apply(self, now: float) -> None:
         while self.core.actions:
-            actions, self.core.actions = self.core.actions, []
-            for a in actions:
+            for a in self.core.take():
                 self._apply(a)
 
     def _apply(self, a) -> None:

@@ -219,6 +219,11 @@ class OutsideCore:
         else:
             self._new_client(data, addr, now)
 
+    def take(self) -> list[Datagram]:
+        """What to send, handed over (and forgotten here)."""
+        out, self.out = self.out, []
+        return out
+
     def rekey(self, secrets: list[bytes], now: float, reregister: bool = True) -> None:
         """New keys, the current one first; older ones are still accepted from tunnels that carry
         clients, which are asked to move to the current key. Spares must register again."""
