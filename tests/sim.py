@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
+import random
 import socket
 
 from udp_tunnel import proto
@@ -24,7 +26,10 @@ def v6(ip: str, port: int) -> tuple:
 class Sim:
     def __init__(self, key: bytes = b"secret", keepalive: float = 25.0, timeout: float = 60.0,
                  spares: int = 2, max_clients: int = 100, legacy: bool = False,
-                 inside_key: bytes | None = None, now: float = 10_000.0, nat_timeout: float | None = None) -> None:
+                 inside_key: bytes | None = None, now: float = 10_000.0, nat_timeout: float | None = None,
+                 seed: int | None = None) -> None:
+        # ids and secrets from a seeded generator when the test must be repeatable
+        self.random_bytes = random.Random(seed).randbytes if seed is not None else os.urandom
         self.now = now
         self.key, self.keepalive, self.legacy = key, keepalive, legacy
         self.max_clients = max_clients
@@ -33,7 +38,7 @@ class Sim:
         self.outside = self.new_outside()
         self.inside = InsideCore(secret=inside_key if inside_key is not None else key, keepalive=keepalive,
                                  timeout=timeout, spares=spares, max_clients=max_clients, now=now,
-                                 log=Log(DEBUG, self.log), legacy=legacy,
+                                 log=Log(DEBUG, self.log), legacy=legacy, random_bytes=self.random_bytes,
                                  wall=lambda: self.now + self.wall_offset)
         self.ports = itertools.count(40000)
         self.public: dict[int, tuple] = {}  # tunnel id -> its public address (the NAT's mapping)
@@ -53,7 +58,7 @@ class Sim:
     def new_outside(self, **kw) -> OutsideCore:
         return OutsideCore(secret=kw.pop("key", self.key), keepalive=self.keepalive,
                            max_clients=self.max_clients, family=socket.AF_INET6, now=self.now,
-                           log=Log(DEBUG, self.log), legacy=self.legacy,
+                           log=Log(DEBUG, self.log), legacy=self.legacy, random_bytes=self.random_bytes,
                            wall=lambda: self.now + self.wall_offset, **kw)
 
     def restart_outside(self, remember: bool = False) -> None:
