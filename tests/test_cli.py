@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -183,3 +184,46 @@ def test_metrics_port_in_use_is_one_line_and_leaves_no_control_socket(tmp_path):
         busy.close()
     assert r.returncode == 1 and "cannot serve metrics: Address already in use" in r.stderr
     assert r.stderr.count("\n") == 1 and not ctl.exists()
+
+
+# A SIGTERM that arrives the very moment our handler is installed: the handler must find the
+# wake-up descriptor already set, or the loop never hears of it and the agent runs on.
+SIGNAL_AT_INSTALL = """
+import os, signal, sys
+real = signal.signal
+def signal_and_raise(sig, handler):
+    old = real(sig, handler)
+    if sig == signal.SIGTERM and callable(handler):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return old
+signal.signal = signal_and_raise
+from udp_tunnel.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_sigterm_caught_as_the_handler_is_installed_stops_the_agent(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", SIGNAL_AT_INSTALL, "-l", f"127.0.0.1:{free_port()}",
+                          "--control", str(tmp_path / "c.sock")], env=env(UDP_TUNNEL_KEY="k"),
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.wait(10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "SIGTERM: stopping" in p.stderr.read()
+
+
+def test_a_sigterm_right_after_start_always_ends_the_agent(tmp_path):
+    for i in range(20):
+        p = subprocess.Popen(command("-l", f"127.0.0.1:{free_port()}", "--control", str(tmp_path / "c.sock")),
+                             env=env(UDP_TUNNEL_KEY="k"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(i * 0.01)  # walk the signal through start-up: interpreter, imports, bind, loop
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(20) in (0, -signal.SIGTERM), f"try {i}"
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
