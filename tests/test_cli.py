@@ -63,7 +63,7 @@ INSIDE = ["-s", "127.0.0.1:1", "-o", "127.0.0.1:2"]
     (["-l", "9", "--max-clock-skew", "10"], "only applies with --legacy"),
     (["-l", "9", "-k", ""], "the key is empty"),
     (["-l", "9", "--insecure-no-key"], "--insecure-no-key, yet a key is given"),
-    (["-l", "9", "--name", "../x"], "--name"),
+    (["-l", "9", "--name", "../x"], "is not a name"),
     (["status", "x", "--control", "/x"], "not both"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(args, needle):

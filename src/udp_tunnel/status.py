@@ -45,7 +45,7 @@ def private_dir(path: str) -> str:
     except FileExistsError:
         pass
     except OSError as e:
-        raise OSError(e.errno, f"cannot make {path}: {e.strerror}") from None
+        raise OSError(e.errno, f"cannot make {path}: {e.strerror} (give --control PATH, or --control none)") from None
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         raise OSError(0, f"{path} is not a private directory of this user (owner uid {st.st_uid}, "
@@ -286,7 +286,8 @@ def find_sockets() -> list[str]:
             st = os.lstat(d)
         except OSError:
             continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid in (os.geteuid(), 0):  # not someone else's /tmp dir
+        # not a directory someone else made under /tmp for us (root reads every user's)
+        if stat.S_ISDIR(st.st_mode) and (st.st_uid in (os.geteuid(), 0) or os.geteuid() == 0):
             found += sorted(glob.glob(os.path.join(glob.escape(d), "*.sock")))
     found += sorted(glob.glob(UNIT_GLOB))
     seen, out = set(), []
@@ -341,6 +342,9 @@ def status_command(argv: list[str]) -> int:
                 continue
             except (OSError, ValueError) as e:
                 problems.append(f"{path}: {getattr(e, 'strerror', None) or e}")
+                continue
+            if not isinstance(doc, dict) or "role" not in doc:
+                problems.append(f"{path}: not an agent's answer")
                 continue
             doc.setdefault("name", os.path.basename(path).removesuffix(".sock"))
             docs.append(doc)

@@ -75,12 +75,15 @@ class Net:
         assert s, f"{a['name']}: status condition not met\n{self.lab.log(a['name'] + '.log')}"
         return s
 
-    def pair(self, service: str, port: int, *extra: str, outside_addr: str | None = None, legacy: bool = False):
-        """An outside agent on the VPS and an inside agent at home for one service."""
+    def pair(self, service: str, port: int, *inside_extra: str, outside_addr: str | None = None,
+             legacy: bool = False):
+        """An outside agent on the VPS and an inside agent at home for one service
+        (inside_extra: inside-only options; the outside agent refuses them)."""
         mode = ["--legacy"] if legacy else []
-        common = ["-t", KEEPALIVE, "--key-file", self.key, *mode, *extra]
+        common = ["-t", KEEPALIVE, "--key-file", self.key, *mode]
         out = self.agent("vps", f"outside-{port}", "-l", str(port), *common)
-        ins = self.agent("home", f"inside-{port}", "-s", service, "-o", outside_addr or f"{VPS4}:{port}", *common)
+        ins = self.agent("home", f"inside-{port}", "-s", service, "-o", outside_addr or f"{VPS4}:{port}",
+                         *common, *inside_extra)
         self.wait_status(out, lambda s: s["spares"] >= 1)
         return out, ins
 
