@@ -106,7 +106,8 @@ def build_parser() -> Parser:
                                                   "(default: outside-PORT, inside-SERVICE-OUTSIDE)")
     g.add_argument("--control", metavar="PATH",
                    help="serve 'udp-tunnel status' on this Unix socket, 'none' for no socket "
-                        "(default: NAME.sock in /run/udp-tunnel as root, else $XDG_RUNTIME_DIR/udp-tunnel)")
+                        "(default: NAME.sock in $XDG_RUNTIME_DIR/udp-tunnel, else /run/udp-tunnel as root, "
+                        "else /tmp/udp-tunnel-UID; under systemd $RUNTIME_DIRECTORY/control.sock)")
     g.add_argument("--check-config", action="store_true", help=argparse.SUPPRESS)  # for make install-*
     g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
     g.add_argument("-v", "--verbose", action="store_true", help="log every tunnel event")
