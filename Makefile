@@ -75,12 +75,19 @@ define render_unit
 	chmod 644 $(DESTDIR)$(UNITDIR)/$(1).tmp && mv $(DESTDIR)$(UNITDIR)/$(1).tmp $(DESTDIR)$(UNITDIR)/$(1)
 endef
 
-check-outside-args:
+# The arguments are checked by the program itself (udp-tunnel --check-config: the same checks
+# as at start, without I/O) before anything is installed: a unit that can only fail is never written.
+q = '$(subst ','\'',$(1))'
+check-outside-args: udp-tunnel
 	@[ -n "$(listen)" ] || { echo "usage: make install-outside listen=[HOST:]PORT" >&2; exit 2; }
+	@$(PYTHON) ./udp-tunnel --check-config -l $(call q,$(listen)) -t $(call q,$(keepalive)) \
+	  --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key)
 
-check-inside-args:
+check-inside-args: udp-tunnel
 	@[ -n "$(service)" ] && [ -n "$(outside)" ] || \
 	  { echo "usage: make install-inside service=HOST:PORT outside=HOST:PORT" >&2; exit 2; }
+	@$(PYTHON) ./udp-tunnel --check-config -s $(call q,$(service)) -o $(call q,$(outside)) \
+	  -t $(call q,$(keepalive)) --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key)
 
 install-outside: check-outside-args install key
 	install -d $(DESTDIR)$(UNITDIR)

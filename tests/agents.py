@@ -3,13 +3,16 @@ service, many clients, and a user-space NAT that records what crosses it."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import resource
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -31,8 +34,13 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "udp_tunnel", *args]
 
 
+# Agents started without --control put their socket in $XDG_RUNTIME_DIR/udp-tunnel: here, not /run.
+RUNTIME = tempfile.mkdtemp(prefix="udpt-run-")
+atexit.register(shutil.rmtree, RUNTIME, True)
+
+
 def env(**extra: str) -> dict:
-    e = dict(os.environ, PYTHONPATH=SRC)
+    e = dict(os.environ, PYTHONPATH=SRC, XDG_RUNTIME_DIR=RUNTIME)
     e.pop("NOTIFY_SOCKET", None)
     e.update(extra)
     return e

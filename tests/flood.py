@@ -90,6 +90,7 @@ sys.path.insert(0, sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 from agents import UdpNat
+from udp_tunnel import proto
 nat = UdpNat((sys.argv[2], int(sys.argv[3])))
 for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # everything going up crosses this one socket
     nat.front.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
@@ -98,7 +99,7 @@ for line in sys.stdin:
     if line.strip() == "dump":
         seen = []
         for d in list(nat.captured):
-            if len(d) == 100 and d[:4] == b"UDPT" and d not in seen:
+            if proto.is_control(d) and d not in seen:
                 seen.append(d)
             if len(seen) >= 1000:
                 break

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
+import stat
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 
@@ -16,7 +21,11 @@ from udp_tunnel import __version__, proto
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("UDP_TUNNEL_KEY", "test-key")
     return subprocess.run(command(*args), env=env(**kw), capture_output=True, text=True, timeout=30)
+
+
+INSIDE = ["-s", "127.0.0.1:1", "-o", "127.0.0.1:2"]
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -30,7 +39,32 @@ def run(*args: str, **kw) -> subprocess.CompletedProcess:
     (["-l", "9", "-k", "a", "--key-file", "/x"], "not both"),
     (["-l", "9", "--max-clients", "0"], "max-clients"),
     (["--bogus"], "unrecognized"),
-    (["-l", "9", "-t", "x"], "invalid float"),
+    (["-l", "9", "-t", "x"], "expected a number"),
+    (["-l", "9", "-t", "nan"], "expected a number"),
+    (["-l", "9", "-t", "inf"], "expected a number"),
+    (["-l", "9", "-t", "-5"], "must be between 0.1 and 3600"),
+    (["-l", "9", "--keepalive", "-0.5"], "must be between 0.1 and 3600"),
+    (["-l", "9", "-t", "3601"], "must be between 0.1 and 3600"),
+    ([*INSIDE, "--timeout", "nan"], "expected a number"),
+    ([*INSIDE, "--timeout", "inf"], "expected a number"),
+    ([*INSIDE, "--timeout", "-1"], "shorter than the keepalive"),
+    ([*INSIDE, "--spares", "²"], "expected a whole number"),
+    ([*INSIDE, "--spares", "-1"], "expected a whole number"),
+    (["-l", "9", "--max-clients", "-3"], "expected a whole number"),
+    (["-l", "9", "--legacy", "--max-clock-skew", "nan"], "expected a number"),
+    (["-l", "9", "--legacy", "--max-clock-skew", "-1"], "must not be negative"),
+    (["-l", "²"], "--listen: expected HOST:PORT"),
+    (["-l", "127.0.0.1:٩٩"], "bad port"),
+    (["-s", "127.0.0.1:¹", "-o", "127.0.0.1:2"], "bad port"),
+    (["-l", "9", "--metrics", "127.0.0.1:x"], "bad port"),
+    (["-l", "9", "--spares", "3"], "--spares is for the inside agent"),
+    (["-l", "9", "--timeout", "90"], "--timeout is for the inside agent"),
+    ([*INSIDE, "--max-clock-skew", "10"], "--max-clock-skew is for the outside agent"),
+    (["-l", "9", "--max-clock-skew", "10"], "only applies with --legacy"),
+    (["-l", "9", "-k", ""], "the key is empty"),
+    (["-l", "9", "--insecure-no-key"], "--insecure-no-key, yet a key is given"),
+    (["-l", "9", "--name", "../x"], "is not a name"),
+    (["status", "x", "--control", "/x"], "not both"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(args, needle):
     r = run(*args)
@@ -45,8 +79,11 @@ def test_failures_a_user_can_fix_are_one_line_and_exit_1(tmp_path):
     busy.bind(("127.0.0.1", 0))
     empty = tmp_path / "empty"
     empty.write_text("\n")
+    precious = tmp_path / "precious"
+    precious.write_text("not a socket\n")
     try:
         cases = [
+            (["-l", f"127.0.0.1:{free_port()}", "--control", str(precious)], "is not a socket"),
             (["-s", "127.0.0.1:1", "-o", "no-such-host.invalid:9"], "cannot resolve"),
             (["-l", f"127.0.0.1:{busy.getsockname()[1]}"], "Address already in use"),
             (["-l", "9", "--key-file", str(tmp_path / "missing")], "cannot read key file"),
@@ -58,6 +95,29 @@ def test_failures_a_user_can_fix_are_one_line_and_exit_1(tmp_path):
             assert r.stderr.count("\n") == 1 and needle in r.stderr and "Traceback" not in r.stderr
     finally:
         busy.close()
+    assert precious.read_text() == "not a socket\n"  # --control never removes what is not a socket
+
+
+@pytest.mark.parametrize("args", [
+    ["-l", "9"],
+    ["-s", "127.0.0.1:1", "-o", "127.0.0.1:2"],
+    ["-l", "9", "--legacy"],
+])
+def test_without_a_key_the_agents_refuse_to_start_and_say_how(args):
+    r = run(*args, UDP_TUNNEL_KEY="")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("udp-tunnel: no key: ") and "--key-file" in r.stderr
+    assert "--insecure-no-key" in r.stderr
+
+
+def test_a_key_that_is_not_utf8_is_taken_as_its_bytes_from_argv_and_environment(lab):
+    svc = lab.echo()
+    port = free_port()
+    out = lab.agent("outside", ["-l", f"127.0.0.1:{port}", "-t", "1", "-k", b"\xff\xfekey"], key=None)
+    lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1"], key=None,
+              UDP_TUNNEL_KEY=b"\xff\xfekey")
+    out.wait_status(lambda s: s["spares"] >= 1)  # the inside agent's keepalives pass authentication
+    assert out.status()["key"] is True and "Traceback" not in out.log()
 
 
 def test_version_and_help():
@@ -78,7 +138,7 @@ def test_make_builds_one_executable_that_runs_the_demo():
 
 def test_no_key_is_said_loudly_at_start(lab):
     port = free_port()
-    out = lab.agent("outside", ["-l", f"127.0.0.1:{port}"], key=None)
+    out = lab.agent("outside", ["-l", f"127.0.0.1:{port}", "--insecure-no-key"], key=None)
     assert "NOT authenticated" in out.log()
     assert out.status()["key"] is False
 
@@ -183,3 +243,134 @@ def test_metrics_port_in_use_is_one_line_and_leaves_no_control_socket(tmp_path):
         busy.close()
     assert r.returncode == 1 and "cannot serve metrics: Address already in use" in r.stderr
     assert r.stderr.count("\n") == 1 and not ctl.exists()
+
+
+# A SIGTERM that arrives the very moment our handler is installed: the handler must find the
+# wake-up descriptor already set, or the loop never hears of it and the agent runs on.
+SIGNAL_AT_INSTALL = """
+import os, signal, sys
+real = signal.signal
+def signal_and_raise(sig, handler):
+    old = real(sig, handler)
+    if sig == signal.SIGTERM and callable(handler):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return old
+signal.signal = signal_and_raise
+from udp_tunnel.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_sigterm_caught_as_the_handler_is_installed_stops_the_agent(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", SIGNAL_AT_INSTALL, "-l", f"127.0.0.1:{free_port()}",
+                          "--control", str(tmp_path / "c.sock")], env=env(UDP_TUNNEL_KEY="k"),
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.wait(10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "SIGTERM: stopping" in p.stderr.read()
+
+
+def test_a_sigterm_right_after_start_always_ends_the_agent(tmp_path):
+    for i in range(20):
+        p = subprocess.Popen(command("-l", f"127.0.0.1:{free_port()}", "--control", str(tmp_path / "c.sock")),
+                             env=env(UDP_TUNNEL_KEY="k"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(i * 0.01)  # walk the signal through start-up: interpreter, imports, bind, loop
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(20) in (0, -signal.SIGTERM), f"try {i}"
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def wait_for(cond, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    return None
+
+
+def test_status_lists_every_agent_started_by_hand_and_picks_one_by_name(tmp_path):
+    run_dir = tempfile.mkdtemp(prefix="udpt-", dir="/tmp")  # short: a socket path holds at most 107 bytes
+    e = env(XDG_RUNTIME_DIR=run_dir, UDP_TUNNEL_KEY="k")
+    port = free_port()
+    sockets = os.path.join(run_dir, "udp-tunnel")
+    log = open(tmp_path / "agents.log", "w")
+
+    def start(*args: str) -> subprocess.Popen:
+        p = subprocess.Popen(command(*args), env=e, stdout=log, stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    def status(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(command("status", *args), env=e, capture_output=True, text=True, timeout=20)
+
+    procs: list[subprocess.Popen] = []
+    try:
+        start("-l", f"127.0.0.1:{port}", "-t", "1")
+        start("-s", "127.0.0.1:7", "-o", f"127.0.0.1:{port}", "-t", "1", "--name", "home")
+        both = {f"outside-127.0.0.1_{port}", "home"}
+        assert wait_for(lambda: status().stdout.count("agent: ") == 2), open(tmp_path / "agents.log").read()
+        assert sorted(os.listdir(sockets)) == sorted(n + ".sock" for n in both)
+        assert os.stat(sockets).st_mode & 0o777 == 0o700
+        text = status().stdout
+        assert "agent: outside" in text and "agent: inside" in text
+        assert {line.split(": ")[1] for line in text.splitlines() if line.startswith("  name: ")} == both
+        docs = json.loads(status("--json").stdout)
+        assert {d["name"] for d in docs} == both
+
+        one = status("home")
+        assert one.returncode == 0 and one.stdout.count("agent: ") == 1 and "agent: inside" in one.stdout
+        assert json.loads(status("--json", f"outside-127.0.0.1_{port}").stdout)["role"] == "outside"
+        none = status("nosuch")
+        assert none.returncode == 1 and none.stderr.count("\n") == 1 and "home" in none.stderr
+
+        # a second agent of the same name: one line, and the first one keeps its socket
+        twin = start("-s", "127.0.0.1:7", "-o", f"127.0.0.1:{port}", "--name", "home")
+        assert twin.wait(20) == 1
+        assert status("home").returncode == 0
+
+        # an agent killed outright leaves its socket behind: status skips it and removes it
+        killed = start("-s", "127.0.0.1:8", "-o", f"127.0.0.1:{port}", "--name", "gone")
+        assert wait_for(lambda: "gone" in status().stdout)
+        killed.kill()
+        killed.wait()
+        assert os.path.exists(os.path.join(sockets, "gone.sock"))
+        r = status()
+        assert r.returncode == 0 and r.stdout.count("agent: ") == 2 and "gone" not in r.stdout
+        assert not os.path.exists(os.path.join(sockets, "gone.sock"))
+        # and an agent started by hand over it takes the place
+        start("-s", "127.0.0.1:8", "-o", f"127.0.0.1:{port}", "--name", "gone")
+        assert wait_for(lambda: status("gone").returncode == 0)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        log.close()
+    out = (tmp_path / "agents.log").read_text()
+    assert "another agent is serving" in out and "Traceback" not in out
+    assert [f for f in os.listdir(sockets) if f.endswith(".sock")] == []  # each removed its socket (the state stays)
+    shutil.rmtree(run_dir)
+
+
+def test_a_socket_directory_others_can_enter_is_refused(tmp_path):
+    d = tmp_path / "udp-tunnel"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    r = run("-l", f"127.0.0.1:{free_port()}", XDG_RUNTIME_DIR=str(tmp_path))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a private directory" in r.stderr
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755 and list(d.iterdir()) == []  # left as it was

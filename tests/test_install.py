@@ -63,6 +63,27 @@ def test_install_targets_without_their_arguments_say_how_and_install_nothing(tmp
     assert not (tmp_path / "prefix").exists() and not (tmp_path / "conf").exists()
 
 
+@pytest.mark.parametrize("target, args, needle", [
+    ("install-outside", ["listen=70000"], "bad port '70000'"),
+    ("install-outside", ["listen=vps example:9999"], "bad host name"),
+    ("install-outside", ["listen=9999", "keepalive=0"], "keepalive interval must be between"),
+    ("install-outside", ["listen=9999", "keepalive=nan"], "expected a number"),
+    ("install-outside", ["listen=9999", "max_clients=lots"], "expected a whole number"),
+    ("install-outside", ["listen=9999", "max_clients=0"], "--max-clients must be between"),
+    ("install-inside", ["service=localhost", "outside=vps.example.com:9999"], "expected HOST:PORT"),
+    ("install-inside", ["service=localhost:51820", "outside=vps.example.com:99999"], "bad port"),
+    ("install-inside", ["service=localhost:51820", "outside=vps.example.com:9999", "keepalive=-5"],
+     "must be between"),
+    ("install-inside", ["service=it's:1", "outside=vps.example.com:9999"], "bad host name"),
+])
+def test_install_targets_check_their_arguments_with_the_program_and_install_nothing_when_wrong(
+        tmp_path, target, args, needle):
+    r = make(target, *args, *dirs(tmp_path), check=False)
+    assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "prefix").exists() and not (tmp_path / "conf").exists()
+    assert not (tmp_path / "units").exists()
+
+
 def test_destdir_is_honoured(tmp_path):
     make("install-outside", "listen=9999", f"DESTDIR={tmp_path}")
     assert (tmp_path / "usr/local/bin/udp-tunnel").exists()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import socket
+
+HOST = re.compile(r"[\w.-]+")  # a name (also an IDN) or an IPv4 address; no spaces, quotes or shell characters
+HOST6 = re.compile(r"[\w.:%-]+")  # inside brackets: an IPv6 address, with a %scope perhaps
 
 
 class AddrError(ValueError):
@@ -14,7 +18,7 @@ class ResolveError(AddrError):
 
 
 def _port(text: str, what: str, allow_zero: bool = False) -> int:
-    if not text.isdigit() or not (0 if allow_zero else 1) <= int(text) <= 65535:
+    if not (text.isascii() and text.isdigit()) or not (0 if allow_zero else 1) <= int(text) <= 65535:
         raise AddrError(f"{what}: bad port {text!r} (1-65535)")
     return int(text)
 
@@ -25,18 +29,22 @@ def split_hostport(text: str, what: str, allow_zero: bool = False) -> tuple[str,
         host, sep, port = text[1:].partition("]:")
         if not sep or not host:
             raise AddrError(f"{what}: expected [IPV6]:PORT, got {text!r}")
+        if not HOST6.fullmatch(host):
+            raise AddrError(f"{what}: bad address {host!r}")
     else:
         host, sep, port = text.rpartition(":")
         if not sep or not host:
             raise AddrError(f"{what}: expected HOST:PORT, got {text!r}")
         if ":" in host:
             raise AddrError(f"{what}: put an IPv6 address in brackets, as in [{host}]:{port}")
+        if not HOST.fullmatch(host):
+            raise AddrError(f"{what}: bad host name {host!r}")
     return host, _port(port, what, allow_zero)
 
 
 def parse_listen(text: str) -> tuple[str | None, int]:
     """'9999' (every address, IPv4 and IPv6), 'HOST:PORT' or '[V6]:PORT'."""
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return None, _port(text, "--listen", allow_zero=True)
     return split_hostport(text, "--listen", allow_zero=True)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import resource
 import socket
 import sys
@@ -16,7 +18,7 @@ from udp_tunnel.log import DEBUG, INFO, WARNING, Log
 USAGE = """\
 udp-tunnel -s HOST:PORT -o HOST:PORT [options]   inside agent, next to the service
 udp-tunnel -l [HOST:]PORT [options]              outside agent, on the public host
-udp-tunnel status [--control PATH] [--json]      show a running agent's tunnels
+udp-tunnel status [NAME] [--control PATH] [--json]   show running agents and their tunnels
 udp-tunnel demo                                  run both agents on loopback and show them work"""
 
 
@@ -24,9 +26,52 @@ class UsageError(Exception):
     pass
 
 
+MAX_KEEPALIVE = 3600  # seconds; the cores size their cookie lifetime from the keepalive
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
         raise UsageError(message)
+
+
+def number(text: str) -> float:
+    """A finite decimal number written in ASCII (float() also takes 'nan', 'inf' and other digits)."""
+    try:
+        value = float(text) if text.isascii() else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    return value
+
+
+def whole(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+# Options that take a number: argparse would read a negative value (-t -5) as an option,
+# because -4 and -6 are options; join_negative turns it into -t=-5 so the range check speaks.
+NUMERIC = {"-t", "--keepalive", "--timeout", "--spares", "--max-clients", "--max-clock-skew"}
+NEGATIVE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def join_negative(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in NUMERIC and i + 1 < len(argv) and NEGATIVE.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+NO_KEY = ("no key: give the same key to both ends with --key-file PATH (or UDP_TUNNEL_KEY), "
+          "or run without authentication with --insecure-no-key")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def build_parser() -> Parser:
@@ -40,27 +85,35 @@ def build_parser() -> Parser:
     g = p.add_argument_group("key (the same on both ends)")
     g.add_argument("-k", "--key", metavar="KEY", help="pre-shared key (visible in the process list: prefer --key-file)")
     g.add_argument("--key-file", metavar="PATH", help="read the key from this file (SIGHUP reads it again)")
+    g.add_argument("--insecure-no-key", action="store_true",
+                   help="run without a key: anyone can take over tunnels (without a key the agents refuse to start)")
     g = p.add_argument_group("tuning")
-    g.add_argument("-t", "--keepalive", metavar="SECONDS", type=float, default=25.0,
-                   help="keepalive interval, the same on both ends (default 25)")
-    g.add_argument("--timeout", metavar="SECONDS", type=float, default=60.0,
+    g.add_argument("-t", "--keepalive", metavar="SECONDS", type=number, default=25.0,
+                   help=f"keepalive interval, the same on both ends (default 25, at most {MAX_KEEPALIVE})")
+    g.add_argument("--timeout", metavar="SECONDS", type=number,
                    help="inside: close a tunnel after this long without a datagram from its client (default 60)")
-    g.add_argument("--spares", metavar="N", type=int, default=2, help="inside: spare tunnels kept ready (default 2)")
-    g.add_argument("--max-clients", metavar="N", type=int, default=1000,
+    g.add_argument("--spares", metavar="N", type=whole, help="inside: spare tunnels kept ready (default 2)")
+    g.add_argument("--max-clients", metavar="N", type=whole, default=1000,
                    help="most clients (tunnels in use) at once (default 1000)")
     g.add_argument("--legacy", action="store_true", help="speak the wire format of the C udp-tunnel 1.x")
-    g.add_argument("--max-clock-skew", metavar="SECONDS", type=float, default=120.0,
+    g.add_argument("--max-clock-skew", metavar="SECONDS", type=number,
                    help="outside --legacy: refuse keepalives whose clock is further off (default 120, 0: off)")
     fam = g.add_mutually_exclusive_group()
     fam.add_argument("-4", dest="family", action="store_const", const=socket.AF_INET, help="IPv4 only")
     fam.add_argument("-6", dest="family", action="store_const", const=socket.AF_INET6, help="IPv6 only")
     g = p.add_argument_group("operation")
+    g.add_argument("--name", metavar="NAME", help="what 'udp-tunnel status NAME' calls this agent "
+                                                  "(default: outside-PORT, inside-SERVICE-OUTSIDE)")
     g.add_argument("--control", metavar="PATH",
-                   help="serve 'udp-tunnel status' on this Unix socket (default: $RUNTIME_DIRECTORY/control.sock)")
+                   help="serve 'udp-tunnel status' on this Unix socket, 'none' for no socket "
+                        "(default: NAME.sock in $XDG_RUNTIME_DIR/udp-tunnel, else /run/udp-tunnel as root, "
+                        "else /tmp/udp-tunnel-UID; under systemd $RUNTIME_DIRECTORY/control.sock)")
+    g.add_argument("--check-config", action="store_true", help=argparse.SUPPRESS)  # for make install-*
     g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
     g.add_argument("--state-file", metavar="PATH",
                    help="outside: remember where the tunnels are, so that after a restart they register "
-                        "again at once (default: $STATE_DIRECTORY/outside.state under systemd)")
+                        "again at once (default: NAME.state beside the control socket, "
+                        "$STATE_DIRECTORY/outside.state under systemd; none: off)")
     g.add_argument("-v", "--verbose", action="store_true", help="log every tunnel event")
     g.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     g.add_argument("-V", "--version", action="version", version=f"udp-tunnel {__version__}")
@@ -77,9 +130,8 @@ def read_key_file(path: str) -> bytes:
 
 
 def load_key(a: argparse.Namespace) -> tuple[bytes, str]:
-    """The secret and where it came from ('' when there is none)."""
-    if a.key is not None and a.key_file is not None:
-        raise UsageError("give the key once: -k or --key-file, not both")
+    """The secret and where it came from ('' when there is none). A key is bytes: from
+    -k or UDP_TUNNEL_KEY the very bytes given (os.fsencode), as from a key file."""
     if a.key_file is not None:
         try:
             return read_key_file(a.key_file), "key file"
@@ -88,12 +140,10 @@ def load_key(a: argparse.Namespace) -> tuple[bytes, str]:
         except ValueError as e:
             raise StartError(str(e)) from None
     if a.key is not None:
-        if not a.key:
-            raise UsageError("-k: the key is empty")
-        return a.key.encode(), "command line"
-    env = os.environ.get("UDP_TUNNEL_KEY")
+        return os.fsencode(a.key), "command line"
+    env = os.environb.get(b"UDP_TUNNEL_KEY")
     if env:
-        return env.encode(), "UDP_TUNNEL_KEY"
+        return env, "UDP_TUNNEL_KEY"
     return b"", ""
 
 
@@ -102,6 +152,8 @@ class StartError(Exception):
 
 
 def check(a: argparse.Namespace) -> str:
+    """Everything about the command line that can be checked without I/O (also what
+    `make install-*` asks with --check-config). Fills in the role-specific defaults."""
     inside = a.service is not None or a.outside is not None
     if inside and a.listen is not None:
         raise UsageError("-l (outside agent) cannot be combined with -s/-o (inside agent)")
@@ -109,16 +161,49 @@ def check(a: argparse.Namespace) -> str:
         raise UsageError("say which agent to run: -s HOST:PORT -o HOST:PORT (inside) or -l PORT (outside)")
     if inside and (a.service is None or a.outside is None):
         raise UsageError("the inside agent needs both -s HOST:PORT and -o HOST:PORT")
-    if not 0.1 <= a.keepalive <= 3600:
-        raise UsageError("-t: the keepalive interval must be between 0.1 and 3600 seconds")
-    if a.timeout < a.keepalive:
+    if inside:
+        split_hostport(a.service, "--service")
+        split_hostport(a.outside, "--outside")
+        if a.max_clock_skew is not None:
+            raise UsageError("--max-clock-skew is for the outside agent (-l --legacy), not the inside agent")
+        if a.state_file is not None:
+            raise UsageError("--state-file is for the outside agent (-l), not the inside agent")
+    else:
+        parse_listen(a.listen)
+        for opt, value in (("--timeout", a.timeout), ("--spares", a.spares)):
+            if value is not None:
+                raise UsageError(f"{opt} is for the inside agent (-s/-o), not the outside agent")
+        if a.max_clock_skew is not None and not a.legacy:
+            raise UsageError("--max-clock-skew only applies with --legacy")
+    if a.metrics:
+        split_hostport(a.metrics, "--metrics")
+    if not 0.1 <= a.keepalive <= MAX_KEEPALIVE:
+        raise UsageError(f"-t: the keepalive interval must be between 0.1 and {MAX_KEEPALIVE} seconds")
+    if a.timeout is None:
+        a.timeout = max(60.0, a.keepalive)
+    elif a.timeout < a.keepalive:
         raise UsageError("--timeout must not be shorter than the keepalive interval")
-    if not 1 <= a.spares <= 64:
+    if a.spares is None:
+        a.spares = 2
+    elif not 1 <= a.spares <= 64:
         raise UsageError("--spares must be between 1 and 64")
     if not 1 <= a.max_clients <= 1_000_000:
         raise UsageError("--max-clients must be between 1 and 1000000")
-    if a.max_clock_skew < 0:
+    if a.max_clock_skew is None:
+        a.max_clock_skew = 120.0
+    elif a.max_clock_skew < 0:
         raise UsageError("--max-clock-skew must not be negative")
+    if a.key is not None and a.key_file is not None:
+        raise UsageError("give the key once: -k or --key-file, not both")
+    if a.key == "":
+        raise UsageError("-k: the key is empty")
+    has_key = a.key is not None or a.key_file is not None or bool(os.environb.get(b"UDP_TUNNEL_KEY"))
+    if a.insecure_no_key and has_key:
+        raise UsageError("--insecure-no-key, yet a key is given (-k, --key-file or UDP_TUNNEL_KEY): drop one")
+    if not has_key and not a.insecure_no_key:
+        raise UsageError(NO_KEY)
+    if a.name is not None and not NAME.fullmatch(a.name):
+        raise UsageError(f"--name: {a.name!r} is not a name (letters, digits, '.', '_', '-'; at most 64)")
     return "inside" if inside else "outside"
 
 
@@ -157,6 +242,42 @@ def bind_listen(text: str, family: int | None) -> socket.socket:
     return s
 
 
+def default_name(role: str, a: argparse.Namespace) -> str:
+    """outside-9999, outside-192.0.2.1_9999, inside-localhost_51820-vps.example.com_9999."""
+    def tidy(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
+    name = f"outside-{tidy(a.listen)}" if role == "outside" else f"inside-{tidy(a.service)}-{tidy(a.outside)}"
+    return name[:64]
+
+
+def control_path(given: str | None, name: str) -> str | None:
+    """--control PATH, 'none', or by default: the unit's RuntimeDirectory under systemd, else
+    NAME.sock in this user's private runtime directory (made here if needed)."""
+    from udp_tunnel import status
+
+    if given == "none":
+        return None
+    if given:
+        return given
+    if os.environ.get("RUNTIME_DIRECTORY"):
+        return os.path.join(os.environ["RUNTIME_DIRECTORY"].split(":")[0], "control.sock")
+    return os.path.join(status.private_dir(status.runtime_dir()), f"{name}.sock")
+
+
+def state_path(given: str | None, name: str) -> str | None:
+    """--state-file PATH, 'none', or by default: the unit's StateDirectory under systemd, else
+    NAME.state beside the control socket in this user's private runtime directory."""
+    from udp_tunnel import status
+
+    if given == "none":
+        return None
+    if given:
+        return given
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.path.join(os.environ["STATE_DIRECTORY"].split(":")[0], "outside.state")
+    return os.path.join(status.private_dir(status.runtime_dir()), f"{name}.state")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -166,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["status"]:
             from udp_tunnel.status import status_command
             return status_command(argv[1:])
-        return run(build_parser().parse_args(argv))
+        return run(build_parser().parse_args(join_negative(argv)))
     except (StartError, ResolveError) as e:
         print(f"udp-tunnel: {e}", file=sys.stderr)
         return 1
@@ -184,15 +305,15 @@ def run(a: argparse.Namespace) -> int:
     from udp_tunnel.outside import OutsideCore
 
     role = check(a)
+    if a.check_config:
+        return 0
     secret, key_from = load_key(a)
     raise_fd_limit(2 * a.max_clients + 2 * a.spares + 64)
     log = Log(WARNING if a.quiet else DEBUG if a.verbose else INFO)
     reload_key = (lambda: read_key_file(a.key_file)) if a.key_file else None
     now = time.monotonic()
     protocol = "legacy (C udp-tunnel 1.x)" if a.legacy else "v2"
-    control = a.control
-    if control is None and os.environ.get("RUNTIME_DIRECTORY"):
-        control = os.path.join(os.environ["RUNTIME_DIRECTORY"].split(":")[0], "control.sock")
+    name = a.name or default_name(role, a)
     metrics_addr = split_hostport(a.metrics, "--metrics") if a.metrics else None
 
     if role == "outside":
@@ -200,9 +321,11 @@ def run(a: argparse.Namespace) -> int:
         fam = sock.family
         core = OutsideCore(secret=secret, keepalive=a.keepalive, max_clients=a.max_clients, family=fam,
                            now=now, log=log, legacy=a.legacy, max_skew=a.max_clock_skew)
-        state = a.state_file
-        if state is None and os.environ.get("STATE_DIRECTORY"):
-            state = os.path.join(os.environ["STATE_DIRECTORY"].split(":")[0], "outside.state")
+        try:
+            state = state_path(a.state_file, name)
+        except OSError as e:
+            sock.close()
+            raise StartError(f"{e.strerror or e} (or --state-file PATH)") from None
         loop = OutsideLoop(core, sock, log, state_path=state, reload_key=reload_key)
         where = show(sock.getsockname())
         if fam == socket.AF_INET6 and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
@@ -223,15 +346,17 @@ def run(a: argparse.Namespace) -> int:
         info = {"service": show(service_addr[1]),
                 "outside": resolved if resolved == a.outside else f"{a.outside} ({resolved})"}
         desc = f"inside agent for service {info['service']} via outside agent {info['outside']}"
-    loop.info = {"version": __version__, "pid": os.getpid(), "key": bool(secret), **info}
+    loop.info = {"version": __version__, "pid": os.getpid(), "key": bool(secret), "name": name, **info}
     servers = []
+    control, what = None, "status"
     try:
+        control = control_path(a.control, name)
         if control:
             servers.append(status.ControlServer(control, loop))
+        what = "metrics"
         if metrics_addr:
             servers.append(metrics.MetricsServer(metrics_addr, loop))
     except OSError as e:
-        what = "metrics" if servers or not control else "status"
         for s in servers:
             s.close()
         loop.close()
@@ -241,7 +366,7 @@ def run(a: argparse.Namespace) -> int:
              + (f", status on {control}" if control else "")
              + (f", metrics on http://{show(metrics_addr)}/metrics" if metrics_addr else ""))
     if not secret:
-        log.warning("no key (-k, --key-file or UDP_TUNNEL_KEY): keepalives are NOT authenticated; "
+        log.warning("--insecure-no-key: keepalives are NOT authenticated; "
                     "anyone who can send UDP to the outside agent can take over tunnels and "
                     "receive your clients' datagrams")
     elif key_from == "command line":

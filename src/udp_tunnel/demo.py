@@ -77,8 +77,10 @@ def demo(argv: list[str]) -> int:
     seen: set = set()
     stop = threading.Event()
     threading.Thread(target=echo_service, args=(service, seen, stop), daemon=True).start()
-    agents = [start_agent("outside", ["-l", f"127.0.0.1:{oport}", "-t", "1"], env),
-              start_agent("inside", ["-s", f"127.0.0.1:{sport}", "-o", f"127.0.0.1:{oport}", "-t", "1"], env)]
+    quiet = ["--control", "none"]  # the demo leaves nothing behind for `udp-tunnel status`
+    agents = [start_agent("outside", ["-l", f"127.0.0.1:{oport}", "-t", "1", *quiet], env),
+              start_agent("inside", ["-s", f"127.0.0.1:{sport}", "-o", f"127.0.0.1:{oport}", "-t", "1", *quiet],
+                          env)]
     ok = sent = 0
     rtts: list[float] = []
     try:

@@ -144,8 +144,9 @@ class Loop:
             self.snapshot = snap
 
     def run(self) -> int:
-        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        # The wake-up descriptor first: a signal caught by our handler must always wake the poll.
         old_fd = signal.set_wakeup_fd(self._sig_w.fileno(), warn_on_full_buffer=False)
+        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         watchdog = systemd.watchdog_interval()
         next_dog = 0.0
         try:
@@ -181,9 +182,9 @@ class Loop:
             self.shutdown(now)
             return 0
         finally:
-            signal.set_wakeup_fd(old_fd)
             for s, h in old.items():
                 signal.signal(s, h)
+            signal.set_wakeup_fd(old_fd)
             self.close()
 
     def status_line(self) -> str:

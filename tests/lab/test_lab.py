@@ -75,13 +75,15 @@ class Net:
         assert s, f"{a['name']}: status condition not met\n{self.lab.log(a['name'] + '.log')}"
         return s
 
-    def pair(self, service: str, port: int, *extra: str, outside_addr: str | None = None, legacy: bool = False,
-             outside_extra: tuple = ()):
-        """An outside agent on the VPS and an inside agent at home for one service."""
+    def pair(self, service: str, port: int, *inside_extra: str, outside_addr: str | None = None,
+             legacy: bool = False, keepalive: str = KEEPALIVE, outside_extra: tuple = ()):
+        """An outside agent on the VPS and an inside agent at home for one service
+        (inside_extra, outside_extra: options for one agent only; the other refuses them)."""
         mode = ["--legacy"] if legacy else []
-        common = ["-t", KEEPALIVE, "--key-file", self.key, *mode, *extra]
+        common = ["-t", keepalive, "--key-file", self.key, *mode]
         out = self.agent("vps", f"outside-{port}", "-l", str(port), *common, *outside_extra)
-        ins = self.agent("home", f"inside-{port}", "-s", service, "-o", outside_addr or f"{VPS4}:{port}", *common)
+        ins = self.agent("home", f"inside-{port}", "-s", service, "-o", outside_addr or f"{VPS4}:{port}",
+                         *common, *inside_extra)
         self.wait_status(out, lambda s: s["spares"] >= 1)
         return out, ins
 
@@ -207,7 +209,7 @@ def test_idle_longer_than_the_carrier_nat_timeout_then_traffic_resumes(lab, net)
 def test_after_idling_past_the_carrier_nat_timeout_the_first_datagram_is_answered(lab, net):
     """Both agents at -t 25, the carrier NAT forgets UDP mappings after 20 s: the keepalive
     interval is learned and kept under that, so no idle period loses the first datagram."""
-    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9996, "-t", "25")
+    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9996, keepalive="25")
     r = lab.tool("work1", "idles", VPS4, "9996", "40,44,48,52", timeout=260)
     res = json.loads(r.stdout)
     st = net.status(ins)
@@ -237,7 +239,7 @@ def test_restart_outside_then_inside_under_traffic(lab, net):
 def test_outside_restart_at_the_default_keepalive_resumes_within_a_second(lab, net):
     """The restarted outside agent asks the tunnels in its state file to register at once."""
     state = os.path.join(net.tmp, "outside.state")
-    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9997, "-t", "25", outside_extra=("--state-file", state))
+    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9997, keepalive="25", outside_extra=("--state-file", state))
     flow = lab.spawn_tool("work1", "flow4b.log", "flow", VPS4, "9997", "60")
     try:
         resumed_after(lab, "flow4b.log", 0)
