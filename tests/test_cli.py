@@ -143,6 +143,13 @@ def test_no_key_is_said_loudly_at_start(lab):
     assert out.status()["key"] is False
 
 
+def test_a_short_key_gets_a_warning_a_long_one_none(lab):
+    short = lab.agent("short", ["-l", f"127.0.0.1:{free_port()}"], key="hunter2")
+    long = lab.agent("long", ["-l", f"127.0.0.1:{free_port()}"], key="x8Hq2-kVt0PzL4wN9sRbYc")
+    assert "the key is short" in short.log()
+    assert "the key is short" not in long.log()
+
+
 def test_status_shows_tunnels_as_text_and_json(lab):
     svc = lab.echo()
     port = free_port()
@@ -155,6 +162,7 @@ def test_status_shows_tunnels_as_text_and_json(lab):
                           capture_output=True, text=True, timeout=10).stdout
     assert "agent: inside" in text and "outside agent answering: yes" in text
     assert text.count("(active)") == 2 and "keepalive round trip:" in text and "client: 127.0.0.1:" in text
+    assert "keepalive: every 1.0 s (" in text and "; at most 1 s; 0 mapping(s) lapsed)" in text
     text = subprocess.run(command("status", "--control", out.control), env=env(),
                           capture_output=True, text=True, timeout=10).stdout
     assert "agent: outside" in text and "key: set" in text and "to inside: 5 datagrams" in text
@@ -170,7 +178,8 @@ def test_metrics_are_valid_prometheus_text_with_the_counts(lab):
     svc = lab.echo()
     port, mport = free_port(), free_port()
     out = lab.agent("outside", ["-l", f"127.0.0.1:{port}", "-t", "1", "--metrics", f"127.0.0.1:{mport}"])
-    lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1"])
+    iport = free_port()
+    lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1", "--metrics", f"127.0.0.1:{iport}"])
     assert converse(("127.0.0.1", port), 3, 4)["done"] == 3
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # one datagram that fails authentication
         s.sendto(b"UDPT" + bytes(proto.CTRL_LEN - 4), ("127.0.0.1", port))
@@ -183,6 +192,11 @@ def test_metrics_are_valid_prometheus_text_with_the_counts(lab):
     assert samples[("udp_tunnel_tunnels", (("state", "active"),))] == 3
     assert samples[("udp_tunnel_dropped_total", (("reason", "auth"),))] == 1
     assert samples[("udp_tunnel_registrations_total", ())] >= 5
+    body = urllib.request.urlopen(f"http://127.0.0.1:{iport}/metrics", timeout=5).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(body) for s in fam.samples}
+    assert samples[("udp_tunnel_keepalive_interval_seconds", ())] == 1.0  # -t 1: nothing to learn below it
+    assert samples[("udp_tunnel_nat_mapping_lapses_total", ())] == 0
 
 
 def test_systemd_notify_ready_status_watchdog_and_clean_stop(tmp_path):

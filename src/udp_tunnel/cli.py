@@ -14,6 +14,7 @@ import time
 from udp_tunnel import __version__
 from udp_tunnel.addr import AddrError, ResolveError, parse_listen, resolve, show, split_hostport
 from udp_tunnel.log import DEBUG, INFO, WARNING, Log
+from udp_tunnel.proto import key_list
 
 USAGE = """\
 udp-tunnel -s HOST:PORT -o HOST:PORT [options]   inside agent, next to the service
@@ -145,6 +146,9 @@ def load_key(a: argparse.Namespace) -> tuple[bytes, str]:
     if env:
         return env, "UDP_TUNNEL_KEY"
     return b"", ""
+
+
+MIN_KEY = 16  # a shorter key gets a warning
 
 
 class StartError(Exception):
@@ -372,6 +376,9 @@ def run(a: argparse.Namespace) -> int:
     elif key_from == "command line":
         log.warning("the key was given with -k and is visible to every local user in the "
                     "process list: prefer --key-file or UDP_TUNNEL_KEY")
+    if secret and min(len(k) for k in key_list(secret)) < MIN_KEY:
+        log.warning(f"the key is short (under {MIN_KEY} characters): whoever captures one keepalive can "
+                    "try guesses offline; use a long random key (make install-* makes one)")
     try:
         return loop.run()
     finally:

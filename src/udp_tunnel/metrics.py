@@ -60,6 +60,16 @@ def render(s: dict) -> str:
                 [({}, int(bool(s["outside_answering"])))])
         _metric(out, "outside_restarts_total", "counter", "Restarts of the outside agent seen.",
                 [({}, st.get("outside_restarts", 0))])
+        k = s.get("keepalive")
+        if k:
+            _metric(out, "keepalive_interval_seconds", "gauge", "Keepalive interval in use (learned, at most -t).",
+                    [({}, f"{k['interval']:.3f}")])
+            bounds = [({"bound": b}, f"{k[b]:.3f}") for b in ("survived", "lapsed") if k.get(b)]
+            if bounds:
+                _metric(out, "nat_mapping_idle_seconds", "gauge",
+                        "Longest idle a NAT mapping survived, shortest after which one lapsed.", bounds)
+            _metric(out, "nat_mapping_lapses_total", "counter", "NAT mappings seen to lapse.",
+                    [({}, k.get("lapses", 0))])
     return "\n".join(out) + "\n"
 
 

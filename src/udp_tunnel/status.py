@@ -215,6 +215,18 @@ def size(n: int) -> str:
     return ""
 
 
+def keepalive_line(k: dict) -> str:
+    """The keepalive interval in use and what was learned about the NATs' mapping lifetime."""
+    known = []
+    if k.get("survived"):
+        known.append(f"NAT mappings survive {k['survived']:.1f} s idle")
+    if k.get("lapsed"):
+        known.append(f"lapse after {k['lapsed']:.1f} s")
+    state = "learned" if k.get("learned") else "learning"
+    return (f"every {k['interval']:.1f} s ({state}: {', '.join(known) or 'nothing yet'}; "
+            f"at most {k['upper']:g} s; {k.get('lapses', 0)} mapping(s) lapsed)")
+
+
 def render(s: dict) -> str:
     """The snapshot as text, in the spirit of `wg show`."""
     inside = s["role"] == "inside"
@@ -228,8 +240,12 @@ def render(s: dict) -> str:
     lines.append(f"  key: {'set' if s.get('key') else 'NOT set (keepalives are not authenticated)'}")
     lines.append(f"  uptime: {ago(s['uptime'])}")
     lines.append(f"  tunnels: {s['clients']} active, {s['spares']} spare")
+    if s.get("waiting"):
+        lines.append(f"  new clients waiting for a tunnel: {s['waiting']}")
     if inside:
         lines.append(f"  outside agent answering: {'yes' if s['outside_answering'] else 'NO'}")
+        if s.get("keepalive"):
+            lines.append("  keepalive: " + keepalive_line(s["keepalive"]))
     tot = s.get("totals", {})
     lines.append(f"  transfer: {tot.get('datagrams_in', 0)} datagrams ({size(tot.get('bytes_in', 0))}) towards "
                  f"the service, {tot.get('datagrams_out', 0)} ({size(tot.get('bytes_out', 0))}) back")
