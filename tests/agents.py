@@ -210,6 +210,50 @@ def converse(target: tuple[str, int], n_clients: int, per_client: int, timeout: 
             "complete": sum(min(st["seq"], per_client) for st in state.values())}
 
 
+def burst(target: tuple[str, int], n: int, wait: float = 3.0) -> dict:
+    """n new clients at once, each sending ONE datagram (never resent) and waiting up to
+    `wait` s for its echo: how many were answered, byte-exact, and how fast."""
+    fam = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            s.connect(target)
+            s.setblocking(False)
+            socks.append(s)
+        sel = selectors.DefaultSelector()
+        msgs, sent, took = {}, {}, []
+        for i, s in enumerate(socks):
+            msgs[s] = b"burst %04d " % i + bytes((i + k) % 251 for k in range(48))
+            sel.register(s, selectors.EVENT_READ)
+        for s in socks:
+            s.send(msgs[s])
+            sent[s] = time.monotonic()
+        answered = wrong = 0
+        deadline = time.monotonic() + wait
+        while answered < n and time.monotonic() < deadline:
+            for key, _ in sel.select(0.05):
+                s = key.fileobj
+                try:
+                    data = s.recv(65536)
+                except OSError:
+                    continue
+                if data == msgs[s]:
+                    answered += 1
+                    took.append(time.monotonic() - sent[s])
+                    sel.unregister(s)
+                else:
+                    wrong += 1
+        sel.close()
+    finally:
+        for s in socks:
+            s.close()
+    took.sort()
+    return {"clients": n, "answered": answered, "wrong": wrong,
+            "p50_ms": round(took[len(took) // 2] * 1000, 1) if took else None,
+            "max_ms": round(took[-1] * 1000, 1) if took else None}
+
+
 def flow(target: tuple[str, int], keep_going, on_echo, period: float) -> None:
     """One client that sends a numbered datagram every `period` seconds while
     keep_going() holds, calling on_echo() for each one that comes back intact."""

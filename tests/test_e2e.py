@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from agents import converse, flow, free_port, hostport
+from agents import burst, converse, flow, free_port, hostport
 from udp_tunnel import proto
 
 HOSTS = ["127.0.0.1", "::1"]
@@ -40,6 +40,21 @@ def test_hundred_concurrent_clients_each_get_their_own_bytes_back(lab, host):
     assert len({next(iter(s)) for s in by_client.values()}) == 100  # ...never shared
     st = out.wait_status(lambda s: s["clients"] == 100)
     assert st["totals"]["datagrams_in"] >= 2000
+
+
+@pytest.mark.parametrize("n", [30, 100])
+def test_a_burst_of_new_clients_each_gets_its_first_datagram_answered_without_resending(lab, n):
+    """Default options: the spares run out at once; the first datagrams wait at the outside
+    while the inside opens more, and none is lost."""
+    svc = lab.echo()
+    port = free_port()
+    out = lab.agent("outside", ["-l", f"127.0.0.1:{port}"])
+    lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}"])
+    out.wait_status(lambda s: s["spares"] >= 2)
+    r = burst(("127.0.0.1", port), n)
+    print(f"{n} new clients at once: {r}")
+    assert r["wrong"] == 0
+    assert r["answered"] >= (n if n < 100 else 95), r
 
 
 def test_ipv4_client_reaches_a_tunnel_that_arrives_over_ipv6(lab):

@@ -337,6 +337,19 @@ def test_fifty_clients_on_two_work_hosts_no_cross_talk(lab, net):
         assert r["done"] == 25 and r["complete"] == 500 and r["wrong"] == 0
 
 
+def test_twenty_new_clients_at_once_on_two_hosts_get_their_first_datagram_answered(lab, net):
+    net.pair(f"127.0.0.1:{ECHO_PORT}", 9995)  # default options
+    time.sleep(1)
+    procs = [lab.spawn_tool(w, f"burst-{w}.log", "burst", VPS4, "9995", "10") for w in ("work1", "work2")]
+    for p in procs:
+        p.wait(30)
+    results = [json.loads(lab.log(f"burst-{w}.log").strip().splitlines()[-1]) for w in ("work1", "work2")]
+    answered = sum(r["answered"] for r in results)
+    print(f"20 new clients at once on two hosts: {results}")
+    assert sum(r["wrong"] for r in results) == 0
+    assert answered >= 19, results
+
+
 # 9 (issue 2: the outside host name is looked up again when the outside stops answering)
 def test_a_vps_that_changes_address_is_found_again_by_name(lab, net):
     lab.hosts("home", f"127.0.0.1 localhost\n{VPS4} vps.lab.test\n")

@@ -68,6 +68,11 @@ def idles(host: str, port: str, periods: str) -> None:
     print(json.dumps(out))
 
 
+def burst(host: str, port: str, n: str) -> None:
+    from agents import burst as run
+    print(json.dumps(run((host, int(port)), int(n))))
+
+
 def converse(host: str, port: str, n: str, per: str) -> None:
     from agents import converse as run
     print(json.dumps(run((host, int(port)), int(n), int(per), timeout=90, retry=0.5)))
