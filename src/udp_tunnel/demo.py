@@ -40,7 +40,10 @@ def start_agent(name: str, args: list[str], env: dict) -> subprocess.Popen:
             line = line.rstrip("\n")
             if line[:1] == "<" and line[2:3] == ">":
                 line = f"{PRIO.get(line[1], '?')}: {line[3:]}"
-            print(f"  [{name}] {line}", flush=True)
+            try:
+                print(f"  [{name}] {line}", flush=True)
+            except (BrokenPipeError, ValueError):  # the reader of our output is gone
+                break
             started.set()
         started.set()
 
