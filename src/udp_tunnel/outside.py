@@ -289,6 +289,8 @@ class OutsideCore:
         p.size += len(data)
         self.pending_bytes += len(data)
         self.stats["held"] += 1
+        if self.spares and self._ready_spare(now) is not None:  # a spare came up since: go now
+            self._serve_pending(now)
 
     def _hold(self, addr: tuple, src: Source, now: float) -> Pending | None:
         if len(self.pending) >= HOLD_CLIENTS or src.pending >= HOLD_PER_SOURCE:
