@@ -14,6 +14,8 @@ import time
 import pytest
 from netlab import CARRIER_PUBLIC, CARRIER_UDP_TIMEOUT, HOME4, PORT, ROOT, VPS4, VPS6, Lab, wait_for
 
+from udp_tunnel import proto
+
 pytestmark = pytest.mark.netns
 
 TOOLS = ["ip", "nft", "conntrack", "wireguard-go", "wg", "ping"]
@@ -308,7 +310,7 @@ def test_forged_and_replayed_keepalives_from_an_attacker(lab, net, legacy):
         "capture.txt")
     assert json.loads(lab.tool("work1", "converse", VPS4, "9998", "2", "3").stdout)["done"] == 2
     sniff.wait(20)
-    want = 40 if legacy else 100
+    want = proto.LEGACY_LEN if legacy else proto.CTRL_LEN
     caps = [c for c in lab.log("capture.txt").split() if len(c) == 2 * want]
     assert len(caps) >= 3, "no keepalives captured on the wire"
     capfile = os.path.join(net.tmp, "caps.txt")
