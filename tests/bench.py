@@ -129,8 +129,8 @@ def gso_run(label: str, seconds: float = 3.0, size: int = 1400, burst: int = 16,
             stop(p)
 
 
-def med(rows: list[dict], label: str, K: int, phase: str, f) -> float:
-    v = [f(r) for r in rows if r.get("label") == label and r["K"] == K and r["phase"] == phase
+def med(rows: list[dict], label: str, k: int, phase: str, f) -> float:
+    v = [f(r) for r in rows if r.get("label") == label and r["K"] == k and r["phase"] == phase
          and r.get("us_per_dgram")]
     return statistics.median(v) if v else float("nan")
 
@@ -158,14 +158,14 @@ def main() -> None:
     fields = [("max", lambda r: r["us_per_dgram"]["outside"]), ("max", lambda r: r["us_per_dgram"]["inside"]),
               ("max", lambda r: r["pps"]), ("rate", lambda r: r["us_per_dgram"]["outside"]),
               ("rate", lambda r: r["us_per_dgram"]["inside"]), ("rate", lambda r: r["rtt_us"]["p50"])]
-    for K in map(int, clients.split(",")):
-        vals = {lab: [med(rows, lab, K, ph, f) for ph, f in fields] for lab in labels}
+    for k in map(int, clients.split(",")):
+        vals = {lab: [med(rows, lab, k, ph, f) for ph, f in fields] for lab in labels}
         for lab in labels:
             v = vals[lab]
-            print(f"| {K} | {lab} | {v[0]:.2f} | {v[1]:.2f} | {v[2]:.0f} | {v[3]:.2f} | {v[4]:.2f} | {v[5]:.0f} |")
+            print(f"| {k} | {lab} | {v[0]:.2f} | {v[1]:.2f} | {v[2]:.0f} | {v[3]:.2f} | {v[4]:.2f} | {v[5]:.0f} |")
         if "ctool" in vals:
             o, c = vals["ours"], vals["ctool"]
-            print(f"| {K} | ours/C | {o[0] / c[0]:.2f}x | {o[1] / c[1]:.2f}x | {o[2] / c[2]:.2f}x | "
+            print(f"| {k} | ours/C | {o[0] / c[0]:.2f}x | {o[1] / c[1]:.2f}x | {o[2] / c[2]:.2f}x | "
                   f"{o[3] / c[3]:.2f}x | {o[4] / c[4]:.2f}x | {o[5] - c[5]:+.0f} |")
     print("\nA GSO-sending client (bursts of 16 x 1400-byte datagrams in one sendmsg, 20000 datagrams/s),")
     print("CPU us per forwarded datagram:\n")
