@@ -38,6 +38,8 @@ BUFSIZE = 65536
 SOCKBUF = 4 << 20
 WAIT_CAP = 0.2  # longest blocking receive on the outside: bounds a signal's or a status request's wait
 STATUS_EVERY = 5.0  # seconds between systemd STATUS= lines
+BUSY_GAP = 100e-6  # datagrams closer than this, BUSY_RUN times in a row: read the outside socket in batches
+BUSY_RUN = 8
 ADDR_CACHE = 8192  # raw sockaddrs remembered by the outside's fast path
 
 
@@ -47,6 +49,10 @@ def _bufsizes(s: socket.socket) -> None:
             s.setsockopt(socket.SOL_SOCKET, opt, SOCKBUF)
         except OSError:
             pass
+
+
+class _ReceiveInterruptedError(Exception):
+    """Raised by the signal handler to end a blocking receive at once."""
 
 
 class Loop:
@@ -74,6 +80,7 @@ class Loop:
         self._sig_w.setblocking(False)
         self.watch(self._sig_r.fileno(), self._on_signal)
         self.pending_signals: list[int] = []
+        self.in_recv = False  # in a blocking receive that a signal must end
 
     def watch(self, fd: int, handler: Callable[[float], None]) -> None:
         self.handlers[fd] = handler
@@ -92,6 +99,9 @@ class Loop:
 
     def _handle_signal(self, signum, frame) -> None:
         self.pending_signals.append(signum)
+        if self.in_recv:  # Python would retry the interrupted receive (PEP 475): end it instead
+            self.in_recv = False
+            raise _ReceiveInterruptedError
 
     def _on_signal(self, now: float) -> None:
         try:
@@ -236,6 +246,10 @@ class OutsideLoop(Loop):
             self.dests: dict[tuple, tuple] = {}  # address -> fastio.dest
             self.rcvtimeo = WAIT_CAP
             fastio.set_recv_timeout(sock, WAIT_CAP)
+            self.batched = False  # reading with recvmmsg (busy) rather than recvmsg_into (one per wakeup)
+            self.streak = 0
+            self.last_rx = 0.0
+            self.bufs = [self.buf]
             self.wait = self._wait_fast
         else:
             sock.setblocking(False)
@@ -283,18 +297,72 @@ class OutsideLoop(Loop):
     # --- the fast path (fastio) ---
 
     def _wait_fast(self, timeout: float) -> float:
-        """One blocking recvmmsg (at most `timeout`, at most WAIT_CAP) and the batch it brings."""
+        """One blocking receive (at most `timeout`, at most WAIT_CAP) and what it brings: one
+        datagram through Python's own call when they come one by one (a ctypes call costs more
+        on a cold wakeup), a recvmmsg batch while the socket stays busy."""
         if self.pending_signals:
             return time.monotonic()
         if timeout <= 0.0:
             flags = fastio.MSG_DONTWAIT
         else:
-            flags = fastio.MSG_WAITFORONE
+            flags = fastio.MSG_WAITFORONE if self.batched else 0
             t = min(timeout, WAIT_CAP)
             if t < self.rcvtimeo - 0.01 or (t == WAIT_CAP and self.rcvtimeo != WAIT_CAP):
                 t = max(t, 0.001)
                 fastio.set_recv_timeout(self.sock, t)
                 self.rcvtimeo = t
+        if self.batched:
+            return self._recv_batch(flags)
+        try:
+            self.in_recv = True
+            n, anc, _, addr = self.sock.recvmsg_into(self.bufs, 64, flags)
+            self.in_recv = False
+        except _ReceiveInterruptedError:
+            return time.monotonic()
+        except BlockingIOError:  # SO_RCVTIMEO: the timer is due
+            self.in_recv = False
+            return time.monotonic()
+        except OSError as e:
+            self.in_recv = False
+            self.net_error("receive", e)
+            return time.monotonic()
+        now = time.monotonic()
+        self.wakes += 1
+        if now - self.last_rx < BUSY_GAP:
+            self.streak += 1
+            if self.streak >= BUSY_RUN:
+                self.batched, self.streak = True, 0
+        else:
+            self.streak = 0
+        self.last_rx = now
+        seg = int.from_bytes(anc[0][2][:4], sys.byteorder) if anc else 0
+        f = self.core.route.get(addr)
+        ctrl = self.ctrl_len
+        if f is not None and n != ctrl and (not seg or (seg != ctrl and n % seg != ctrl)):
+            try:
+                if seg and seg < n:
+                    gso = [(fastio.SOL_UDP, fastio.UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
+                    self.sock.sendmsg([self.mv[:n]], gso, 0, f.dst)
+                    f.pkts += -(-n // seg)
+                else:
+                    self.sock.sendto(self.mv[:n], f.dst)
+                    f.pkts += 1
+            except OSError as e:
+                if not seg:
+                    self.net_error("send", e)
+                else:
+                    for v in fastio.segments(self.mv, n, seg):
+                        self._send_one(v, f.dst)
+                    f.pkts += -(-n // seg)
+            f.bytes += n
+        else:
+            for v in fastio.segments(self.mv, n, seg):
+                self.core.handle(bytes(v), addr, now)
+            if self.core.out:
+                self.flush()
+        return now
+
+    def _recv_batch(self, flags: int) -> float:
         ring = self.ring
         n = ring.recv(self.fd, flags)
         now = time.monotonic()
@@ -303,6 +371,12 @@ class OutsideLoop(Loop):
             if n < 0 and n not in (-errno.EAGAIN, -errno.EINTR):
                 self.net_error("receive", OSError(-n, os.strerror(-n)))
             return now
+        if n == 1:
+            self.streak += 1
+            if self.streak >= BUSY_RUN:  # batches of one: back to Python's own receive
+                self.batched, self.streak = False, 0
+        else:
+            self.streak = 0
         m32, m64, ci32, views = ring.m32, ring.m64, ring.ctrl_i32, ring.views
         names, addrs, dests = ring.names_mv, self.addrs, self.dests
         route_get = self.core.route.get
@@ -341,7 +415,7 @@ class OutsideLoop(Loop):
 
     def _send_one(self, data: memoryview, dst: tuple) -> None:
         try:
-            self.sock.sendto(data, self._addr_of(dst[0]))
+            self.sock.sendto(data, dst if isinstance(dst[0], str) else self._addr_of(dst[0]))
         except OSError as e:
             self.net_error("send", e)
 
@@ -381,7 +455,8 @@ class OutsideLoop(Loop):
 class Pipe:
     """The sockets of one inside tunnel."""
 
-    __slots__ = ("tid", "t", "tsock", "ssock", "batched", "last_wake", "streak")
+    __slots__ = ("tid", "t", "tsock", "ssock", "batched", "last_wake", "streak",
+                 "t_batched", "t_last_wake", "t_streak")
 
     def __init__(self, tid: int, t, tsock: socket.socket) -> None:
         self.tid, self.t, self.tsock = tid, t, tsock
@@ -389,6 +464,7 @@ class Pipe:
         self.batched = False  # the service socket is read in batches (it stays busy)
         self.last_wake = -2  # the wakeup that last found the service socket readable
         self.streak = 0  # consecutive wakeups with it readable (single reads) or with batches of one
+        self.t_batched, self.t_last_wake, self.t_streak = False, -2, 0  # the same for the tunnel socket
 
 
 class InsideLoop(Loop):
@@ -546,12 +622,71 @@ class InsideLoop(Loop):
     # --- the fast path (fastio) ---
 
     def _on_tunnel_fast(self, p: Pipe, now: float) -> None:
+        wakes = self.wakes
+        if not p.t_batched:
+            # one datagram (or GRO run) per wakeup through Python's own call: level-triggered
+            # epoll says again if there is more, and no read fails
+            try:
+                n, anc, _, _ = p.tsock.recvmsg_into([self.buf], 64)
+            except BlockingIOError:
+                return
+            except OSError as e:  # ICMP: the outside agent's port is closed, or no route
+                self.net_error("tunnel", e)
+                return
+            if p.t_last_wake == wakes - 1:
+                p.t_streak += 1
+                if p.t_streak >= 2:  # readable three wakeups in a row: busy, read it in batches
+                    p.t_batched, p.t_streak = True, 0
+            else:
+                p.t_streak = 0
+            p.t_last_wake = wakes
+            seg = int.from_bytes(anc[0][2][:4], sys.byteorder) if anc else 0
+            t, mv = p.t, self.mv
+            ctrl = -1 if self.core.legacy else proto.CTRL_LEN
+            if (p.ssock is not None and t.state == ACTIVE and (n != ctrl or mv[:4] != proto.MAGIC)
+                    and (not seg or (seg != ctrl and n % seg != ctrl))):
+                try:
+                    if seg and seg < n:
+                        gso = [(fastio.SOL_UDP, fastio.UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
+                        p.ssock.sendmsg([mv[:n]], gso)
+                    else:
+                        p.ssock.send(mv[:n])
+                except OSError as e:
+                    if not seg:
+                        self.net_error("service", e)
+                    else:
+                        for v in fastio.segments(mv, n, seg):
+                            self._plain_send(p.ssock, v, "service")
+                t.rx += -(-n // seg) if seg else 1
+                t.rx_bytes += n
+                return
+            for v in fastio.segments(mv, n, seg):
+                data = bytes(v)
+                if len(data) == ctrl and data[:4] == proto.MAGIC:
+                    self.core.on_control(p.tid, data, now)
+                elif p.ssock is None or t.state != ACTIVE:
+                    self.core.on_spare_data(p.tid, data, now)
+                else:
+                    self._plain_send(p.ssock, data, "service")
+                    t.rx += 1
+                    t.rx_bytes += len(data)
+                    continue
+                self.apply(now)
+                if p.tid not in self.pipes:
+                    return
+            return
         ring = self.ring
         n = ring.recv(p.tsock.fileno(), fastio.MSG_DONTWAIT)
         if n <= 0:
             if n < 0 and n != -errno.EAGAIN:  # ICMP: the outside agent's port is closed, or no route
                 self.net_error("tunnel", OSError(-n, os.strerror(-n)))
             return
+        if n == 1:
+            p.t_streak += 1
+            if p.t_streak >= 4:  # batches of one: back to single reads
+                p.t_batched, p.t_streak = False, 0
+        else:
+            p.t_streak = 0
         m32, m64, ci32, views = ring.m32, ring.m64, ring.ctrl_i32, ring.views
         t, batch, add = p.t, self.batch, self.batch.add
         ctrl = -1 if self.core.legacy else proto.CTRL_LEN
