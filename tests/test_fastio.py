@@ -148,3 +148,35 @@ def test_plain_path_is_chosen_by_the_environment(monkeypatch):
     monkeypatch.setattr(fastio, "_lib", None)
     monkeypatch.setitem(os.environ, "UDP_TUNNEL_PLAIN", "1")
     assert fastio.load() is None
+
+
+@needs_fast
+def test_a_gso_message_the_kernel_refuses_goes_out_datagram_by_datagram():
+    import ctypes
+    import errno
+
+    real = fastio.load()
+
+    class Refusing:  # a kernel without UDP GSO (or a device without checksum offload): EIO
+        recvmmsg = real.recvmmsg
+
+        @staticmethod
+        def sendmmsg(fd, msgs, n, flags):
+            ctypes.set_errno(errno.EIO)
+            return -1
+
+    a, b = udp_pair()
+    with a, b:
+        for k in range(4):
+            a.send(bytes([k]) * 500)
+        ring = fastio.Ring(real, names=False)
+        assert ring.recv(b.fileno(), fastio.MSG_DONTWAIT) == 4
+        batch = fastio.Batch(Refusing(), gso=True)
+        for k in range(4):
+            batch.add(ring, k, 500, 0, None)
+        assert batch.nmsg == 1  # one run of four
+        sent: list[bytes] = []
+        errors: list = []
+        batch.send(b.fileno(), errors.append, lambda v, dst: sent.append(bytes(v)))
+        assert sent == [bytes([k]) * 500 for k in range(4)] and errors == []
+        assert batch.gso is False and batch.nmsg == 0

@@ -164,6 +164,7 @@ class Batch:
     def __init__(self, lib: _Lib, gso: bool) -> None:
         self.lib = lib
         self.gso = gso
+        self.gso_max = SLOT  # largest segment the kernel took in a GSO message (lowered when refused)
         self.iov = (ctypes.c_uint64 * (2 * RING))()
         self.msgs = (ctypes.c_uint64 * (MSG_WORDS * RING))()
         self.ctrl = (ctypes.c_char * (CTRL * RING))()
@@ -221,7 +222,7 @@ class Batch:
             seg = 0
             m64[w + 4] = 0
             m64[w + 5] = 0
-            self.run_size = n if self.gso else 0
+            self.run_size = n if self.gso and n <= self.gso_max else 0
         self.keep.append([[(ring.views[i], n)], seg, dst])
         self.nmsg = m + 1
         self.niov = j + 1
@@ -243,9 +244,12 @@ class Batch:
                 continue
             slots, seg, dst = self.keep[start]
             if seg and err in (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                # GSO refused (no checksum offload, a path MTU below the segment, an old kernel):
-                # this message's datagrams one by one, and no more runs on this batch
-                self.gso = False
+                # GSO refused: a segment above the path MTU (no more runs of that size), or no
+                # GSO at all (no checksum offload, an old kernel): the datagrams one by one
+                if err in (errno.EINVAL, errno.EMSGSIZE) and seg > 576:
+                    self.gso_max = min(self.gso_max, seg - 1)
+                else:
+                    self.gso = False
                 for v, n in slots:
                     for off in range(0, n, seg):
                         fallback(v[off:min(off + seg, n)], dst)
