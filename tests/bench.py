@@ -81,9 +81,9 @@ def gso_run(label: str, seconds: float = 3.0, size: int = 1400, burst: int = 16,
     procs = [subprocess.Popen([os.path.join(binp, "echo"), str(sport)])]
     try:
         time.sleep(0.1)
-        procs.append(subprocess.Popen(o.format(**fmt).split(), stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(o.format(**fmt).split(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.3)
-        procs.append(subprocess.Popen(i.format(**fmt).split(), stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(i.format(**fmt).split(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(0.7)
         c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
