@@ -49,8 +49,9 @@ test:
 lint:
 	$(PYTHON) -m ruff check src tests
 
-bench: .venv/.stamp
-	.venv/bin/python tests/bench.py
+# Side by side with the C tool when C_TOOL=/path/to/its/udp-tunnel (harness: ../shared/perf or PERF_DIR)
+bench: udp-tunnel
+	C_TOOL="$(C_TOOL)" $(PYTHON) tests/bench.py
 
 # The agents under a replay flood and a port spray (issue 7): figures against the targets.
 flood: .venv/.stamp

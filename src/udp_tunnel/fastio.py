@@ -1,0 +1,277 @@
+"""Batched UDP I/O for the loops: recvmmsg/sendmmsg through ctypes, UDP GRO and GSO.
+
+Linux only. `load()` returns None where it can't work (another system, a libc
+without the symbols, UDP_TUNNEL_PLAIN=1 in the environment); the loops then use
+plain socket calls. Nothing here knows the protocol: a `Ring` receives up to
+RING datagrams in one call (with the sender's address and, with UDP_GRO, the
+segment size of a coalesced run), a `Batch` collects datagrams to send and
+sends them in one sendmmsg, runs of equal-size datagrams to one destination
+as one UDP_SEGMENT (GSO) message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import socket
+import struct
+import sys
+from collections.abc import Callable
+
+RING = 64  # datagrams per receive call
+SLOT = 65536  # a datagram, or a GRO run of one flow, fits in a slot
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+MSG_DONTWAIT = 0x40
+MSG_WAITFORONE = 0x10000
+GSO_MAX_SEGS = 64  # UDP_MAX_SEGMENTS of older kernels
+GSO_MAX_BYTES = 65000  # a GSO message must fit one IP datagram's length field
+NAME = 32  # bytes kept per sockaddr (sockaddr_in6 is 28)
+CTRL = 32  # bytes kept per control message buffer (CMSG_SPACE(4) is 24)
+
+# struct mmsghdr on 64-bit Linux, in 8-byte words: msg_name, msg_namelen, msg_iov, msg_iovlen,
+# msg_control, msg_controllen, msg_flags, msg_len. struct iovec: iov_base, iov_len.
+MSG_WORDS = 8
+
+
+class _Lib:
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.recvmmsg = libc.recvmmsg
+        self.recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+        self.recvmmsg.restype = ctypes.c_int
+        self.sendmmsg = libc.sendmmsg
+        self.sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+        self.sendmmsg.restype = ctypes.c_int
+
+
+_lib: _Lib | None = None
+
+
+def load() -> _Lib | None:
+    """The libc functions, or None where batched I/O can't (or shouldn't) be used."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    if (not sys.platform.startswith("linux") or os.environ.get("UDP_TUNNEL_PLAIN")
+            or ctypes.sizeof(ctypes.c_void_p) != 8):
+        return None
+    try:
+        _lib = _Lib()
+    except (OSError, AttributeError):
+        return None
+    return _lib
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask for coalesced runs of one flow on `sock`; False where the kernel refuses."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError:
+        return False
+
+
+def set_recv_timeout(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO: a blocking receive returns EAGAIN after this long."""
+    sec = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+
+
+def _addr(buf: ctypes.Array) -> int:
+    return ctypes.addressof(buf)
+
+
+class Ring:
+    """RING receive slots with their addresses and GRO segment sizes, filled by one recvmmsg."""
+
+    def __init__(self, lib: _Lib, names: bool) -> None:
+        self.lib = lib
+        self.data = (ctypes.c_char * (RING * SLOT))()
+        self.mv = memoryview(self.data).cast("B")
+        self.views = [self.mv[i * SLOT:(i + 1) * SLOT] for i in range(RING)]
+        self.iov = (ctypes.c_uint64 * (2 * RING))()
+        self.msgs = (ctypes.c_uint64 * (MSG_WORDS * RING))()
+        self.names = (ctypes.c_char * (NAME * RING))()
+        self.names_mv = memoryview(self.names).cast("B")
+        self.ctrl = (ctypes.c_char * (CTRL * RING))()
+        self.ctrl_i32 = memoryview(self.ctrl).cast("B").cast("i")
+        self.m32 = memoryview(self.msgs).cast("B").cast("I")  # msg_len of slot i: m32[16 * i + 14]
+        self.m64 = memoryview(self.msgs).cast("B").cast("Q")
+        self.base = base = _addr(self.data)
+        iov, msgs = _addr(self.iov), _addr(self.msgs)
+        for i in range(RING):
+            self.iov[2 * i] = base + i * SLOT
+            self.iov[2 * i + 1] = SLOT
+            w = MSG_WORDS * i
+            if names:
+                self.msgs[w] = _addr(self.names) + NAME * i
+                self.msgs[w + 1] = NAME
+            self.msgs[w + 2] = iov + 16 * i
+            self.msgs[w + 3] = 1
+            self.msgs[w + 4] = _addr(self.ctrl) + CTRL * i
+            self.msgs[w + 5] = CTRL
+        self.ptr = msgs
+        self.used = 0  # slots whose msg_controllen the kernel rewrote
+
+    def recv(self, fd: int, flags: int) -> int:
+        """Fill up to RING slots from `fd`: their count, or -errno."""
+        m64 = self.m64
+        for i in range(self.used):
+            m64[MSG_WORDS * i + 5] = CTRL
+        n = self.lib.recvmmsg(fd, self.ptr, RING, flags, None)
+        if n < 0:
+            self.used = 0
+            return -ctypes.get_errno()
+        self.used = n
+        return n
+
+    def length(self, i: int) -> int:
+        return self.m32[16 * i + 14]
+
+    def segment(self, i: int) -> int:
+        """The GRO segment size of slot i (0: one plain datagram)."""
+        if self.m64[MSG_WORDS * i + 5]:
+            return self.ctrl_i32[CTRL // 4 * i + 4]
+        return 0
+
+    def name(self, i: int) -> bytes:
+        return bytes(self.names_mv[NAME * i:NAME * i + self.m32[16 * i + 2]])
+
+
+def sockaddr(addr: tuple, family: int) -> bytes:
+    """The raw sockaddr of `addr` for a socket of `family`."""
+    if family == socket.AF_INET6:
+        host, port = addr[0], addr[1]
+        if ":" not in host:
+            host = "::ffff:" + host
+        flow, scope = (addr[2], addr[3]) if len(addr) >= 4 else (0, 0)
+        return (struct.pack("=HH", socket.AF_INET6, socket.htons(port)) + struct.pack("!I", flow)
+                + socket.inet_pton(socket.AF_INET6, host) + struct.pack("=I", scope))
+    return struct.pack("=HH4s8x", socket.AF_INET, socket.htons(addr[1]), socket.inet_pton(socket.AF_INET, addr[0]))
+
+
+class Batch:
+    """Datagrams to send with one sendmmsg; equal-size runs to one destination become GSO messages.
+
+    `add(ring, i, n, seg, dst)`: the n bytes in slot i of `ring` (which must stay untouched
+    until `send`), a datagram or, with seg > 0, a coalesced run in segments of seg bytes; dst
+    is `dest(...)`'s (sockaddr, pointer) or None on a connected socket.
+    """
+
+    def __init__(self, lib: _Lib, gso: bool) -> None:
+        self.lib = lib
+        self.gso = gso
+        self.gso_max = SLOT  # largest segment the kernel took in a GSO message (lowered when refused)
+        self.iov = (ctypes.c_uint64 * (2 * RING))()
+        self.msgs = (ctypes.c_uint64 * (MSG_WORDS * RING))()
+        self.ctrl = (ctypes.c_char * (CTRL * RING))()
+        self.iov_ptr, self.msgs_ptr, self.ctrl_ptr = _addr(self.iov), _addr(self.msgs), _addr(self.ctrl)
+        self.ctrl_u16 = memoryview(self.ctrl).cast("B").cast("H")
+        for m in range(RING):  # struct cmsghdr {len = CMSG_LEN(2); level SOL_UDP; type UDP_SEGMENT}; u16 segment
+            struct.pack_into("=QiiH", self.ctrl, CTRL * m, 18, SOL_UDP, UDP_SEGMENT, 0)
+        self.iov64 = memoryview(self.iov).cast("B").cast("Q")
+        self.m64 = memoryview(self.msgs).cast("B").cast("Q")
+        self.keep: list = []  # per message: [[(view, n)...], seg, dst] for the fallback; keeps dst alive
+        self.nmsg = 0
+        self.niov = 0
+        self.run_dst: object = None  # the open run (the last message): destination, size, bytes
+        self.run_size = 0
+        self.run_bytes = 0
+
+    def add(self, ring: Ring, i: int, n: int, seg: int, dst: tuple | None) -> None:
+        j = self.niov
+        if (n == self.run_size and dst is self.run_dst and not seg and self.run_bytes + n <= GSO_MAX_BYTES):
+            m = self.nmsg - 1
+            k = self.keep[m]
+            if len(k[0]) < GSO_MAX_SEGS:
+                self.iov64[2 * j] = ring.base + SLOT * i
+                self.iov64[2 * j + 1] = n
+                self.niov = j + 1
+                k[0].append((ring.views[i], n))
+                w = MSG_WORDS * m
+                self.m64[w + 3] += 1
+                if not k[1]:  # the run's second datagram: now a GSO message
+                    k[1] = n
+                    self.ctrl_u16[(CTRL * m + 16) // 2] = n
+                    self.m64[w + 4] = self.ctrl_ptr + CTRL * m
+                    self.m64[w + 5] = 24
+                self.run_bytes += n
+                return
+        m = self.nmsg
+        self.iov64[2 * j] = ring.base + SLOT * i
+        self.iov64[2 * j + 1] = n
+        w = MSG_WORDS * m
+        m64 = self.m64
+        if dst is None:
+            m64[w] = 0
+            m64[w + 1] = 0
+        else:
+            m64[w] = dst[1]
+            m64[w + 1] = len(dst[0])
+        m64[w + 2] = self.iov_ptr + 16 * j
+        m64[w + 3] = 1
+        if seg and seg < n:
+            self.ctrl_u16[(CTRL * m + 16) // 2] = seg
+            m64[w + 4] = self.ctrl_ptr + CTRL * m
+            m64[w + 5] = 24
+            self.run_size = 0  # a coalesced run is a message of its own
+        else:
+            seg = 0
+            m64[w + 4] = 0
+            m64[w + 5] = 0
+            self.run_size = n if self.gso and n <= self.gso_max else 0
+        self.keep.append([[(ring.views[i], n)], seg, dst])
+        self.nmsg = m + 1
+        self.niov = j + 1
+        self.run_dst, self.run_bytes = dst, n
+
+    def send(self, fd: int, on_error: Callable[[OSError], None],
+             fallback: Callable[[memoryview, tuple | None], None]) -> None:
+        """Send what was added (each message once; a failed one is reported and skipped)."""
+        start, nmsg = 0, self.nmsg
+        for _ in range(2 * nmsg + 1):
+            if start >= nmsg:
+                break
+            sent = self.lib.sendmmsg(fd, self.msgs_ptr + 8 * MSG_WORDS * start, nmsg - start, 0)
+            if sent > 0:
+                start += sent
+                continue
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            slots, seg, dst = self.keep[start]
+            if seg and err in (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                # GSO refused: a segment above the path MTU (no more runs of that size), or no
+                # GSO at all (no checksum offload, an old kernel): the datagrams one by one
+                if err in (errno.EINVAL, errno.EMSGSIZE) and seg > 576:
+                    self.gso_max = min(self.gso_max, seg - 1)
+                else:
+                    self.gso = False
+                for v, n in slots:
+                    for off in range(0, n, seg):
+                        fallback(v[off:min(off + seg, n)], dst)
+            else:
+                on_error(OSError(err, os.strerror(err)))
+            start += 1
+        self.clear()
+
+    def clear(self) -> None:
+        self.keep.clear()
+        self.nmsg = self.niov = 0
+        self.run_dst, self.run_size = None, 0
+
+
+def dest(addr: tuple, family: int) -> tuple[bytes, int]:
+    """A destination for `Batch.add`: the raw sockaddr and its address in memory."""
+    raw = sockaddr(addr, family)
+    return raw, ctypes.cast(ctypes.c_char_p(raw), ctypes.c_void_p).value
+
+
+def segments(view: memoryview, n: int, seg: int) -> list[memoryview]:
+    """The datagrams of a GRO slot of n bytes in segments of seg bytes (seg 0: one datagram)."""
+    if not seg or seg >= n:
+        return [view[:n]]
+    return [view[off:min(off + seg, n)] for off in range(0, n, seg)]

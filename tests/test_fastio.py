@@ -1,0 +1,182 @@
+"""The batched I/O path (fastio) and the plain path it falls back to, both through the agents."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import time
+
+import pytest
+
+from agents import converse, free_port, hostport
+from udp_tunnel import fastio
+
+FAST = fastio.load() is not None
+needs_fast = pytest.mark.skipif(not FAST, reason="no recvmmsg/sendmmsg through ctypes here")
+PATHS = ["fast", "plain"] if FAST else ["plain"]
+
+
+def pair(lab, host: str, path: str, t: str = "1"):
+    extra = {"UDP_TUNNEL_PLAIN": "1"} if path == "plain" else {}
+    svc = lab.echo(host)
+    port = free_port(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    out = lab.agent("outside", ["-l", hostport(host, port), "-t", t], **extra)
+    ins = lab.agent("inside", ["-s", svc.addr, "-o", hostport(host, port), "-t", t, "--spares", "4"], **extra)
+    out.wait_status(lambda s: s["spares"] >= 1)
+    return svc, out, ins, (host, port)
+
+
+def gso_send(s: socket.socket, payload: bytes, seg: int) -> None:
+    s.sendmsg([payload], [(fastio.SOL_UDP, fastio.UDP_SEGMENT, struct.pack("=H", seg))])
+
+
+def udp_pair(family: int = socket.AF_INET):
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    a, b = socket.socket(family, socket.SOCK_DGRAM), socket.socket(family, socket.SOCK_DGRAM)
+    a.bind((host, 0))
+    b.bind((host, 0))
+    a.connect(b.getsockname())
+    return a, b
+
+
+@needs_fast
+def test_a_ring_takes_a_burst_in_one_call_with_lengths_and_the_senders_address():
+    a, b = udp_pair()
+    with a, b:
+        for k in range(10):
+            a.send(bytes([k]) * (10 + k))
+        ring = fastio.Ring(fastio.load(), names=True)
+        n = ring.recv(b.fileno(), fastio.MSG_DONTWAIT)
+        assert n == 10
+        for k in range(10):
+            assert ring.length(k) == 10 + k
+            assert bytes(ring.views[k][:10 + k]) == bytes([k]) * (10 + k)
+            assert ring.segment(k) == 0
+            raw = ring.name(k)
+            assert raw == fastio.sockaddr(a.getsockname(), socket.AF_INET)
+        assert ring.recv(b.fileno(), fastio.MSG_DONTWAIT) == -11  # EAGAIN, no exception
+
+
+@needs_fast
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_a_batch_sends_equal_size_runs_as_gso_and_a_gro_socket_gets_them_as_one(family):
+    lib = fastio.load()
+    src, mid = udp_pair(family)
+    _, dst = udp_pair(family)
+    with src, mid, dst, _:
+        assert fastio.enable_gro(dst)
+        sizes = [1200] * 5 + [700] + [100] * 3
+        for k, n in enumerate(sizes):
+            src.send(bytes([k]) * n)
+        ring = fastio.Ring(lib, names=True)
+        assert ring.recv(mid.fileno(), fastio.MSG_DONTWAIT) == len(sizes)
+        batch = fastio.Batch(lib, gso=True)
+        d = fastio.dest(dst.getsockname(), family)
+        for k, n in enumerate(sizes):
+            batch.add(ring, k, n, 0, d)
+        assert batch.nmsg == 3  # 5 x 1200, then 1 x 700, then 3 x 100 (each run one message)
+        errors: list = []
+        batch.send(mid.fileno(), errors.append, lambda v, dst: errors.append("fallback"))
+        assert errors == []
+        ring2 = fastio.Ring(lib, names=False)
+        got: list[bytes] = []
+        deadline = time.monotonic() + 2
+        while len(got) < len(sizes) and time.monotonic() < deadline:
+            n = ring2.recv(dst.fileno(), fastio.MSG_DONTWAIT)
+            for i in range(max(n, 0)):
+                got += [bytes(v) for v in fastio.segments(ring2.views[i], ring2.length(i), ring2.segment(i))]
+            time.sleep(0.01)
+        assert got == [bytes([k]) * n for k, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_both_paths_carry_many_clients_and_every_size(lab, host, path):
+    svc, out, ins, target = pair(lab, host, path)
+    r = converse(target, n_clients=30, per_client=10)
+    assert r["done"] == 30 and r["complete"] == 300 and r["wrong"] == 0, r
+    for size in (1, 1400, 9000, 65000 if host == "127.0.0.1" else 60000):
+        r = converse(target, n_clients=2, per_client=3, size=size)
+        assert r["done"] == 2 and r["wrong"] == 0, (size, r)
+
+
+@needs_fast
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_gso_sending_client_gets_every_datagram_back_in_order_of_its_bytes(lab, host, path):
+    svc, out, ins, target = pair(lab, host, path)
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    c = socket.socket(fam, socket.SOCK_DGRAM)
+    with c:
+        c.connect(target)
+        c.settimeout(0.2)
+        c.send(b"hello")  # the first datagram takes the tunnel
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if c.recv(100) == b"hello":
+                    break
+            except TimeoutError:
+                c.send(b"hello")
+        sent = [bytes([k]) * 1000 for k in range(20)] + [b"tail"]
+        gso_send(c, b"".join(sent), 1000)
+        got: set[bytes] = set()
+        deadline = time.monotonic() + 5
+        while len(got) < len(sent) and time.monotonic() < deadline:
+            try:
+                got.add(c.recv(2000))
+            except TimeoutError:
+                pass
+        assert got == set(sent)
+    st = out.wait_status(lambda s: s["totals"]["datagrams_in"] >= 22)
+    assert st["totals"]["datagrams_in"] == 22  # counted as datagrams, not as one run
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_an_idle_outside_agent_stops_at_once_on_sigterm(lab, path):
+    svc, out, ins, target = pair(lab, "127.0.0.1", path, t="25")
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    rc = out.stop(signal.SIGTERM)
+    assert rc == 0
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_plain_path_is_chosen_by_the_environment(monkeypatch):
+    monkeypatch.setattr(fastio, "_lib", None)
+    monkeypatch.setitem(os.environ, "UDP_TUNNEL_PLAIN", "1")
+    assert fastio.load() is None
+
+
+@needs_fast
+def test_a_gso_message_the_kernel_refuses_goes_out_datagram_by_datagram():
+    import ctypes
+    import errno
+
+    real = fastio.load()
+
+    class Refusing:  # a kernel without UDP GSO (or a device without checksum offload): EIO
+        recvmmsg = real.recvmmsg
+
+        @staticmethod
+        def sendmmsg(fd, msgs, n, flags):
+            ctypes.set_errno(errno.EIO)
+            return -1
+
+    a, b = udp_pair()
+    with a, b:
+        for k in range(4):
+            a.send(bytes([k]) * 500)
+        ring = fastio.Ring(real, names=False)
+        assert ring.recv(b.fileno(), fastio.MSG_DONTWAIT) == 4
+        batch = fastio.Batch(Refusing(), gso=True)
+        for k in range(4):
+            batch.add(ring, k, 500, 0, None)
+        assert batch.nmsg == 1  # one run of four
+        sent: list[bytes] = []
+        errors: list = []
+        batch.send(b.fileno(), errors.append, lambda v, dst: sent.append(bytes(v)))
+        assert sent == [bytes([k]) * 500 for k in range(4)] and errors == []
+        assert batch.gso is False and batch.nmsg == 0
