@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from udp_tunnel import proto, systemd
+from udp_tunnel import proto, systemd, wireguard
 from udp_tunnel.addr import AddrError, resolve, show
 from udp_tunnel.inside import ACTIVE, InsideCore
 from udp_tunnel.log import Log
@@ -172,6 +172,10 @@ class OutsideLoop(Loop):
         sock.setblocking(False)
         _bufsizes(sock)
         self.ctrl_len = proto.LEGACY_LEN if core.legacy else proto.CTRL_LEN
+        # WireGuard hook (issue 9): with --wireguard-key, datagrams of these two lengths (handshake
+        # response / initiation, which transport data never has) go through the core, which
+        # records the sessions they name; otherwise -1, which no datagram has.
+        self.wg_lens = wireguard.DOWN_LENS if core.wg is not None else (-1, -1)
         self.watch(sock.fileno(), self._on_udp)
 
     def tick(self, now: float) -> None:
@@ -191,6 +195,7 @@ class OutsideLoop(Loop):
     def _on_udp(self, now: float) -> None:
         recv, send = self.sock.recvfrom_into, self.sock.sendto
         buf, mv, ctrl = self.buf, self.mv, self.ctrl_len
+        wg_a, wg_b = self.wg_lens
         route_get = self.core.route.get
         for _ in range(BATCH):
             try:
@@ -201,7 +206,7 @@ class OutsideLoop(Loop):
                 self.net_error("receive", e)
                 continue
             f = route_get(addr)
-            if f is not None and n != ctrl:
+            if f is not None and n != ctrl and n != wg_a and n != wg_b:
                 try:
                     send(mv[:n], f.dst)
                 except OSError as e:

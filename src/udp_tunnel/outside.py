@@ -19,8 +19,14 @@ from udp_tunnel.addr import show
 from udp_tunnel.log import Log
 from udp_tunnel.proto import Control, ControlError
 from udp_tunnel.status import leg
+from udp_tunnel.wireguard import DOWN_LENS, Gate
 
 COOKIE_SLOT = 60.0  # seconds; a cookie stays valid for one to two slots
+WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<reason>)
+    "not_handshake": "not a WireGuard handshake initiation",
+    "bad_mac1": "WireGuard handshake initiation with a wrong MAC1 (is --wireguard-key the server's public key?)",
+    "unknown_session": "WireGuard transport data of no session seen here",
+}
 
 
 class Flow:
@@ -71,7 +77,8 @@ class TokenBucket:
 class OutsideCore:
     def __init__(self, *, secret: bytes, keepalive: float, max_clients: int,
                  family: int, now: float, log: Log, legacy: bool = False,
-                 max_skew: float = 120.0, random_bytes=os.urandom, wall=time.time) -> None:
+                 max_skew: float = 120.0, random_bytes=os.urandom, wall=time.time,
+                 wireguard: Gate | None = None) -> None:
         self.legacy = legacy
         self.password = secret
         self.codec = proto.Codec(secret)
@@ -103,6 +110,9 @@ class OutsideCore:
         # so that an old client can't be given a fresh spare instead of its own tunnel.
         self.recovering = not legacy
         self.announced: dict[int, int] = {}  # inside session -> active tunnels it says it has
+        # WireGuard mode (--wireguard-key, issue 9): admission of new clients and roaming,
+        # all in wireguard.py; None when off. Hooks: handle(), _new_client(), _remove(), snapshot().
+        self.wg = wireguard
 
     # --- datagrams ---
 
@@ -122,6 +132,12 @@ class OutsideCore:
             self.out.append((data, f.dst))
             f.pkts += 1
             f.bytes += n
+            # WireGuard hook: a handshake message going back to a client names its session.
+            # The loop's fast path sends these two lengths here when the mode is on.
+            if self.wg is not None and n in DOWN_LENS:
+                t = self.by_addr.get(addr)
+                if t is not None:
+                    self.wg.observe_down(data, t.tid)
         elif addr in self.by_addr:
             self.stats["drop_unbound_tunnel"] += 1
         else:
@@ -136,6 +152,20 @@ class OutsideCore:
         return not self.recovering
 
     def _new_client(self, data: bytes, addr: tuple, now: float) -> None:
+        # WireGuard hook: only a valid handshake initiation takes a tunnel; transport data of a
+        # known session from a new address is its client roaming. Before any other check, so
+        # that junk is counted as such and never logged as a missing spare.
+        if self.wg is not None:
+            tid = self.wg.roaming(data)
+            if tid is not None and tid in self.tunnels:
+                self._wg_roam(self.tunnels[tid], data, addr, now)
+                return
+            why = self.wg.admit_new(data)
+            if why is not None:
+                self.stats[f"drop_wg_{why}"] += 1
+                self.log.limited(f"wg-{why}", f"dropped a datagram of new source {show(addr)}: "
+                                 + WG_REASONS[why])
+                return
         if self.recovering and not self._recovered(now):
             self.stats["drop_recovering"] += 1
             self.log.limited("recovering", f"new client {show(addr)} waits: active tunnels are "
@@ -154,7 +184,10 @@ class OutsideCore:
         t = max(self.spares.values(), key=lambda s: s.last_ka)  # the freshest NAT mapping
         del self.spares[t.tid]
         self._bind(t, addr)
-        self.log.info(f"client {show(addr)} takes tunnel {t.tid:016x} at {show(t.addr)}")
+        if self.wg is not None:
+            self.wg.admitted(t.tid)
+        self.log.info(f"client {show(addr)} takes tunnel {t.tid:016x} at {show(t.addr)}"
+                      + (" (WireGuard handshake)" if self.wg is not None else ""))
         self.out.append((data, t.addr))
         t.up.pkts += 1
         t.up.bytes += len(data)
@@ -166,7 +199,39 @@ class OutsideCore:
         t.up = self.route[client] = Flow(t.addr)
         t.down = self.route[t.addr] = Flow(client)
 
+    def _wg_roam(self, t: Tunnel, data: bytes, addr: tuple, now: float) -> None:
+        """WireGuard: transport data of tunnel t's session from `addr`, a new address.
+
+        The datagram goes up the tunnel (WireGuard authenticates it; the server sees it on the
+        same service socket as before). The client binding moves to `addr` once the bound
+        address has been silent for wireguard.ROAM_QUIET s, so a client still sending from its
+        address can't have its tunnel taken by someone who saw its index."""
+        if t.client is None:
+            self.stats["drop_wg_unknown_session"] += 1
+            return
+        idle_since = (t.last_up if t.last_up is not None else t.created) if t.up.pkts == t.seen_up else None
+        if self.wg.may_move(t.tid, t.up.pkts, idle_since, now):
+            old = t.client
+            del self.clients[old]
+            del self.route[old]
+            t.client = addr
+            self.clients[addr] = t
+            self.route[addr] = t.up
+            t.down.dst = addr
+            self.wg.moved(t.tid)
+            self.stats["wg_roams"] += 1
+            self.log.info(f"WireGuard client of tunnel {t.tid:016x} roamed from {show(old)} to {show(addr)}")
+            t.up.pkts += 1
+            t.up.bytes += len(data)
+        else:
+            self.stats["wg_roam_waits"] += 1
+            # forwarded, but not on the bound flow's count, which tells whether the bound address is silent
+            self.retired.update(datagrams_in=1, bytes_in=len(data))
+        self.out.append((data, t.addr))
+
     def _remove(self, t: Tunnel, why: str) -> None:
+        if self.wg is not None:  # WireGuard hook: its sessions go with it
+            self.wg.forget(t.tid)
         del self.tunnels[t.tid]
         del self.by_addr[t.addr]
         self.spares.pop(t.tid, None)
@@ -257,6 +322,8 @@ class OutsideCore:
             self.stats["registrations"] += 1
             if client is not None and client not in self.clients:
                 self._bind(t, client)
+                if self.wg is not None:  # WireGuard hook: bound again without a handshake seen here
+                    self.wg.admitted(t.tid, "restored")
                 self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered again, "
                               f"serving client {show(client)} again")
             elif m.flags & proto.F_ACTIVE:
@@ -338,6 +405,8 @@ class OutsideCore:
                 "to_inside": leg(up.pkts, up.bytes, t.last_up, now),
                 "to_client": leg(down.pkts, down.bytes, t.last_down, now),
             })
+            if self.wg is not None:  # WireGuard hook: how its client was admitted, roams
+                tunnels[-1]["wireguard"] = self.wg.describe(t.tid)
         totals = self.retired.copy()
         for t in self.tunnels.values():
             if t.client is not None:
@@ -346,4 +415,4 @@ class OutsideCore:
         return {"role": "outside", "protocol": "legacy" if self.legacy else "v1",
                 "uptime": now - self.started, "clients": len(self.clients),
                 "spares": len(self.spares), "stats": dict(self.stats), "totals": dict(totals),
-                "tunnels": tunnels}
+                "tunnels": tunnels, **({"wireguard": self.wg.summary()} if self.wg is not None else {})}
