@@ -24,12 +24,13 @@ def v6(ip: str, port: int) -> tuple:
 class Sim:
     def __init__(self, key: bytes = b"secret", keepalive: float = 25.0, timeout: float = 60.0,
                  spares: int = 2, max_clients: int = 100, legacy: bool = False,
-                 inside_key: bytes | None = None, now: float = 10_000.0) -> None:
+                 inside_key: bytes | None = None, now: float = 10_000.0, wireguard=None) -> None:
         self.now = now
         self.key, self.keepalive, self.legacy = key, keepalive, legacy
         self.max_clients = max_clients
         self.log = io.StringIO()
         self.wall_offset = 1.7e9  # wall clock = now + offset, settable per side
+        self.wireguard = wireguard  # a function making a wireguard.Gate for each outside core, or None
         self.outside = self.new_outside()
         self.inside = InsideCore(secret=inside_key if inside_key is not None else key, keepalive=keepalive,
                                  timeout=timeout, spares=spares, max_clients=max_clients, now=now,
@@ -51,7 +52,8 @@ class Sim:
         return OutsideCore(secret=kw.pop("key", self.key), keepalive=self.keepalive,
                            max_clients=self.max_clients, family=socket.AF_INET6, now=self.now,
                            log=Log(DEBUG, self.log), legacy=self.legacy,
-                           wall=lambda: self.now + self.wall_offset, **kw)
+                           wall=lambda: self.now + self.wall_offset,
+                           wireguard=self.wireguard() if self.wireguard else None, **kw)
 
     def restart_outside(self) -> None:
         self.outside = self.new_outside()
