@@ -297,3 +297,74 @@ def test_keys_are_32_bytes_of_base64_and_several_can_be_given():
             parse_keys(bad)
     gate = Gate([OTHER_PUB, SERVER_PUB])
     assert gate.admit_new(initiation()) is None and gate.admit_new(initiation(os.urandom(32))) == "bad_mac1"
+
+
+# --- the real command on loopback: the option, the loop's hook for handshake messages going back ---
+
+def _recv(s, timeout: float = 0.3) -> bytes | None:
+    s.settimeout(timeout)
+    try:
+        return s.recv(65536)
+    except TimeoutError:
+        return None
+
+
+def test_real_agents_admit_only_valid_initiations_and_follow_a_roaming_client(lab):
+    import socket
+    import time
+
+    from agents import converse, free_port
+    svc = lab.echo()
+    port = free_port()
+    key = base64.b64encode(SERVER_PUB).decode()
+    out = lab.agent("outside", ["-l", f"127.0.0.1:{port}", "-t", "1", "--wireguard-key", key])
+    lab.agent("inside", ["-s", svc.addr, "-o", f"127.0.0.1:{port}", "-t", "1"])
+    out.wait_status(lambda s: s["spares"] >= 1)
+    target = ("127.0.0.1", port)
+    assert converse(target, 2, 2, timeout=2)["done"] == 0  # plain clients get nowhere
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        a.sendto(initiation(OTHER_PUB), target)
+        assert _recv(a) is None
+        init = initiation(sender=b"\x0a\x0b\x0c\x0d")
+        a.sendto(init, target)
+        # the echo service sends it back: a 148-byte type 1 going down names session 0a0b0c0d
+        assert _recv(a, 5) == init
+        a.sendto(transport(b"\x0a\x0b\x0c\x0d"), target)
+        assert _recv(a, 5) is not None
+        time.sleep(1.0)  # quiet, then "the NAT" gives the client a new port
+        data, got, t0 = transport(b"\x0a\x0b\x0c\x0d", 7), None, time.monotonic()
+        for _ in range(40):
+            b.sendto(data, target)
+            got = _recv(b, 0.1)
+            if got:
+                break
+        took = time.monotonic() - t0
+        print(f"loopback: roaming client answered at its new port after {took:.2f} s")
+        assert got == data
+        b_addr = f"127.0.0.1:{b.getsockname()[1]}"
+        st = out.wait_status(lambda s: s["stats"].get("wg_roams") == 1)
+        assert [t["client"] for t in st["tunnels"] if t["client"]] == [b_addr]
+        assert st["stats"]["drop_wg_bad_mac1"] == 1 and st["stats"]["drop_wg_not_handshake"] >= 2
+        # only the WireGuard client reached the service: one service socket, WireGuard-shaped data
+        assert len({addr for addr, _ in svc.seen}) == 1 and {d[0] for _, d in svc.seen} == {1, 4}
+    finally:
+        a.close()
+        b.close()
+    assert "admitting only WireGuard handshakes for 1 server key" in out.log()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["-l", "9", "--wireguard-key", "abc"], "'abc' is not a WireGuard public key"),
+    (["-l", "9", "--wireguard-key", base64.b64encode(bytes(31)).decode()], "32 bytes in base64"),
+    (["-s", "127.0.0.1:1", "-o", "127.0.0.1:2", "--wireguard-key", base64.b64encode(bytes(32)).decode()],
+     "for the outside agent"),
+])
+def test_a_bad_wireguard_key_is_one_clear_line_and_exit_2(args, needle):
+    import subprocess
+
+    from agents import command, env
+    r = subprocess.run(command(*args), env=env(), capture_output=True, text=True, timeout=30)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
