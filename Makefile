@@ -12,6 +12,8 @@ service     ?=
 outside     ?=
 keepalive   ?= 25
 max_clients ?= 1000
+# install-outside: the WireGuard server's public key(s), comma-separated (`wg show wg0 public-key`)
+wireguard_key ?=
 
 SOURCES := $(wildcard src/udp_tunnel/*.py)
 UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
@@ -66,13 +68,17 @@ key:
 define render_unit
 	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@CONFDIR@|$(CONFDIR)|g' -e 's|@KEEPALIVE@|$(keepalive)|g' \
 	    -e 's|@MAXCLIENTS@|$(max_clients)|g' -e 's|@LISTEN@|$(listen)|g' -e 's|@SERVICE@|$(service)|g' \
+	    -e 's|@WIREGUARD@|$(if $(wireguard_key), --wireguard-key $(wireguard_key),)|g' \
 	    -e 's|@OUTSIDE@|$(outside)|g' -e 's|@NOFILE@|$(shell echo $$(( 2 * $(max_clients) + 64 )))|g' \
 	    -e 's|@CAPS@|$(2)|g' systemd/$(1).in > $(DESTDIR)$(UNITDIR)/$(1).tmp
 	chmod 644 $(DESTDIR)$(UNITDIR)/$(1).tmp && mv $(DESTDIR)$(UNITDIR)/$(1).tmp $(DESTDIR)$(UNITDIR)/$(1)
 endef
 
 check-outside-args:
-	@[ -n "$(listen)" ] || { echo "usage: make install-outside listen=[HOST:]PORT" >&2; exit 2; }
+	@[ -n "$(listen)" ] || { echo "usage: make install-outside listen=[HOST:]PORT [wireguard_key=PUBKEY]" >&2; exit 2; }
+	@[ -z "$(wireguard_key)" ] || PYTHONPATH=src $(PYTHON) -c 'import sys; from udp_tunnel.wireguard import parse_keys; \
+	  parse_keys(sys.argv[1])' '$(wireguard_key)' 2>/dev/null || \
+	  { echo "wireguard_key=$(wireguard_key): not a WireGuard public key (32 bytes in base64, as 'wg show wg0 public-key' prints it; several: comma-separated)" >&2; exit 2; }
 
 check-inside-args:
 	@[ -n "$(service)" ] && [ -n "$(outside)" ] || \
