@@ -108,6 +108,22 @@ def test_junk_from_new_sources_never_takes_a_tunnel_and_is_counted_by_reason():
     assert "no spare" not in sim.log.getvalue()
 
 
+def test_a_replayed_initiation_takes_no_tunnel_from_other_ports_and_the_memory_is_bounded():
+    sim = wg_sim()
+    init = initiation()
+    sim.send(init, CLIENT)
+    for i in range(100):  # captured on the path, sent again from 100 ports (mac2 is not under mac1)
+        sim.send(init[:132] + rng.randbytes(16), v6("192.0.2.66", 30000 + i))
+    assert list(sim.outside.clients) == [CLIENT] and sim.outside.stats["drop_wg_replay"] == 100
+    from udp_tunnel.wireguard import SEEN_INITIATIONS
+    gate = Gate([SERVER_PUB])
+    first = initiation()
+    assert gate.admit_new(first) is None and gate.admit_new(first) == "replay"
+    for _ in range(SEEN_INITIATIONS):
+        assert gate.admit_new(initiation()) is None
+    assert len(gate.seen) == SEEN_INITIATIONS and gate.admit_new(first) is None  # forgotten: bounded
+
+
 def test_several_server_keys_admit_initiations_for_any_of_them():
     sim = wg_sim(SERVER_PUB, OTHER_PUB)
     sim.send(initiation(SERVER_PUB), CLIENT)

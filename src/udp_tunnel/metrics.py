@@ -40,7 +40,7 @@ def render(s: dict) -> str:
     reasons = {"no_spare": 0, "limit": 0, "auth": 0, "malformed": 0, "replay": 0, "send_error": 0}
     wg = s.get("wireguard")  # outside with --wireguard-key
     if wg:
-        reasons.update(wg_not_handshake=0, wg_bad_mac1=0, wg_unknown_session=0)
+        reasons.update(wg_not_handshake=0, wg_bad_mac1=0, wg_unknown_session=0, wg_replay=0)
     for k, v in st.items():
         if k.startswith("drop_"):
             reasons[k[5:]] = reasons.get(k[5:], 0) + v

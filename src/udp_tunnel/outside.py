@@ -26,6 +26,7 @@ WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<r
     "not_handshake": "not a WireGuard handshake initiation",
     "bad_mac1": "WireGuard handshake initiation with a wrong MAC1 (is --wireguard-key the server's public key?)",
     "unknown_session": "WireGuard transport data of no session seen here",
+    "replay": "a copy of a WireGuard handshake initiation already admitted (replayed)",
 }
 
 

@@ -31,7 +31,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections import Counter
+from collections import Counter, deque
 
 INITIATION, RESPONSE, COOKIE_REPLY, TRANSPORT = 1, 2, 3, 4
 INITIATION_LEN, RESPONSE_LEN, COOKIE_REPLY_LEN, TRANSPORT_MIN = 148, 92, 64, 32
@@ -44,6 +44,10 @@ DOWN_LENS = (RESPONSE_LEN, INITIATION_LEN)
 
 INDICES_PER_TUNNEL = 3  # the current session, the previous one, one being set up
 ROAM_QUIET = 0.5  # s the bound client address must have been silent before its tunnel moves
+# Initiations admitted lately, by their MAC1: a byte-identical copy is a replay (WireGuard makes
+# a new initiation, new ephemeral key and time stamp, for every attempt), refused so that one
+# captured initiation can't take a tunnel from each of many source ports.
+SEEN_INITIATIONS = 4096
 
 
 def parse_keys(text: str) -> list[bytes]:
@@ -104,19 +108,30 @@ class Gate:
         self.quiet = quiet
         self.sessions: dict[int, Session] = {}  # tunnel id -> session
         self.index: dict[bytes, int] = {}  # server's index (4 bytes as on the wire) -> tunnel id
+        self.seen: set[bytes] = set()  # MAC1 of initiations admitted lately (bounded, oldest forgotten)
+        self.seen_order: deque[bytes] = deque()
 
     # --- datagrams from unknown sources ---
 
     def admit_new(self, data: bytes) -> str | None:
         """None if data is a handshake initiation with a valid MAC1; else the reason to refuse it
-        ('not_handshake', 'bad_mac1', 'unknown_session' for transport data of no session we know)."""
+        ('not_handshake', 'bad_mac1', 'replay' for a copy of one admitted lately, 'unknown_session'
+        for transport data of no session we know)."""
         if len(data) != INITIATION_LEN or data[0] != INITIATION or data[1:4] != ZERO3:
             return "unknown_session" if kind(data) == TRANSPORT else "not_handshake"
         covered, tag = data[:MAC1_AT], data[MAC1_AT:MAC1_AT + 16]
         for k in self.keys:
             if hmac.compare_digest(mac1(k, covered), tag):
-                return None
-        return "bad_mac1"
+                break
+        else:
+            return "bad_mac1"
+        if tag in self.seen:
+            return "replay"
+        self.seen.add(tag)
+        self.seen_order.append(tag)
+        if len(self.seen_order) > SEEN_INITIATIONS:
+            self.seen.discard(self.seen_order.popleft())
+        return None
 
     def roaming(self, data: bytes) -> int | None:
         """The tunnel whose session a transport datagram belongs to (by its receiver index), if any."""
