@@ -114,6 +114,7 @@ class OutsideCore:
         # WireGuard mode (--wireguard-key, issue 9): admission of new clients and roaming,
         # all in wireguard.py; None when off. Hooks: handle(), _new_client(), _remove(), snapshot().
         self.wg = wireguard
+        self.wg_log_at = 0.0
 
     # --- datagrams ---
 
@@ -163,9 +164,11 @@ class OutsideCore:
                 return
             why = self.wg.admit_new(data)
             if why is not None:
-                self.stats[f"drop_wg_{why}"] += 1
-                self.log.limited(f"wg-{why}", f"dropped a datagram of new source {show(addr)}: "
-                                 + WG_REASONS[why])
+                self.stats["drop_wg_" + why] += 1
+                if now >= self.wg_log_at:  # scans are routine on a public host: a line per 10 s at most
+                    self.wg_log_at = now + 10.0
+                    self.log.info(f"refusing datagrams from new sources that are not valid WireGuard "
+                                  f"handshakes, e.g. from {show(addr)}: {WG_REASONS[why]} (counts in status)")
                 return
         if self.recovering and not self._recovered(now):
             self.stats["drop_recovering"] += 1
