@@ -339,6 +339,9 @@ def wg_handshake_seconds(lab: Lab, listen_port: int) -> float | None:
     """Time from a fresh client's first ping to its answer: the handshake and one round trip.
     ping -W 4 ends before WireGuard would send a second initiation (after 5 s): None if the
     first one got no answer."""
+    # the server takes at most one initiation per peer every 20 ms, and only with a newer time
+    # stamp (wireguard-go rounds them to ~17 ms): leave room after the previous handshake
+    time.sleep(0.5)
     wg_client_fresh(lab, listen_port)
     t0 = time.monotonic()
     r = lab.sh("work1", "ping -c 1 -W 4 100.100.0.1", check=False)
@@ -357,7 +360,10 @@ def test_wireguard_mode_admits_a_real_client_while_an_attacker_sprays(lab, net):
     sprayed = [wg_handshake_seconds(lab, 41100 + i) for i in range(3)]
     spray.wait(30)
     res = json.loads(lab.log("spray.log").strip().splitlines()[-1])
-    st = net.status(out)
+
+    def wg_refused(s):
+        return sum(v for k, v in s["stats"].items() if k.startswith("drop_wg_"))
+    st = net.wait_status(out, lambda s: wg_refused(s) >= res["sent"], timeout=10)  # published once a second
     refused = {k: v for k, v in st["stats"].items() if k.startswith("drop_wg_")}
     clients = sorted(t["client"] for t in st["tunnels"] if t["client"])
     ins_st = net.status(ins)
