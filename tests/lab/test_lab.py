@@ -327,11 +327,19 @@ def test_a_vps_that_changes_address_is_found_again_by_name(lab, net):
 
 
 # 10 (issue 9: WireGuard mode)
+def wg_client_if(lab: Lab) -> str:
+    """The WireGuard interface on work1, whatever the lab named it (the one that is not lo or eth0)."""
+    names = set(lab.sh("work1", "ls /sys/class/net").stdout.split()) - {"lo", "eth0"}
+    assert len(names) == 1, names
+    return names.pop()
+
+
 def wg_client_fresh(lab: Lab, listen_port: int) -> None:
     """The WireGuard client forgets its session and sends from a new port: its next packet is
     a handshake initiation from an address the outside agent has never seen."""
     home_pub = lab.wg_keys["home"][1]
-    lab.sh("work1", f"wg set wgw peer {home_pub} remove; wg set wgw listen-port {listen_port} "
+    wgw = wg_client_if(lab)
+    lab.sh("work1", f"wg set {wgw} peer {home_pub} remove; wg set {wgw} listen-port {listen_port} "
                     f"peer {home_pub} allowed-ips 100.100.0.1/32 endpoint {VPS4}:{PORT}")
 
 
@@ -349,7 +357,7 @@ def wg_handshake_seconds(lab: Lab, listen_port: int) -> float | None:
 
 
 def latest_handshake(lab: Lab) -> int:
-    return int(lab.sh("work1", "wg show wgw latest-handshakes").stdout.split()[1])
+    return int(lab.sh("work1", f"wg show {wg_client_if(lab)} latest-handshakes").stdout.split()[1])
 
 
 def test_wireguard_mode_admits_a_real_client_while_an_attacker_sprays(lab, net):
