@@ -120,16 +120,19 @@ def wireguard(lab: Lab, tmp: str) -> None:
         keys[side] = (path, pub)
     lab.wg_keys = keys  # (private key file, public key) of "home" (the server) and "work" (the client)
     env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
-    for ns, ifname in (("home", "wgh"), ("work1", "wgw")):
+    # wireguard-go's control sockets live in /var/run/wireguard, which namespaces share:
+    # interface names of this lab's own, so that two labs at once don't take each other's
+    wgh, wgw = f"{lab.prefix}h", f"{lab.prefix}w"
+    for ns, ifname in (("home", wgh), ("work1", wgw)):
         lab.spawn(ns, ["wireguard-go", "-f", ifname], f"wireguard-{ns}.log", env=env)
         assert wait_for(lambda ifname=ifname: os.path.exists(f"/var/run/wireguard/{ifname}.sock"), 10), \
             lab.log(f"wireguard-{ns}.log")
-    lab.sh("home", f"wg set wgh private-key {keys['home'][0]} listen-port {WG_PORT} "
+    lab.sh("home", f"wg set {wgh} private-key {keys['home'][0]} listen-port {WG_PORT} "
                    f"peer {keys['work'][1]} allowed-ips 100.100.0.2/32; "
-                   "ip addr add 100.100.0.1/24 dev wgh; ip link set wgh up")
-    lab.sh("work1", f"wg set wgw private-key {keys['work'][0]} "
+                   f"ip addr add 100.100.0.1/24 dev {wgh}; ip link set {wgh} up")
+    lab.sh("work1", f"wg set {wgw} private-key {keys['work'][0]} "
                     f"peer {keys['home'][1]} allowed-ips 100.100.0.1/32 endpoint {VPS4}:{PORT}; "
-                    "ip addr add 100.100.0.2/24 dev wgw; ip link set wgw up")
+                    f"ip addr add 100.100.0.2/24 dev {wgw}; ip link set {wgw} up")
 
 
 @pytest.fixture
