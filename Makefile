@@ -12,6 +12,8 @@ service     ?=
 outside     ?=
 keepalive   ?= 25
 max_clients ?= 1000
+# install-outside: the WireGuard server's public key(s), comma-separated (`wg show wg0 public-key`)
+wireguard_key ?=
 
 SOURCES := $(wildcard src/udp_tunnel/*.py)
 UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
@@ -71,6 +73,7 @@ key:
 define render_unit
 	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@CONFDIR@|$(CONFDIR)|g' -e 's|@KEEPALIVE@|$(keepalive)|g' \
 	    -e 's|@MAXCLIENTS@|$(max_clients)|g' -e 's|@LISTEN@|$(listen)|g' -e 's|@SERVICE@|$(service)|g' \
+	    -e 's|@WIREGUARD@|$(if $(wireguard_key), --wireguard-key $(wireguard_key),)|g' \
 	    -e 's|@OUTSIDE@|$(outside)|g' -e 's|@NOFILE@|$(shell echo $$(( 2 * $(max_clients) + 64 )))|g' \
 	    -e 's|@CAPS@|$(2)|g' systemd/$(1).in > $(DESTDIR)$(UNITDIR)/$(1).tmp
 	chmod 644 $(DESTDIR)$(UNITDIR)/$(1).tmp && mv $(DESTDIR)$(UNITDIR)/$(1).tmp $(DESTDIR)$(UNITDIR)/$(1)
@@ -80,9 +83,10 @@ endef
 # as at start, without I/O) before anything is installed: a unit that can only fail is never written.
 q = '$(subst ','\'',$(1))'
 check-outside-args: udp-tunnel
-	@[ -n "$(listen)" ] || { echo "usage: make install-outside listen=[HOST:]PORT" >&2; exit 2; }
+	@[ -n "$(listen)" ] || { echo "usage: make install-outside listen=[HOST:]PORT [wireguard_key=PUBKEY]" >&2; exit 2; }
 	@$(PYTHON) ./udp-tunnel --check-config -l $(call q,$(listen)) -t $(call q,$(keepalive)) \
-	  --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key)
+	  --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key) \
+	  $(if $(wireguard_key),--wireguard-key $(call q,$(wireguard_key)),)
 
 check-inside-args: udp-tunnel
 	@[ -n "$(service)" ] && [ -n "$(outside)" ] || \

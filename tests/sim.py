@@ -27,7 +27,7 @@ class Sim:
     def __init__(self, key: bytes = b"secret", keepalive: float = 25.0, timeout: float = 60.0,
                  spares: int = 2, max_clients: int = 100, legacy: bool = False,
                  inside_key: bytes | None = None, now: float = 10_000.0, nat_timeout: float | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, wireguard=None) -> None:
         # ids and secrets from a seeded generator when the test must be repeatable
         self.random_bytes = random.Random(seed).randbytes if seed is not None else os.urandom
         self.now = now
@@ -35,6 +35,7 @@ class Sim:
         self.max_clients = max_clients
         self.log = io.StringIO()
         self.wall_offset = 1.7e9  # wall clock = now + offset, settable per side
+        self.wireguard = wireguard  # a function making a wireguard.Gate for each outside core, or None
         self.outside = self.new_outside()
         self.inside = InsideCore(secret=inside_key if inside_key is not None else key, keepalive=keepalive,
                                  timeout=timeout, spares=spares, max_clients=max_clients, now=now,
@@ -59,7 +60,8 @@ class Sim:
         return OutsideCore(secret=kw.pop("key", self.key), keepalive=self.keepalive,
                            max_clients=self.max_clients, family=socket.AF_INET6, now=self.now,
                            log=Log(DEBUG, self.log), legacy=self.legacy, random_bytes=self.random_bytes,
-                           wall=lambda: self.now + self.wall_offset, **kw)
+                           wall=lambda: self.now + self.wall_offset,
+                           wireguard=self.wireguard() if self.wireguard else None, **kw)
 
     def restart_outside(self, remember: bool = False) -> None:
         """A new outside agent; with `remember`, it read its predecessor's state file."""

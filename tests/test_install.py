@@ -100,3 +100,14 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
         r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "units" / unit)],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and unit not in r.stderr, r.stderr
+
+
+def test_install_outside_with_a_wireguard_key_puts_it_in_the_unit_and_refuses_a_bad_one(tmp_path):
+    key = "+++/+++/+++/+++/+++/+++/+++/+++/+++/+++/YWI="  # 32 bytes, with + and / as base64 has
+    make("install-outside", "listen=9999", f"wireguard_key={key}", *dirs(tmp_path))
+    unit = (tmp_path / "units/udp-tunnel-outside.service").read_text()
+    assert f"-t 25 --max-clients 1000 --wireguard-key {key} --key-file %d/key\n" in unit
+    r = make("install-outside", "listen=9999", "wireguard_key=not-a-key", f"PREFIX={tmp_path}/p2",
+             f"UNITDIR={tmp_path}/u2", f"CONFDIR={tmp_path}/c2", check=False)
+    assert r.returncode != 0 and "not a WireGuard public key" in r.stderr
+    assert not (tmp_path / "u2").exists() and not (tmp_path / "p2").exists()

@@ -97,6 +97,9 @@ def build_parser() -> Parser:
     g.add_argument("--max-clients", metavar="N", type=whole, default=1000,
                    help="most clients (tunnels in use) at once (default 1000)")
     g.add_argument("--legacy", action="store_true", help="speak the wire format of the C udp-tunnel 1.x")
+    g.add_argument("--wireguard-key", metavar="PUBKEY", action="append",
+                   help="outside: admit only WireGuard clients of the server with this public key "
+                        "(base64, as 'wg show' prints it; repeat or separate by commas for several)")
     g.add_argument("--max-clock-skew", metavar="SECONDS", type=number,
                    help="outside --legacy: refuse keepalives whose clock is further off (default 120, 0: off)")
     fam = g.add_mutually_exclusive_group()
@@ -208,6 +211,14 @@ def check(a: argparse.Namespace) -> str:
         raise UsageError(NO_KEY)
     if a.name is not None and not NAME.fullmatch(a.name):
         raise UsageError(f"--name: {a.name!r} is not a name (letters, digits, '.', '_', '-'; at most 64)")
+    if a.wireguard_key is not None:
+        if inside:
+            raise UsageError("--wireguard-key is for the outside agent (-l)")
+        from udp_tunnel.wireguard import parse_keys
+        try:
+            a.wireguard_keys = parse_keys(",".join(a.wireguard_key))
+        except ValueError as e:
+            raise UsageError(f"--wireguard-key: {e}") from None
     return "inside" if inside else "outside"
 
 
@@ -326,8 +337,12 @@ def run(a: argparse.Namespace) -> int:
     if role == "outside":
         sock = bind_listen(a.listen, a.family)
         fam = sock.family
+        gate = None
+        if a.wireguard_key is not None:  # WireGuard mode (issue 9)
+            from udp_tunnel.wireguard import Gate
+            gate = Gate(a.wireguard_keys)
         core = OutsideCore(secret=secret, keepalive=a.keepalive, max_clients=a.max_clients, family=fam,
-                           now=now, log=log, legacy=a.legacy, max_skew=a.max_clock_skew)
+                           now=now, log=log, legacy=a.legacy, max_skew=a.max_clock_skew, wireguard=gate)
         try:
             state = state_path(a.state_file, name)
         except OSError as e:
@@ -338,6 +353,9 @@ def run(a: argparse.Namespace) -> int:
         if fam == socket.AF_INET6 and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
             where += " (IPv4 and IPv6)"
         desc = f"outside agent listening on {where}"
+        if gate is not None:
+            n = len(a.wireguard_keys)
+            desc += f", admitting only WireGuard handshakes for {n} server key{'s' if n > 1 else ''}"
         info = {"listen": where}
     else:
         host, port = split_hostport(a.outside, "--outside")

@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from udp_tunnel import fastio, proto, statefile, systemd
+from udp_tunnel import fastio, proto, statefile, systemd, wireguard
 from udp_tunnel.addr import AddrError, resolve, show
 from udp_tunnel.inside import Close, InsideCore, OpenService, OpenTunnel, Resolve, Send, ToService
 from udp_tunnel.log import Log
@@ -268,6 +268,10 @@ class OutsideLoop(Loop):
         self.sock = sock
         _bufsizes(sock)
         self.ctrl_len = proto.LEGACY_LEN if core.legacy else proto.CTRL_LEN
+        # WireGuard hook (issue 9): with --wireguard-key, datagrams of these two lengths (handshake
+        # response / initiation, which transport data never has) go through the core, which
+        # records the sessions they name; otherwise -1, which no datagram has.
+        self.wg_lens = wireguard.DOWN_LENS if core.wg is not None else (-1, -1)
         lib = None if plain else fastio.load()
         self.fast = lib is not None
         if self.fast:
@@ -333,6 +337,7 @@ class OutsideLoop(Loop):
     def _on_udp(self, now: float) -> None:
         recv, send = self.sock.recvfrom_into, self.sock.sendto
         buf, mv, ctrl = self.buf, self.mv, self.ctrl_len
+        wg_a, wg_b = self.wg_lens
         route_get = self.core.route.get
         for _ in range(BATCH):
             try:
@@ -343,7 +348,7 @@ class OutsideLoop(Loop):
                 self.net_error("receive", e)
                 continue
             f = route_get(addr)
-            if f is not None and n != ctrl:
+            if f is not None and n != ctrl and n != wg_a and n != wg_b:
                 try:
                     send(mv[:n], f.dst)
                 except OSError as e:
@@ -399,7 +404,9 @@ class OutsideLoop(Loop):
         seg = int.from_bytes(anc[0][2][:4], sys.byteorder) if anc else 0
         f = self.core.route.get(addr)
         ctrl = self.ctrl_len
-        if f is not None and n != ctrl and (not seg or (seg != ctrl and n % seg != ctrl)):
+        wg_a, wg_b = self.wg_lens
+        if f is not None and n != ctrl and n != wg_a and n != wg_b and (
+                not seg or (seg != ctrl and n % seg != ctrl and seg != wg_a and seg != wg_b)):
             try:
                 if seg and seg < n:
                     gso = [(fastio.SOL_UDP, fastio.UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
@@ -442,6 +449,7 @@ class OutsideLoop(Loop):
         names, addrs, dests = ring.names_mv, self.addrs, self.dests
         route_get = self.core.route.get
         ctrl, batch, add = self.ctrl_len, self.batch, self.batch.add
+        wg_a, wg_b = self.wg_lens
         for i in range(n):
             ln = m32[16 * i + 14]
             raw = bytes(names[32 * i:32 * i + m32[16 * i + 2]])
@@ -450,7 +458,8 @@ class OutsideLoop(Loop):
                 addr = self._addr_of(raw)
             seg = ci32[8 * i + 4] if m64[8 * i + 5] else 0
             f = route_get(addr)
-            if f is not None and ln != ctrl and (not seg or (seg != ctrl and ln % seg != ctrl)):
+            if f is not None and ln != ctrl and ln != wg_a and ln != wg_b and (
+                    not seg or (seg != ctrl and ln % seg != ctrl and seg != wg_a and seg != wg_b)):
                 d = dests.get(f.dst)
                 if d is None:
                     d = self._dest(f.dst)

@@ -38,6 +38,9 @@ def render(s: dict) -> str:
                 f"Data {unit} forwarded, towards the service (in) and back to clients (out).",
                 [({"direction": "in"}, tot.get(f"{unit}_in", 0)), ({"direction": "out"}, tot.get(f"{unit}_out", 0))])
     reasons = {"no_spare": 0, "limit": 0, "auth": 0, "malformed": 0, "replay": 0, "send_error": 0}
+    wg = s.get("wireguard")  # outside with --wireguard-key
+    if wg:
+        reasons.update(wg_not_handshake=0, wg_bad_mac1=0, wg_unknown_session=0, wg_replay=0)
     for k, v in st.items():
         if k.startswith("drop_"):
             reasons[k[5:]] = reasons.get(k[5:], 0) + v
@@ -50,6 +53,14 @@ def render(s: dict) -> str:
     _metric(out, "rebinds_total", "counter", "Tunnels that moved to a new public address (NAT rebinding).",
             [({}, st.get("rebinds", 0))])
     _metric(out, "challenges_total", "counter", "Registration challenges sent.", [({}, st.get("challenges", 0))])
+    if wg:
+        _metric(out, "wireguard_clients", "gauge",
+                "Clients by how they were admitted (WireGuard handshake, or bound again after a restart).",
+                [({"admitted": k}, wg["clients"].get(k, 0)) for k in ("handshake", "restored")])
+        _metric(out, "wireguard_sessions", "gauge", "WireGuard session indices known for roaming.",
+                [({}, wg["sessions"])])
+        _metric(out, "wireguard_roams_total", "counter", "WireGuard clients whose tunnel followed them "
+                "to a new address.", [({}, st.get("wg_roams", 0))])
     if s["role"] == "inside":
         rtts = [t["rtt"] for t in s["tunnels"] if t["rtt"] is not None and t["registered"]]
         if rtts:

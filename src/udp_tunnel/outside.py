@@ -38,6 +38,7 @@ from udp_tunnel.addr import show
 from udp_tunnel.core import Activity, CoreError, Datagram, Flow, ReplayWindow, TokenBucket, leg
 from udp_tunnel.log import Log
 from udp_tunnel.proto import Control, ControlError
+from udp_tunnel.wireguard import DOWN_LENS, Gate
 
 # A new client's first datagrams wait here when no spare tunnel is ready (or while
 # this agent, just restarted, waits for the active tunnels to come back).
@@ -57,6 +58,12 @@ CHALLENGE_RATE = 50.0  # per source and second (the burst is the tunnel table's 
 CHALLENGE_GLOBAL = 2000.0  # in all, per second: bounds what spoofed floods can reflect
 POLL = 0.05  # timer while clients are held
 INF = float("inf")
+WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<reason>)
+    "not_handshake": "not a WireGuard handshake initiation",
+    "bad_mac1": "WireGuard handshake initiation with a wrong MAC1 (is --wireguard-key the server's public key?)",
+    "unknown_session": "WireGuard transport data of no session seen here",
+    "replay": "a copy of a WireGuard handshake initiation already admitted (replayed)",
+}
 
 
 class State(enum.Enum):
@@ -152,7 +159,7 @@ class OutsideCore:
     def __init__(self, *, secret: bytes, keepalive: float, max_clients: int,
                  family: int, now: float, log: Log, legacy: bool = False,
                  max_skew: float = 120.0, max_per_source: int = 0, random_bytes=os.urandom,
-                 wall=time.time) -> None:
+                 wall=time.time, wireguard: Gate | None = None) -> None:
         self.legacy = legacy
         self.secrets = proto.key_list(secret)
         self.password = self.secrets[0]
@@ -195,6 +202,10 @@ class OutsideCore:
         # so that an old client can't be given a fresh spare instead of its own tunnel.
         self.recover_until = now if legacy else now + self.expiry
         self.recovering = not legacy
+        # WireGuard mode (--wireguard-key): admission of new clients and roaming, all in
+        # wireguard.py; None when off. Hooks: receive(), _new_client(), _bind(), _remove(), snapshot().
+        self.wg = wireguard
+        self.wg_log_at = 0.0
 
     # --- datagrams in ---
 
@@ -214,6 +225,12 @@ class OutsideCore:
             self.out.append(Datagram(data, f.dst))
             f.pkts += 1
             f.bytes += n
+            # WireGuard hook: a handshake message going back to a client names its session.
+            # The loop's fast path sends these two lengths here when the mode is on.
+            if self.wg is not None and n in DOWN_LENS:
+                t = self.by_addr.get(addr)
+                if t is not None:
+                    self.wg.observe_down(data, t.tid)
         elif addr in self.by_addr:
             self.stats["drop_unbound_tunnel"] += 1
         else:
@@ -266,6 +283,8 @@ class OutsideCore:
 
     def _new_client(self, data: bytes, addr: tuple, now: float) -> None:
         p = self.pending.get(addr)
+        if p is None and self.wg is not None and not self._wg_admit(data, addr, now):
+            return
         if p is None:
             if len(self.clients) >= self.max_clients:
                 self.stats["drop_limit"] += 1
@@ -291,6 +310,59 @@ class OutsideCore:
         self.stats["held"] += 1
         if self.spares and self._ready_spare(now) is not None:  # a spare came up since: go now
             self._serve_pending(now)
+
+    def _wg_admit(self, data: bytes, addr: tuple, now: float) -> bool:
+        """WireGuard hook: only a valid handshake initiation takes a tunnel; transport data of a
+        known session from a new address is its client roaming. Before any other check, so that
+        junk is counted as such, never held and never logged as a missing spare."""
+        tid = self.wg.roaming(data)
+        if tid is not None and tid in self.tunnels:
+            self._wg_roam(self.tunnels[tid], data, addr, now)
+            return False
+        why = self.wg.admit_new(data)
+        if why is None:
+            return True
+        self.stats["drop_wg_" + why] += 1
+        if now >= self.wg_log_at:  # scans are routine on a public host: a line per 10 s at most
+            self.wg_log_at = now + 10.0
+            self.log.info(f"refusing datagrams from new sources that are not valid WireGuard "
+                          f"handshakes, e.g. from {show(addr)}: {WG_REASONS[why]} (counts in status)")
+        return False
+
+    def _wg_roam(self, t: Tunnel, data: bytes, addr: tuple, now: float) -> None:
+        """WireGuard: transport data of tunnel t's session from `addr`, a new address.
+
+        The datagram goes up the tunnel (WireGuard authenticates it; the server sees it on the
+        same service socket as before). The client binding moves to `addr` once the bound
+        address has been silent for wireguard.ROAM_QUIET s, so a client still sending from its
+        address can't have its tunnel taken by someone who saw its index."""
+        if t.state is not State.BOUND:
+            self.stats["drop_wg_unknown_session"] += 1
+            return
+        idle_since = (t.up_act.last or t.created) if t.up.pkts == t.up_act.seen else None
+        if self.wg.may_move(t.tid, t.up.pkts, idle_since, now):
+            old = t.client
+            del self.clients[old]
+            del self.route[old]
+            t.client = addr
+            self.clients[addr] = t
+            self.route[addr] = t.up
+            t.down.dst = addr
+            t.src.bound -= 1
+            if t in t.src.unanswered:
+                t.src.unanswered.remove(t)
+            t.src = self._source(addr, now)
+            t.src.bound += 1
+            self.wg.moved(t.tid)
+            self.stats["wg_roams"] += 1
+            self.log.info(f"WireGuard client of tunnel {t.tid:016x} roamed from {show(old)} to {show(addr)}")
+            t.up.pkts += 1
+            t.up.bytes += len(data)
+        else:
+            self.stats["wg_roam_waits"] += 1
+            # forwarded, but not on the bound flow's count, which tells whether the bound address is silent
+            self.retired.update(datagrams_in=1, bytes_in=len(data))
+        self.out.append(Datagram(data, t.addr))
 
     def _hold(self, addr: tuple, src: Source, now: float) -> Pending | None:
         if len(self.pending) >= HOLD_CLIENTS or src.pending >= HOLD_PER_SOURCE:
@@ -362,7 +434,10 @@ class OutsideCore:
         t.up_act, t.down_act = Activity(now), Activity()
         src.unanswered.append(t)
         src.bound += 1
-        self.log.info(f"client {show(client)} takes tunnel {t.tid:016x} at {show(t.addr)}")
+        if self.wg is not None:
+            self.wg.admitted(t.tid)
+        self.log.info(f"client {show(client)} takes tunnel {t.tid:016x} at {show(t.addr)}"
+                      + (" (WireGuard handshake)" if self.wg is not None else ""))
 
     def _orphan(self, t: Tunnel) -> None:
         """The inside says t carries a client: never hand it out."""
@@ -384,6 +459,8 @@ class OutsideCore:
     def _remove(self, t: Tunnel, why: str) -> None:
         if self.tunnels.get(t.tid) is not t:
             return
+        if self.wg is not None:  # WireGuard hook: its sessions go with it
+            self.wg.forget(t.tid)
         del self.tunnels[t.tid]
         del self.by_addr[t.addr]
         if t.state is State.SPARE:
@@ -582,6 +659,8 @@ class OutsideCore:
         t = self._add(m.tunnel, session, addr, now)
         if client is not None and client not in self.clients:
             self._bind(t, client, self._source(client, now), now)
+            if self.wg is not None:  # WireGuard hook: bound again without a handshake seen here
+                self.wg.admitted(t.tid, "restored")
             self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered again, "
                           f"serving client {show(client)} again")
             p = self.pending.get(client)
@@ -715,6 +794,8 @@ class OutsideCore:
                 "to_inside": leg(t.up, t.up_act, now),
                 "to_client": leg(t.down, t.down_act, now),
             })
+            if self.wg is not None:  # WireGuard hook: how its client was admitted, roams
+                tunnels[-1]["wireguard"] = self.wg.describe(t.tid)
         totals = self.retired.copy()
         for t in self.clients.values():
             totals.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
@@ -722,4 +803,5 @@ class OutsideCore:
         return {"role": "outside", "protocol": "legacy" if self.legacy else "v2",
                 "uptime": now - self.started, "clients": len(self.clients),
                 "spares": len(self.spares), "waiting": len(self.pending),
-                "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels}
+                "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels,
+                **({"wireguard": self.wg.summary()} if self.wg is not None else {})}

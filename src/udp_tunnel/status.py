@@ -237,6 +237,10 @@ def render(s: dict) -> str:
         if s.get(key):
             lines.append(f"  {key}: {s[key]}")
     lines.append(f"  protocol: {s['protocol']}")
+    wg = s.get("wireguard")  # outside with --wireguard-key
+    if wg:
+        lines.append(f"  wireguard: admitting only handshakes valid for {wg['keys']} server key"
+                     f"{'s' if wg['keys'] > 1 else ''}; {wg['sessions']} session(s) known for roaming")
     lines.append(f"  key: {'set' if s.get('key') else 'NOT set (keepalives are not authenticated)'}")
     lines.append(f"  uptime: {ago(s['uptime'])}")
     lines.append(f"  tunnels: {s['clients']} active, {s['spares']} spare")
@@ -260,6 +264,11 @@ def render(s: dict) -> str:
         lines.append(f"tunnel: {t['id']} ({t['state']})")
         if t.get("client"):
             lines.append(f"  client: {t['client']}")
+        if t.get("wireguard"):
+            w = t["wireguard"]
+            how = "WireGuard handshake" if w["admitted"] == "handshake" else \
+                "bound again after a restart of this agent"
+            lines.append(f"  admitted: {how}, roamed {w['roams']} time(s), sessions known: {w['sessions']}")
         if inside:
             lines.append(f"  registered: {'yes' if t['registered'] else 'NO'}"
                          + (f", {t['registrations']} time(s), last {ago(t['registered_ago'])} ago"

@@ -122,6 +122,7 @@ def wireguard(lab: Lab, tmp: str) -> None:
             f.write(priv + "\n")
         os.chmod(path, 0o600)
         keys[side] = (path, pub)
+    lab.wg_keys = keys  # (private key file, public key) of "home" (the server) and "work" (the client)
     env = dict(os.environ, WG_PROCESS_FOREGROUND="1")
     # wireguard-go's control sockets live in /var/run/wireguard, which namespaces share:
     # interface names of this lab's own, so that two labs at once don't take each other's
@@ -372,3 +373,100 @@ def test_a_vps_that_changes_address_is_found_again_by_name(lab, net):
     finally:
         lab.sh("vps", f"ip addr del {new}/28 dev eth0; ip addr add {VPS4}/28 dev eth0; "
                       "ip route replace default via 198.51.100.1", check=False)
+
+
+# 10 (issue 9: WireGuard mode)
+def wg_client_if(lab: Lab) -> str:
+    """The WireGuard interface on work1, whatever the lab named it (the one that is not lo or eth0)."""
+    names = set(lab.sh("work1", "ls /sys/class/net").stdout.split()) - {"lo", "eth0"}
+    assert len(names) == 1, names
+    return names.pop()
+
+
+def wg_client_fresh(lab: Lab, listen_port: int) -> None:
+    """The WireGuard client forgets its session and sends from a new port: its next packet is
+    a handshake initiation from an address the outside agent has never seen."""
+    home_pub = lab.wg_keys["home"][1]
+    wgw = wg_client_if(lab)
+    lab.sh("work1", f"wg set {wgw} peer {home_pub} remove; wg set {wgw} listen-port {listen_port} "
+                    f"peer {home_pub} allowed-ips 100.100.0.1/32 endpoint {VPS4}:{PORT}")
+
+
+def wg_handshake_seconds(lab: Lab, listen_port: int) -> float | None:
+    """Time from a fresh client's first ping to its answer: the handshake and one round trip.
+    ping -W 4 ends before WireGuard would send a second initiation (after 5 s): None if the
+    first one got no answer."""
+    # the server takes at most one initiation per peer every 20 ms, and only with a newer time
+    # stamp (wireguard-go rounds them to ~17 ms): leave room after the previous handshake
+    time.sleep(0.5)
+    wg_client_fresh(lab, listen_port)
+    t0 = time.monotonic()
+    r = lab.sh("work1", "ping -c 1 -W 4 100.100.0.1", check=False)
+    return time.monotonic() - t0 if r.returncode == 0 else None
+
+
+def latest_handshake(lab: Lab) -> int:
+    return int(lab.sh("work1", f"wg show {wg_client_if(lab)} latest-handshakes").stdout.split()[1])
+
+
+def test_wireguard_mode_admits_a_real_client_while_an_attacker_sprays(lab, net):
+    out, ins = net.pair(f"127.0.0.1:{WG_PORT}", PORT, outside_extra=("--wireguard-key", lab.wg_keys["home"][1]))
+    quiet = [wg_handshake_seconds(lab, 41000 + i) for i in range(3)]
+    spray = lab.spawn_tool("attacker", "spray.log", "spray", VPS4, str(PORT), "1000", "10", "300")
+    time.sleep(1.0)
+    sprayed = [wg_handshake_seconds(lab, 41100 + i) for i in range(3)]
+    spray.wait(30)
+    res = json.loads(lab.log("spray.log").strip().splitlines()[-1])
+
+    def wg_refused(s):
+        return sum(v for k, v in s["stats"].items() if k.startswith("drop_wg_"))
+    st = net.wait_status(out, lambda s: wg_refused(s) >= res["sent"], timeout=10)  # published once a second
+    refused = {k: v for k, v in st["stats"].items() if k.startswith("drop_wg_")}
+    clients = sorted(t["client"] for t in st["tunnels"] if t["client"])
+    ins_st = net.status(ins)
+    print(f"WireGuard handshake + first ping through an outside agent with --wireguard-key: "
+          f"{', '.join(f'{x:.3f}' for x in quiet if x)} s quiet; {', '.join(f'{x:.3f}' for x in sprayed if x)} s "
+          f"while the attacker sprayed {res['sent']} datagrams from {res['ports']} ports in {res['seconds']} s; "
+          f"refused by the outside agent: {refused}; answers the attacker got: {res['received']}; "
+          f"tunnels in use: {len(clients)} (all the WireGuard client's), active at the inside: {ins_st['clients']}")
+    assert None not in quiet and None not in sprayed, "a handshake needed a second initiation"
+    assert res["sent"] >= 9000 and res["received"] == 0
+    assert sum(refused.values()) == res["sent"]  # every sprayed datagram, and nothing else, refused
+    assert len(clients) == 6 and all(c.startswith("203.0.113.18:") for c in clients), clients  # work's NAT
+    assert ins_st["clients"] == 6
+    assert all(t["wireguard"]["admitted"] == "handshake" for t in st["tunnels"] if t["client"])
+
+
+def test_wireguard_client_whose_nat_mapping_is_flushed_mid_transfer_roams_without_a_handshake(lab, net):
+    out, _ = net.pair(f"127.0.0.1:{WG_PORT}", PORT, outside_extra=("--wireguard-key", lab.wg_keys["home"][1]))
+    assert wg_handshake_seconds(lab, 42000) is not None
+    flow = lab.spawn_tool("work1", "flow10.log", "flow", "100.100.0.1", str(ECHO_PORT), "30")
+    # the work router gives a new mapping a random port (as carrier NATs do), not the old one
+    lab.sh("wrouter", 'nft flush chain ip nat post; nft add rule ip nat post oifname "wan" masquerade fully-random')
+    try:
+        resumed_after(lab, "flow10.log", 0)
+        before = net.wait_status(out, lambda s: s["clients"] == 1)
+        tb = [x for x in before["tunnels"] if x["client"]][0]
+        hs = latest_handshake(lab)
+        time.sleep(1.0)
+        t = time.time()
+        lab.sh("wrouter", "conntrack -D -p udp --orig-src 192.0.2.66 2>/dev/null")
+        resumed_after(lab, "flow10.log", t + 0.5, timeout=20)
+        after = net.wait_status(out, lambda s: s["stats"].get("wg_roams") == 1)
+        ta = [x for x in after["tunnels"] if x["id"] == tb["id"]][0]
+        time.sleep(2.0)
+        hs_after = latest_handshake(lab)
+        # the stall: the longest time without an echo around the flush (one every 20 ms otherwise)
+        times = [x for x in flow_times(lab, "flow10.log") if t - 1 < x < t + 3]
+        took = max(b - a for a, b in zip(times, times[1:], strict=False))
+        print(f"WireGuard roaming: client {tb['client']} -> {ta['client']} on tunnel {ta['id']}, longest "
+              f"time without an echo around the NAT flush: {took:.2f} s ({len(times)} echoes in those 4 s), "
+              f"new handshakes: {0 if hs_after == hs else 'yes'}; outside: {after['stats'].get('wg_roam_waits', 0)} "
+              f"datagrams forwarded while the old address was checked for silence")
+        assert ta["client"] != tb["client"] and ta["client"].startswith("203.0.113.18:")
+        assert ta["wireguard"]["roams"] == 1 and after["clients"] == 1
+        assert hs_after == hs, "WireGuard needed a new handshake"
+        assert took < 5.0  # printed above; WireGuard alone would have waited ~15 s for a new handshake
+    finally:
+        lab.stop(flow)
+        lab.sh("wrouter", 'nft flush chain ip nat post; nft add rule ip nat post oifname "wan" masquerade')

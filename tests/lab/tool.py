@@ -7,6 +7,9 @@
     tool.py sniff IFACE PORT SECONDS       capture UDP payloads to PORT (AF_PACKET); hex lines
     tool.py attack HOST PORT CAPFILE SECONDS  replay captures + a forged keepalive, then count
                                            what arrives at the attacker; JSON result
+    tool.py spray HOST PORT RATE SECONDS NPORTS  junk and WireGuard-shaped datagrams with wrong MAC1
+                                           or unknown sessions from NPORTS source ports, RATE/s, at
+                                           most RATE x SECONDS of them; JSON result (sent, received)
     tool.py tcpserve HOST PORT NBYTES      serve NBYTES of a fixed pseudo-random stream once
     tool.py tcpfetch HOST PORT NBYTES      fetch it and check its SHA-256; exit 0 if intact
 """
@@ -129,6 +132,65 @@ def attack(host: str, port: str, capfile: str, seconds: str) -> None:
             else:
                 data += 1
     print(json.dumps({"replayed": len(caps), "control_received": control, "client_datagrams": data}))
+
+
+def spray_datagram(rng: random.Random, i: int) -> bytes:
+    """What a scanner or an attacker without the server's public key can send."""
+    k = i % 6
+    if k == 0:  # junk of any size
+        return rng.randbytes(rng.randrange(0, 1400))
+    if k == 1:  # an initiation with a random MAC1
+        return bytes([1, 0, 0, 0]) + rng.randbytes(144)
+    if k == 2:  # an initiation with a MAC1 for another server's key
+        body = bytes([1, 0, 0, 0]) + rng.randbytes(112)
+        key = hashlib.blake2s(b"mac1----" + rng.randbytes(32)).digest()
+        return body + hashlib.blake2s(body, digest_size=16, key=key).digest() + bytes(16)
+    if k == 3:  # transport data of a guessed session
+        return bytes([4, 0, 0, 0]) + rng.randbytes(rng.choice((28, 60, 1404)))
+    if k == 4:  # a response, a cookie reply: never what a client opens with
+        return bytes([2, 0, 0, 0]) + rng.randbytes(88)
+    return bytes([3, 0, 0, 0]) + rng.randbytes(60)
+
+
+def spray(host: str, port: str, rate: str, seconds: str, nports: str) -> None:
+    import select
+    rng = random.Random(99)
+    socks = []
+    for _ in range(int(nports)):
+        s = socket.socket(fam(host), socket.SOCK_DGRAM)
+        s.setblocking(False)
+        s.bind(("", 0))
+        socks.append(s)
+    target, total = (host, int(port)), int(float(rate) * float(seconds))
+    per_tick, tick = max(1, int(float(rate) / 100)), 0.01
+    sent = received = errors = 0
+    start = t0 = time.monotonic()
+    end = t0 + float(seconds) + 5  # bounded in time even if the machine is slow
+    while sent < total and time.monotonic() < end:
+        for _ in range(min(per_tick, total - sent)):
+            try:
+                socks[sent % len(socks)].sendto(spray_datagram(rng, sent), target)
+            except OSError:
+                errors += 1
+            sent += 1
+        for s in select.select(socks, [], [], 0)[0]:
+            try:
+                while s.recv(65536) is not None:
+                    received += 1
+            except OSError:
+                pass
+        t0 += tick
+        time.sleep(max(0.0, t0 - time.monotonic()))
+    took = time.monotonic() - start
+    time.sleep(0.5)
+    for s in select.select(socks, [], [], 0)[0]:
+        try:
+            while s.recv(65536) is not None:
+                received += 1
+        except OSError:
+            pass
+    print(json.dumps({"sent": sent - errors, "send_errors": errors, "ports": len(socks),
+                      "received": received, "seconds": round(took, 2)}))
 
 
 def stream(n: int):
