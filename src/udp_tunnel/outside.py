@@ -35,37 +35,13 @@ from collections import Counter
 
 from udp_tunnel import proto
 from udp_tunnel.addr import show
+from udp_tunnel.admission import CHALLENGE_GLOBAL, HOLD_CLIENTS, INF, Admission, Pending, Source, source_key
 from udp_tunnel.core import Activity, CoreError, Datagram, Flow, ReplayWindow, TokenBucket, leg
 from udp_tunnel.log import Log
 from udp_tunnel.proto import Control, ControlError
 from udp_tunnel.wireguard import DOWN_LENS, Gate
 
-# A new client's first datagrams wait here when no spare tunnel is ready (or while
-# this agent, just restarted, waits for the active tunnels to come back).
-HOLD_TIME = 3.0  # seconds a held client waits at most
-HOLD_DATAGRAMS = 16  # per client
-HOLD_BYTES = 64 * 1024  # per client
-HOLD_CLIENTS = 1024  # in all
-HOLD_PER_SOURCE = 128  # per source address
-HOLD_TOTAL_BYTES = 4 << 20
-# A source (an IPv4 address or an IPv6 /64) holds at most this many tunnels whose
-# client has not had a single datagram back: a spray of junk from many ports of one
-# host takes a few tunnels, not the pool.
-UNANSWERED_PER_SOURCE = 32
-SOURCES = 4096  # source records kept (least recently used go first)
 SESSIONS = 256  # inside sessions remembered
-CHALLENGE_RATE = 50.0  # per source and second (the burst is the tunnel table's size)
-CHALLENGE_GLOBAL = 2000.0  # in all, per second: bounds what spoofed floods can reflect
-POLL = 0.05  # timer while clients are held
-INF = float("inf")
-WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<reason>)
-    "not_handshake": "not a WireGuard handshake initiation",
-    "bad_mac1": "WireGuard handshake initiation with a wrong MAC1 (is --wireguard-key the server's public key?)",
-    "unknown_session": "WireGuard transport data of no session seen here",
-    "replay": "a copy of a WireGuard handshake initiation already admitted (replayed)",
-}
-
-
 class State(enum.Enum):
     SPARE = "spare"
     BOUND = "active"
@@ -110,52 +86,7 @@ class Tunnel:
         self.down_act: Activity | None = None
 
 
-class Source:
-    """Per client source address: budgets and what it holds."""
-
-    __slots__ = ("key", "challenges", "unanswered", "pending", "bound", "limit")
-
-    def __init__(self, key, now: float, burst: float, limit: int) -> None:
-        self.key = key
-        self.challenges = TokenBucket(CHALLENGE_RATE, burst, now)
-        self.unanswered: list[Tunnel] = []
-        self.pending = 0
-        self.bound = 0  # tunnels its clients hold
-        self.limit = limit
-
-    def busy(self) -> bool:
-        return self.bound > 0 or self.pending > 0
-
-    def blocked(self) -> bool:
-        """At its limit of tunnels, or of tunnels without an answer (pruned of those answered since)."""
-        if self.bound >= self.limit:
-            return True
-        if len(self.unanswered) < UNANSWERED_PER_SOURCE:
-            return False
-        self.unanswered = [t for t in self.unanswered if t.down is not None and t.down.pkts == 0]
-        return len(self.unanswered) >= UNANSWERED_PER_SOURCE
-
-
-class Pending:
-    __slots__ = ("addr", "src", "datagrams", "size", "since")
-
-    def __init__(self, addr: tuple, src: Source, now: float) -> None:
-        self.addr, self.src, self.since = addr, src, now
-        self.datagrams: list[bytes] = []
-        self.size = 0
-
-
-def source_key(addr: tuple):
-    """An IPv4 address as text, or the /64 prefix of an IPv6 one as bytes."""
-    host = addr[0]
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:]
-    if ":" in host:
-        return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])[:8]
-    return host
-
-
-class OutsideCore:
+class OutsideCore(Admission):
     def __init__(self, *, secret: bytes, keepalive: float, max_clients: int,
                  family: int, now: float, log: Log, legacy: bool = False,
                  max_skew: float = 120.0, max_per_source: int = 0, random_bytes=os.urandom,
@@ -256,21 +187,6 @@ class OutsideCore:
 
     # --- new clients ---
 
-    def _source(self, addr: tuple, now: float) -> Source:
-        key = source_key(addr)
-        s = self.sources.pop(key, None)
-        if s is None:
-            s = Source(key, now, float(self.max_tunnels), self.max_per_source)
-            for _ in range(8):  # forget the least recently used source that holds nothing
-                if len(self.sources) < SOURCES:
-                    break
-                old_key = next(iter(self.sources))
-                old = self.sources.pop(old_key)
-                if old.busy():
-                    self.sources[old_key] = old  # to the back: still in use
-        self.sources[key] = s
-        return s
-
     def _recovered(self, now: float) -> bool:
         """Done waiting for the active tunnels of the inside agents that have spoken."""
         if self.recovering:
@@ -280,145 +196,6 @@ class OutsideCore:
                 said = [s for s in self.sessions.values() if s.announced is not None]
                 self.recovering = not said or any(s.active < s.announced for s in said)
         return not self.recovering
-
-    def _new_client(self, data: bytes, addr: tuple, now: float) -> None:
-        p = self.pending.get(addr)
-        if p is None and self.wg is not None and not self._wg_admit(data, addr, now):
-            return
-        if p is None:
-            if len(self.clients) >= self.max_clients:
-                self.stats["drop_limit"] += 1
-                self.log.limited("limit", f"client limit ({self.max_clients}) reached: "
-                                 f"dropping datagrams of new client {show(addr)}")
-                return
-            src = self._source(addr, now)
-            spare = self._ready_spare(now)
-            if spare is not None and not src.blocked() and self._recovered(now):
-                self._bind(spare, addr, src, now)
-                self._forward_first(addr, data)
-                return
-            p = self._hold(addr, src, now)
-            if p is None:
-                return
-        if len(p.datagrams) >= HOLD_DATAGRAMS or p.size + len(data) > HOLD_BYTES \
-                or self.pending_bytes + len(data) > HOLD_TOTAL_BYTES:
-            self.stats["drop_hold_full"] += 1
-            return
-        p.datagrams.append(data)
-        p.size += len(data)
-        self.pending_bytes += len(data)
-        self.stats["held"] += 1
-        if self.spares and self._ready_spare(now) is not None:  # a spare came up since: go now
-            self._serve_pending(now)
-
-    def _wg_admit(self, data: bytes, addr: tuple, now: float) -> bool:
-        """WireGuard hook: only a valid handshake initiation takes a tunnel; transport data of a
-        known session from a new address is its client roaming. Before any other check, so that
-        junk is counted as such, never held and never logged as a missing spare."""
-        tid = self.wg.roaming(data)
-        if tid is not None and tid in self.tunnels:
-            self._wg_roam(self.tunnels[tid], data, addr, now)
-            return False
-        why = self.wg.admit_new(data)
-        if why is None:
-            return True
-        self.stats["drop_wg_" + why] += 1
-        if now >= self.wg_log_at:  # scans are routine on a public host: a line per 10 s at most
-            self.wg_log_at = now + 10.0
-            self.log.info(f"refusing datagrams from new sources that are not valid WireGuard "
-                          f"handshakes, e.g. from {show(addr)}: {WG_REASONS[why]} (counts in status)")
-        return False
-
-    def _wg_roam(self, t: Tunnel, data: bytes, addr: tuple, now: float) -> None:
-        """WireGuard: transport data of tunnel t's session from `addr`, a new address.
-
-        The datagram goes up the tunnel (WireGuard authenticates it; the server sees it on the
-        same service socket as before). The client binding moves to `addr` once the bound
-        address has been silent for wireguard.ROAM_QUIET s, so a client still sending from its
-        address can't have its tunnel taken by someone who saw its index."""
-        if t.state is not State.BOUND:
-            self.stats["drop_wg_unknown_session"] += 1
-            return
-        idle_since = (t.up_act.last or t.created) if t.up.pkts == t.up_act.seen else None
-        if self.wg.may_move(t.tid, t.up.pkts, idle_since, now):
-            old = t.client
-            del self.clients[old]
-            del self.route[old]
-            t.client = addr
-            self.clients[addr] = t
-            self.route[addr] = t.up
-            t.down.dst = addr
-            t.src.bound -= 1
-            if t in t.src.unanswered:
-                t.src.unanswered.remove(t)
-            t.src = self._source(addr, now)
-            t.src.bound += 1
-            self.wg.moved(t.tid)
-            self.stats["wg_roams"] += 1
-            self.log.info(f"WireGuard client of tunnel {t.tid:016x} roamed from {show(old)} to {show(addr)}")
-            t.up.pkts += 1
-            t.up.bytes += len(data)
-        else:
-            self.stats["wg_roam_waits"] += 1
-            # forwarded, but not on the bound flow's count, which tells whether the bound address is silent
-            self.retired.update(datagrams_in=1, bytes_in=len(data))
-        self.out.append(Datagram(data, t.addr))
-
-    def _hold(self, addr: tuple, src: Source, now: float) -> Pending | None:
-        if len(self.pending) >= HOLD_CLIENTS or src.pending >= HOLD_PER_SOURCE:
-            self.stats["drop_hold_full"] += 1
-            self.log.limited("holdfull", f"too many new clients waiting for a tunnel: dropping "
-                             f"datagrams of {show(addr)}")
-            return None
-        p = self.pending[addr] = Pending(addr, src, now)
-        src.pending += 1
-        self.poll_at = min(self.poll_at, now + POLL)
-        return p
-
-    def _ready_spare(self, now: float) -> Tunnel | None:
-        """The spare with the freshest keepalive, unless even that one missed its last
-        keepalive (its NAT mapping may be gone) or idles on purpose (a probe)."""
-        for tid in reversed(self.spares):
-            t = self.spares[tid]
-            if now - t.last_ka > 1.2 * t.interval + 1.0:
-                return None  # the rest are older still
-            if not t.probe:
-                return t
-        return None
-
-    def _forward_first(self, addr: tuple, data: bytes) -> None:
-        f = self.route[addr]
-        self.out.append(Datagram(data, f.dst))
-        f.pkts += 1
-        f.bytes += len(data)
-
-    def _serve_pending(self, now: float) -> None:
-        """Bind held clients, in order of arrival, to spares; drop those held too long."""
-        if not self.pending:
-            self.poll_at = INF
-            return
-        self.poll_at = now + POLL  # clients blocked by their source's limit wait for answers
-        recovered = self._recovered(now)
-        for addr in list(self.pending):
-            p = self.pending[addr]
-            if now - p.since > HOLD_TIME:
-                self._unhold(p)
-                self.stats["drop_hold_expired"] += len(p.datagrams)
-                self.log.limited("holdexp", f"new client {show(addr)} waited {HOLD_TIME:g} s for a "
-                                 "tunnel: dropped (is the inside agent running and registered?)")
-                continue
-            spare = self._ready_spare(now) if recovered else None
-            if spare is None or p.src.blocked():
-                continue  # look at the rest for expiry only
-            self._unhold(p)
-            self._bind(spare, addr, p.src, now)
-            for d in p.datagrams:  # in order, before anything newer from this client
-                self._forward_first(addr, d)
-
-    def _unhold(self, p: Pending) -> None:
-        del self.pending[p.addr]
-        p.src.pending -= 1
-        self.pending_bytes -= p.size
 
     # --- table changes: every one goes through these ---
 
