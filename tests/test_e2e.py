@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -78,14 +79,24 @@ def resumes_after(log: list, t: float, timeout: float = 15.0) -> float:
     raise AssertionError("traffic did not resume")
 
 
-@pytest.mark.parametrize("which", ["outside", "inside"])
-def test_traffic_resumes_after_an_agent_restarts(lab, which):
-    svc, out, ins, target, _ = start_pair(lab)
+@contextlib.contextmanager
+def flowing(target):
+    """One client sending a datagram every 50 ms while the block runs; yields the echo times."""
     stop, log = threading.Event(), []
     th = threading.Thread(target=flow, args=(target, lambda: not stop.is_set(),
                                              lambda: log.append(time.monotonic()), 0.05), daemon=True)
     th.start()
     try:
+        yield log
+    finally:
+        stop.set()
+        th.join(2)
+
+
+@pytest.mark.parametrize("which", ["outside", "inside"])
+def test_traffic_resumes_after_an_agent_restarts(lab, which):
+    svc, out, ins, target, _ = start_pair(lab)
+    with flowing(target) as log:
         resumes_after(log, 0)
         agent = out if which == "outside" else ins
         assert agent.stop() == 0  # SIGTERM: a clean exit
@@ -95,20 +106,13 @@ def test_traffic_resumes_after_an_agent_restarts(lab, which):
         print(f"traffic resumed {took * 1000:.0f} ms after the {which} agent restarted")
         if which == "outside":  # the tunnel was restored to its client: same service socket
             assert len(svc.sources_by_client()[b"flow"]) == 1
-    finally:
-        stop.set()
-        th.join(2)
 
 
 def test_an_outside_restart_at_the_default_keepalive_resumes_within_a_second(lab, tmp_path):
     """The restarted outside agent reads where its tunnels were and asks them to register now,
     instead of waiting up to 25 s for their next keepalive."""
     svc, out, ins, target, _ = start_pair(lab, t="25", outside_extra=["--state-file", str(tmp_path / "out.state")])
-    stop, log = threading.Event(), []
-    th = threading.Thread(target=flow, args=(target, lambda: not stop.is_set(),
-                                             lambda: log.append(time.monotonic()), 0.05), daemon=True)
-    th.start()
-    try:
+    with flowing(target) as log:
         resumes_after(log, 0)
         time.sleep(2.5)  # the state file is written every 2 s
         assert out.stop() == 0
@@ -118,9 +122,6 @@ def test_an_outside_restart_at_the_default_keepalive_resumes_within_a_second(lab
         print(f"traffic resumed {took * 1000:.0f} ms after the outside agent restarted (keepalive 25 s)")
         assert took < 1.0
         assert len(svc.sources_by_client()[b"flow"]) == 1  # its own tunnel, its own service socket
-    finally:
-        stop.set()
-        th.join(2)
 
 
 def test_forged_and_replayed_keepalives_never_receive_client_data(lab):

@@ -265,32 +265,26 @@ def default_name(role: str, a: argparse.Namespace) -> str:
     return name[:64]
 
 
-def control_path(given: str | None, name: str) -> str | None:
-    """--control PATH, 'none', or by default: the unit's RuntimeDirectory under systemd, else
-    NAME.sock in this user's private runtime directory (made here if needed)."""
+def agent_path(given: str | None, name: str, unit_dir: str, unit_file: str, suffix: str) -> str | None:
+    """--control / --state-file: PATH, 'none', or by default the unit's directory ($unit_dir) under
+    systemd, else NAME+suffix in this user's private runtime directory (made here if needed)."""
     from udp_tunnel import status
 
     if given == "none":
         return None
     if given:
         return given
-    if os.environ.get("RUNTIME_DIRECTORY"):
-        return os.path.join(os.environ["RUNTIME_DIRECTORY"].split(":")[0], "control.sock")
-    return os.path.join(status.private_dir(status.runtime_dir()), f"{name}.sock")
+    if os.environ.get(unit_dir):
+        return os.path.join(os.environ[unit_dir].split(":")[0], unit_file)
+    return os.path.join(status.private_dir(status.runtime_dir()), f"{name}{suffix}")
+
+
+def control_path(given: str | None, name: str) -> str | None:
+    return agent_path(given, name, "RUNTIME_DIRECTORY", "control.sock", ".sock")
 
 
 def state_path(given: str | None, name: str) -> str | None:
-    """--state-file PATH, 'none', or by default: the unit's StateDirectory under systemd, else
-    NAME.state beside the control socket in this user's private runtime directory."""
-    from udp_tunnel import status
-
-    if given == "none":
-        return None
-    if given:
-        return given
-    if os.environ.get("STATE_DIRECTORY"):
-        return os.path.join(os.environ["STATE_DIRECTORY"].split(":")[0], "outside.state")
-    return os.path.join(status.private_dir(status.runtime_dir()), f"{name}.state")
+    return agent_path(given, name, "STATE_DIRECTORY", "outside.state", ".state")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,8 +152,20 @@ def spray_datagram(rng: random.Random, i: int) -> bytes:
     return bytes([3, 0, 0, 0]) + rng.randbytes(60)
 
 
-def spray(host: str, port: str, rate: str, seconds: str, nports: str) -> None:
+def drain(socks: list) -> int:
+    """Read what came back on non-blocking sockets; how many datagrams."""
     import select
+    n = 0
+    for s in select.select(socks, [], [], 0)[0]:
+        try:
+            while s.recv(65536) is not None:
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def spray(host: str, port: str, rate: str, seconds: str, nports: str) -> None:
     rng = random.Random(99)
     socks = []
     for _ in range(int(nports)):
@@ -173,22 +185,12 @@ def spray(host: str, port: str, rate: str, seconds: str, nports: str) -> None:
             except OSError:
                 errors += 1
             sent += 1
-        for s in select.select(socks, [], [], 0)[0]:
-            try:
-                while s.recv(65536) is not None:
-                    received += 1
-            except OSError:
-                pass
+        received += drain(socks)
         t0 += tick
         time.sleep(max(0.0, t0 - time.monotonic()))
     took = time.monotonic() - start
     time.sleep(0.5)
-    for s in select.select(socks, [], [], 0)[0]:
-        try:
-            while s.recv(65536) is not None:
-                received += 1
-        except OSError:
-            pass
+    received += drain(socks)
     print(json.dumps({"sent": sent - errors, "send_errors": errors, "ports": len(socks),
                       "received": received, "seconds": round(took, 2)}))
 
