@@ -31,7 +31,8 @@ SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 def templates(label: str) -> tuple[str, str]:
     if label == "ours":
         common = "-k k --max-clients 2000 -q"
-        return (f"{OURS} -l 127.0.0.1:{{LPORT}} {common}",
+        # every client of the load generator comes from 127.0.0.1: one source holds them all
+        return (f"{OURS} -l 127.0.0.1:{{LPORT}} {common} --max-clients-per-source 2000",
                 f"{OURS} -s 127.0.0.1:{{SPORT}} -o 127.0.0.1:{{LPORT}} {common}")
     c = os.environ["C_TOOL"]
     return f"{c} -l {{LPORT}} -k k", f"{c} -s 127.0.0.1:{{SPORT}} -o 127.0.0.1:{{LPORT}} -k k"

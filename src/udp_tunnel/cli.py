@@ -54,7 +54,8 @@ def whole(text: str) -> int:
 
 # Options that take a number: argparse would read a negative value (-t -5) as an option,
 # because -4 and -6 are options; join_negative turns it into -t=-5 so the range check speaks.
-NUMERIC = {"-t", "--keepalive", "--timeout", "--spares", "--max-clients", "--max-clock-skew"}
+NUMERIC = {"-t", "--keepalive", "--timeout", "--spares", "--max-clients", "--max-clients-per-source",
+           "--max-clock-skew"}
 NEGATIVE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
 
@@ -96,6 +97,9 @@ def build_parser() -> Parser:
     g.add_argument("--spares", metavar="N", type=whole, help="inside: spare tunnels kept ready (default 2)")
     g.add_argument("--max-clients", metavar="N", type=whole, default=1000,
                    help="most clients (tunnels in use) at once (default 1000)")
+    g.add_argument("--max-clients-per-source", metavar="N", type=whole,
+                   help="outside: most clients from one IPv4 address or IPv6 /64 (default a quarter of "
+                        "--max-clients, at least 16): a spray from one host can't take every tunnel")
     g.add_argument("--legacy", action="store_true", help="speak the wire format of the C udp-tunnel 1.x")
     g.add_argument("--wireguard-key", metavar="PUBKEY", action="append",
                    help="outside: admit only WireGuard clients of the server with this public key "
@@ -173,8 +177,9 @@ def check(a: argparse.Namespace) -> str:
         split_hostport(a.outside, "--outside")
         if a.max_clock_skew is not None:
             raise UsageError("--max-clock-skew is for the outside agent (-l --legacy), not the inside agent")
-        if a.state_file is not None:
-            raise UsageError("--state-file is for the outside agent (-l), not the inside agent")
+        for opt, value in (("--state-file", a.state_file), ("--max-clients-per-source", a.max_clients_per_source)):
+            if value is not None:
+                raise UsageError(f"{opt} is for the outside agent (-l), not the inside agent")
     else:
         parse_listen(a.listen)
         for opt, value in (("--timeout", a.timeout), ("--spares", a.spares)):
@@ -196,6 +201,10 @@ def check(a: argparse.Namespace) -> str:
         raise UsageError("--spares must be between 1 and 64")
     if not 1 <= a.max_clients <= 1_000_000:
         raise UsageError("--max-clients must be between 1 and 1000000")
+    if a.max_clients_per_source is None:
+        a.max_clients_per_source = max(16, a.max_clients // 4)
+    elif not 1 <= a.max_clients_per_source <= a.max_clients:
+        raise UsageError("--max-clients-per-source must be between 1 and --max-clients")
     if a.max_clock_skew is None:
         a.max_clock_skew = 120.0
     elif a.max_clock_skew < 0:
@@ -336,7 +345,8 @@ def run(a: argparse.Namespace) -> int:
             from udp_tunnel.wireguard import Gate
             gate = Gate(a.wireguard_keys)
         core = OutsideCore(secret=secret, keepalive=a.keepalive, max_clients=a.max_clients, family=fam,
-                           now=now, log=log, legacy=a.legacy, max_skew=a.max_clock_skew, wireguard=gate)
+                           now=now, log=log, legacy=a.legacy, max_skew=a.max_clock_skew, wireguard=gate,
+                           max_per_source=a.max_clients_per_source)
         try:
             state = state_path(a.state_file, name)
         except OSError as e:

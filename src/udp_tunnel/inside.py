@@ -124,7 +124,6 @@ class InsideCore:
         self.secrets = proto.key_list(secret)
         self.password = self.secrets[0]
         self.codec = proto.Codec(*self.secrets)
-        self.keys = len(self.secrets)
         self.random_bytes = random_bytes
         self.wall = wall
         self.session = int.from_bytes(random_bytes(8), "big")
@@ -420,8 +419,8 @@ class InsideCore:
         if t.state is ACTIVE:  # the outside no longer knows its client, or never gave it one
             self.close(t.tid, now, "the outside agent does not know its client")
         else:
-            if self.keys > 1 and t.answers < 3:  # keys are being rotated: try the other one now
-                t.key = (t.key + 1) % self.keys
+            if len(self.secrets) > 1 and t.answers < 3:  # keys are being rotated: try the other one now
+                t.key = (t.key + 1) % len(self.secrets)
                 t.answers += 1
                 self._send_keepalive(t, now)
             self.log.limited("refused", "the outside agent refused a tunnel (at its tunnel limit, "
@@ -467,9 +466,8 @@ class InsideCore:
         self.secrets = secrets
         self.password = secrets[0]
         self.codec = proto.Codec(*secrets)
-        self.keys = len(secrets)
         for t in self.tunnels.values():
-            t.key = min(t.key, self.keys - 1)
+            t.key = min(t.key, len(secrets) - 1)
         if reregister:
             for t in self.tunnels.values():
                 t.key = 0
@@ -487,8 +485,8 @@ class InsideCore:
             when, tid = heapq.heappop(timers)
             t = self.tunnels.get(tid)
             if t is not None and t.next_ka == when:  # else: stale (rescheduled or closed)
-                if not t.registered and self.keys > 1:  # no answer: maybe the other end has the other key
-                    t.key = (t.key + 1) % self.keys
+                if not t.registered and len(self.secrets) > 1:  # no answer: maybe the other end has the other key
+                    t.key = (t.key + 1) % len(self.secrets)
                 self._send_keepalive(t, now)
         if now >= self.next_tick:
             self.next_tick = now + TICK

@@ -103,7 +103,7 @@ class OutsideCore(Admission):
         # a cookie lives one to two slots: longer than a keepalive interval and a lost one
         self.cookie_slot = max(60.0, self.expiry)
         self.max_clients = max_clients
-        self.max_per_source = max_per_source or max(16, max_clients // 8)
+        self.max_per_source = max_per_source or max(16, max_clients // 4)
         self.max_tunnels = max_clients + 64
         self.family = family
         self.log = log
