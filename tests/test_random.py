@@ -160,7 +160,7 @@ class Run:
                     assert addr in self.owner.get(tid, ()), f"{addr} got an answer meant for {self.owner.get(tid)}"
 
 
-SETTINGS = settings(max_examples=300, stateful_step_count=40, deadline=None, derandomize=True, database=None,
+SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
