@@ -175,7 +175,10 @@ class Lab:
             with open(path, "w") as f:
                 f.write(rules)
             self.sh(name, f"nft -f {path}")
-        t = CARRIER_UDP_TIMEOUT
+        self.carrier_udp_timeout(CARRIER_UDP_TIMEOUT)
+
+    def carrier_udp_timeout(self, t: int) -> None:
+        """How long the carrier NAT keeps an idle UDP mapping."""
         self.sh("carrier", f"sysctl -qw net.netfilter.nf_conntrack_udp_timeout={t} "
                            f"net.netfilter.nf_conntrack_udp_timeout_stream={t}")
 

@@ -221,6 +221,19 @@ def test_after_idling_past_the_carrier_nat_timeout_the_first_datagram_is_answere
     assert st["keepalive"]["interval"] < CARRIER_UDP_TIMEOUT
 
 
+def test_behind_a_lenient_nat_the_keepalive_settles_at_its_upper_bound(lab, net):
+    """A carrier NAT that keeps idle mappings for 120 s: the learned interval is -t, so no
+    more keepalives than with a fixed interval."""
+    lab.carrier_udp_timeout(120)
+    try:
+        out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9994, keepalive="25")
+        st = net.wait_status(ins, lambda s: s["keepalive"]["learned"], timeout=150)
+        print(f"lenient NAT (120 s): keepalive {st['keepalive']}")
+        assert st["keepalive"]["interval"] == 25 and st["keepalive"]["lapses"] == 0
+    finally:
+        lab.carrier_udp_timeout(CARRIER_UDP_TIMEOUT)
+
+
 # 4
 def test_restart_outside_then_inside_under_traffic(lab, net):
     out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9998)
