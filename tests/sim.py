@@ -53,6 +53,7 @@ class Sim:
         self.lose_up: set[int] = set()  # tunnels whose datagrams to the outside are lost
         self.nat_timeout = nat_timeout  # the NAT forgets a mapping idle this long (None: never)
         self.last_use: dict[int, float] = {}
+        self.route_seen: tuple = (None, 0, {})  # the outside core, its routes_changed and route, last looked at
         self.inside.start(now)
         self.pump()
 
@@ -91,6 +92,15 @@ class Sim:
             self.public[tid], self.by_public[addr] = addr, tid
         return self.public[tid]
 
+    def _check_route_counter(self) -> None:
+        """The loop caches `route` until `routes_changed` moves: any change must move it."""
+        o = self.outside
+        fp = {a: (id(f), f.dst) for a, f in o.route.items()}
+        core, seen, old = self.route_seen
+        if core is o and fp != old and o.routes_changed == seen:
+            raise AssertionError("route changed without routes_changed")
+        self.route_seen = (o, o.routes_changed, fp)
+
     def pump(self) -> None:
         for _ in range(1000):
             acts, out = self.inside.take(), self.outside.take()
@@ -115,6 +125,7 @@ class Sim:
                     self.resolves += 1
             self.outside.check_invariants()
             self.inside.check_invariants(self.service_socket)
+            self._check_route_counter()
             for data, addr in out:
                 self.wire.append((data, addr, "down"))
                 tid = self.by_public.get(addr)

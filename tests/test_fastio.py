@@ -180,3 +180,112 @@ def test_a_gso_message_the_kernel_refuses_goes_out_datagram_by_datagram():
         batch.send(b.fileno(), errors.append, lambda v, dst: sent.append(bytes(v)))
         assert sent == [bytes([k]) * 500 for k in range(4)] and errors == []
         assert batch.gso is False and batch.nmsg == 0
+
+
+def outside_loop(family: int, lib=None):
+    """An outside loop on a real socket around a real core whose routes the test sets, and
+    whose receive() only records what reached it."""
+    from udp_tunnel.log import INFO, Log
+    from udp_tunnel.loop import OutsideLoop
+    from udp_tunnel.outside import OutsideCore
+
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    log = Log(INFO, __import__("io").StringIO())
+    core = OutsideCore(secret=b"k", keepalive=5, max_clients=10, family=family, now=time.monotonic(), log=log)
+    got: list = []
+    core.receive = lambda data, src, now: got.append((data, src[:2]))
+    loop = OutsideLoop(core, sock, log)
+    if lib is not None:
+        loop.ring.lib = lib
+    return loop, core, got
+
+
+def route(core, src: socket.socket, dst: socket.socket) -> None:
+    from udp_tunnel.core import Flow
+    core.route[src.getsockname()] = Flow(dst.getsockname())
+    core.routes_changed += 1
+
+
+def drain(s: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(s.recv(70000, socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return out
+
+
+@needs_fast
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_the_outside_batch_goes_on_in_place_in_order_with_runs_control_and_strangers_between(family):
+    from udp_tunnel import proto
+
+    loop, core, got = outside_loop(family)
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    socks = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(5)]
+    a, b, t1, t2, stranger = socks
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        route(core, a, t1)
+        route(core, b, t2)
+        dst = loop.sock.getsockname()
+        sent = [(a, bytes([1]) * 100), (a, bytes([2]) * 100), (a, bytes([3]) * 100), (b, bytes([4]) * 100),
+                (a, bytes([5]) * 100), (a, bytes([6]) * 130), (a, b"C" * proto.CTRL_LEN), (stranger, b"new"),
+                (a, bytes([7]) * 100), (b, bytes([8]) * 100), (b, bytes([9]) * 100)]
+        for s, data in sent:
+            s.sendto(data, dst)
+        time.sleep(0.05)
+        loop._recv_batch(fastio.MSG_DONTWAIT)
+        time.sleep(0.05)
+        assert drain(t1) == [d for s, d in sent if s is a and len(d) != proto.CTRL_LEN]
+        assert drain(t2) == [d for s, d in sent if s is b]
+        assert got == [(b"C" * proto.CTRL_LEN, a.getsockname()[:2]), (b"new", stranger.getsockname()[:2])]
+        assert core.route[a.getsockname()].pkts == 6 and core.route[b.getsockname()].pkts == 3
+        # the route moves: the next batch follows it
+        route(core, a, t2)
+        a.sendto(b"moved", dst)
+        time.sleep(0.05)
+        loop._recv_batch(fastio.MSG_DONTWAIT)
+        time.sleep(0.05)
+        assert drain(t2) == [b"moved"] and drain(t1) == []
+    finally:
+        for s in socks:
+            s.close()
+        loop.close()
+
+
+@needs_fast
+def test_the_outside_sends_a_refused_gso_run_datagram_by_datagram_and_stops_making_runs():
+    import ctypes
+    import errno
+
+    real = fastio.load()
+
+    class Refusing:  # sendmmsg of a kernel without UDP GSO: EIO for a message with UDP_SEGMENT
+        recvmmsg = real.recvmmsg
+
+        @staticmethod
+        def sendmmsg(fd, msgs, n, flags):
+            if ctypes.c_uint64.from_address(msgs + 8 * 5).value:  # msg_controllen of the first
+                ctypes.set_errno(errno.EIO)
+                return -1
+            return real.sendmmsg(fd, msgs, n, flags)
+
+    loop, core, got = outside_loop(socket.AF_INET, Refusing())
+    a, t1 = udp_pair()
+    try:
+        route(core, a, t1)
+        for k in range(4):
+            a.sendto(bytes([k]) * 500, loop.sock.getsockname())
+        time.sleep(0.05)
+        loop._recv_batch(fastio.MSG_DONTWAIT)
+        time.sleep(0.05)
+        assert drain(t1) == [bytes([k]) * 500 for k in range(4)]
+        assert loop.gso is False and loop.errors == {}
+    finally:
+        a.close()
+        t1.close()
+        loop.close()

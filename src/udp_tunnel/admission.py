@@ -178,6 +178,7 @@ class Admission:
             self.clients[addr] = t
             self.route[addr] = t.up
             t.down.dst = addr
+            self.routes_changed += 1
             t.src.bound -= 1
             if t in t.src.unanswered:
                 t.src.unanswered.remove(t)

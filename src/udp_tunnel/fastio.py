@@ -114,13 +114,17 @@ class Ring:
             self.msgs[w + 4] = _addr(self.ctrl) + CTRL * i
             self.msgs[w + 5] = CTRL
         self.ptr = msgs
-        self.used = 0  # slots whose msg_controllen the kernel rewrote
+        # the headers as set up here: recv puts back those the kernel or `forward` changed
+        self.msgs0 = (ctypes.c_uint64 * (MSG_WORDS * RING)).from_buffer_copy(self.msgs)
+        self.iov0 = (ctypes.c_uint64 * (2 * RING)).from_buffer_copy(self.iov)
+        self.iov64 = memoryview(self.iov).cast("B").cast("Q")
+        self.used = 0  # slots the last receive filled
 
     def recv(self, fd: int, flags: int) -> int:
         """Fill up to RING slots from `fd`: their count, or -errno."""
-        m64 = self.m64
-        for i in range(self.used):
-            m64[MSG_WORDS * i + 5] = CTRL
+        if self.used:
+            ctypes.memmove(self.msgs, self.msgs0, 8 * MSG_WORDS * self.used)
+            ctypes.memmove(self.iov, self.iov0, 16 * self.used)
         n = self.lib.recvmmsg(fd, self.ptr, RING, flags, None)
         if n < 0:
             self.used = 0
@@ -139,6 +143,36 @@ class Ring:
 
     def name(self, i: int) -> bytes:
         return bytes(self.names_mv[NAME * i:NAME * i + self.m32[16 * i + 2]])
+
+    # Forwarding in place (the outside agent): the received slots are sent on as they lie, each
+    # with its msg_name pointed at its destination (`m64[MSG_WORDS * i]`, a `dest` pointer) and
+    # its length in its iov (`iov64[2 * i + 1]`); a run of equal-size datagrams to one place
+    # becomes one GSO message (`join`), so `send` takes slot ranges. `recv` undoes all of it.
+
+    def join(self, head: int, seg: int) -> None:
+        """Slot `head` becomes a GSO message of seg-byte segments; `grow` adds the next slot."""
+        struct.pack_into("=QiiH", self.ctrl, CTRL * head, 18, SOL_UDP, UDP_SEGMENT, seg)
+        self.m64[MSG_WORDS * head + 5] = 24
+
+    def grow(self, head: int) -> None:
+        self.m64[MSG_WORDS * head + 3] += 1
+
+    def send(self, fd: int, start: int, end: int) -> int:
+        """sendmmsg of the messages in slots start..end-1: how many went, or -errno."""
+        n = self.lib.sendmmsg(fd, self.ptr + 8 * MSG_WORDS * start, end - start, 0)
+        return n if n >= 0 else -ctypes.get_errno()
+
+    def parts(self, i: int) -> list[memoryview]:
+        """The datagrams message i carries: a GSO message's segments, or its one datagram."""
+        w = MSG_WORDS * i
+        if self.m64[w + 5]:  # a GSO message: segments of the size in its control message
+            seg = self.ctrl_i32[CTRL // 4 * i + 4] & 0xFFFF
+            out = []
+            for j in range(i, i + self.m64[w + 3]):
+                v = self.views[j][:self.iov64[2 * j + 1]]
+                out += [v[off:off + seg] for off in range(0, len(v), seg)]
+            return out
+        return [self.views[i][:self.iov64[2 * i + 1]]]
 
 
 def sockaddr(addr: tuple, family: int) -> bytes:

@@ -15,6 +15,7 @@ it (another system, UDP_TUNNEL_PLAIN=1): epoll and plain socket calls.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import select
@@ -44,6 +45,10 @@ STATUS_EVERY = 5.0  # seconds between systemd STATUS= lines
 BUSY_GAP = 100e-6  # datagrams closer than this, BUSY_RUN times in a row: read the outside socket in batches
 BUSY_RUN = 8
 ADDR_CACHE = 8192  # raw sockaddrs remembered by the outside's fast path
+NAME = fastio.NAME
+# what sendmmsg says when the kernel takes no GSO message (no offload, an old kernel, a segment
+# above the path MTU)
+GSO_REFUSED = (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 
 def _bufsizes(s: socket.socket) -> None:
@@ -278,10 +283,14 @@ class OutsideLoop(Loop):
             sock.setblocking(True)  # the one socket is waited on in recvmmsg, not in epoll
             self.fd = sock.fileno()
             self.ring = fastio.Ring(lib, names=True)
-            self.batch = fastio.Batch(lib, gso=True)
             self.gro = fastio.enable_gro(sock)
+            self.gso, self.gso_max = True, fastio.SLOT  # runs go as GSO messages up to this segment size
+            self.alen = 28 if sock.family == socket.AF_INET6 else 16  # sockaddr length on this socket
+            # the lengths of datagrams the core must see (control, WireGuard handshakes)
+            self.special = frozenset(x for x in (self.ctrl_len, *self.wg_lens) if x > 0)
             self.addrs: dict[bytes, tuple] = {}  # raw sockaddr -> address as recvfrom gives it
-            self.dests: dict[tuple, tuple] = {}  # address -> fastio.dest
+            self.fast: dict[bytes, tuple] = {}  # raw sockaddr -> _fast_entry, while routes don't change
+            self.routes_seen = core.routes_changed
             self.rcvtimeo = WAIT_CAP
             fastio.set_recv_timeout(sock, WAIT_CAP)
             self.batched = False  # reading with recvmmsg (busy) rather than recvmsg_into (one per wakeup)
@@ -431,6 +440,9 @@ class OutsideLoop(Loop):
         return now
 
     def _recv_batch(self, flags: int) -> float:
+        """A recvmmsg batch, sent on in place: each slot to its flow's destination, runs of
+        equal-size datagrams to one place as one GSO message, in as few sendmmsg as the order
+        allows; what the core must see goes to it in between, in order."""
         ring = self.ring
         n = ring.recv(self.fd, flags)
         now = time.monotonic()
@@ -445,47 +457,140 @@ class OutsideLoop(Loop):
                 self.batched, self.streak = False, 0
         else:
             self.streak = 0
-        m32, m64, ci32, views = ring.m32, ring.m64, ring.ctrl_i32, ring.views
-        names, addrs, dests = ring.names_mv, self.addrs, self.dests
-        route_get = self.core.route.get
-        ctrl, batch, add = self.ctrl_len, self.batch, self.batch.add
-        wg_a, wg_b = self.wg_lens
+        core = self.core
+        if core.routes_changed != self.routes_seen:
+            self.fast.clear()
+            self.routes_seen = core.routes_changed
+        fast_get = self.fast.get
+        m32, m64, iov64 = ring.m32, ring.m64, ring.iov64
+        raw = bytes(ring.names_mv[:NAME * n])
+        alen, special = self.alen, self.special
+        run_max = self.gso_max if self.gso else 0
+        start = end = 0  # slots start..end-1 hold messages ready to go, one each
+        head, head_e, head_ln, head_n = -1, None, 0, 0  # the last message, while later slots may join it
         for i in range(n):
+            o = NAME * i
+            e = fast_get(raw[o:o + alen])
+            if e is None:
+                e = self._fast_entry(raw[o:o + alen])
             ln = m32[16 * i + 14]
-            raw = bytes(names[32 * i:32 * i + m32[16 * i + 2]])
-            addr = addrs.get(raw)
-            if addr is None:
-                addr = self._addr_of(raw)
-            seg = ci32[8 * i + 4] if m64[8 * i + 5] else 0
-            f = route_get(addr)
-            if f is not None and ln != ctrl and ln != wg_a and ln != wg_b and (
-                    not seg or (seg != ctrl and ln % seg != ctrl and seg != wg_a and seg != wg_b)):
-                d = dests.get(f.dst)
-                if d is None:
-                    d = self._dest(f.dst)
-                add(ring, i, ln, seg, d)
-                f.pkts += -(-ln // seg) if seg else 1
-                f.bytes += ln
+            if e is None or ln in special or m64[8 * i + 5]:
+                if e is not None and ln not in special and self._gro_run(i, ln, e):
+                    if i != end:
+                        self._send_slots(start, end)
+                        start = i
+                    end, head_e = i + 1, None
+                    continue
+                # the core's: control, a datagram from an unknown source, a GRO run of such
+                if end > start:
+                    self._send_slots(start, end)
+                start = end = i + 1
+                head_e = None
+                self._to_core(i, ln, now)
+                if core.routes_changed != self.routes_seen:
+                    self.fast.clear()
+                    self.routes_seen = core.routes_changed
+                continue
+            f = e[0]
+            f.pkts += 1
+            f.bytes += ln
+            iov64[2 * i + 1] = ln
+            if (e is head_e and ln == head_ln and head_n < fastio.GSO_MAX_SEGS
+                    and (head_n + 1) * ln <= fastio.GSO_MAX_BYTES):
+                if head_n == 1:
+                    ring.join(head, ln)
+                ring.grow(head)
+                head_n += 1
+                continue
+            if i != end:  # slots joined the message before: send up to it, go on from here
+                self._send_slots(start, end)
+                start = i
+            m64[8 * i] = e[1]  # msg_name: the destination (recv puts the slot's own back)
+            end = i + 1
+            if ln <= run_max:
+                head, head_e, head_ln, head_n = i, e, ln, 1
             else:
-                if batch.nmsg:
-                    self._send_batch()
-                for v in fastio.segments(views[i], ln, seg):
-                    self.core.receive(bytes(v), addr, now)
-                if self.core.out:
-                    self.flush()
-        if batch.nmsg:
-            self._send_batch()
+                head_e = None
+        if end > start:
+            self._send_slots(start, end)
         return now
 
-    def _send_batch(self) -> None:
-        self.batch.send(self.fd, self._send_error, self._send_one)
+    def _fast_entry(self, raw: bytes) -> tuple | None:
+        """(flow, raw destination, address) for a sender with a route, remembered until routes change."""
+        addr = self.addrs.get(raw) or self._addr_of(raw)
+        f = self.core.route.get(addr)
+        if f is None:
+            return None
+        host = f.dst[0].split("%", 1)[0]
+        dst = fastio.dest((host, *f.dst[1:]), self.sock.family)
+        e = (f, dst[1], addr, dst[0])  # the last keeps the raw sockaddr the pointer points into
+        if len(self.fast) >= ADDR_CACHE:
+            self.fast.clear()
+        self.fast[raw] = e
+        return e
 
-    def _send_error(self, e: OSError) -> None:
-        self.net_error("send", e)
+    def _gro_run(self, i: int, ln: int, e: tuple) -> bool:
+        """Slot i holds a GRO run from a known flow: make it a GSO message to the flow's
+        destination, unless a segment is one the core must see (then False)."""
+        ring = self.ring
+        seg = ring.segment(i)
+        special = self.special
+        if not seg or seg in special or ln % seg in special:
+            return False
+        ring.m64[fastio.MSG_WORDS * i] = e[1]
+        ring.iov64[2 * i + 1] = ln
+        if seg < ln:
+            ring.join(i, seg)
+        else:
+            ring.m64[fastio.MSG_WORDS * i + 5] = 0
+        f = e[0]
+        f.pkts += -(-ln // seg)
+        f.bytes += ln
+        return True
+
+    def _to_core(self, i: int, ln: int, now: float) -> None:
+        ring = self.ring
+        raw = ring.name(i)
+        addr = self.addrs.get(raw) or self._addr_of(raw)
+        for v in fastio.segments(ring.views[i], ln, ring.segment(i)):
+            self.core.receive(bytes(v), addr, now)
+        if self.core.out:
+            self.flush()
+
+    def _send_slots(self, start: int, end: int) -> None:
+        """Send the messages of slots start..end-1 (a failed one is counted and skipped; a GSO
+        message the kernel refuses goes as its datagrams, and runs stop or shrink)."""
+        ring = self.ring
+        for _ in range(2 * (end - start) + 1):
+            if start >= end:
+                return
+            sent = ring.send(self.fd, start, end)
+            if sent > 0:
+                start += sent
+                continue
+            err = -sent
+            if err == errno.EINTR:
+                continue
+            seg = ring.ctrl_i32[fastio.CTRL // 4 * start + 4] & 0xFFFF if ring.m64[fastio.MSG_WORDS * start + 5] else 0
+            if seg and err in GSO_REFUSED:
+                if err in (errno.EINVAL, errno.EMSGSIZE) and seg > 576:
+                    self.gso_max = min(self.gso_max, seg - 1)  # above the path MTU: no more runs that large
+                else:
+                    self.gso = False  # no GSO here at all
+                raw = ctypes.string_at(ring.m64[fastio.MSG_WORDS * start], self.alen)
+                dst = self.addrs.get(raw) or self._addr_of(raw)
+                for v in ring.parts(start):
+                    try:
+                        self.sock.sendto(v, dst)
+                    except OSError as e:
+                        self.net_error("send", e)
+            else:
+                self.net_error("send", OSError(err, os.strerror(err)))
+            start += 1
 
     def _send_one(self, data: memoryview, dst: tuple) -> None:
         try:
-            self.sock.sendto(data, dst if isinstance(dst[0], str) else self._addr_of(dst[0]))
+            self.sock.sendto(data, dst)
         except OSError as e:
             self.net_error("send", e)
 
@@ -508,14 +613,6 @@ class OutsideLoop(Loop):
             self.addrs.clear()
         self.addrs[raw] = addr
         return addr
-
-    def _dest(self, addr: tuple) -> tuple:
-        host = addr[0].split("%", 1)[0]
-        d = fastio.dest((host, *addr[1:]), self.sock.family)
-        if len(self.dests) >= ADDR_CACHE:
-            self.dests.clear()
-        self.dests[addr] = d
-        return d
 
     def close(self) -> None:
         super().close()

@@ -111,6 +111,7 @@ class OutsideCore(Admission):
         self.wall = wall
         self.started = now
         self.route: dict[tuple, Flow] = {}
+        self.routes_changed = 0  # counts changes of `route` and of its flows' dst (the loop caches both)
         self.tunnels: dict[int, Tunnel] = {}
         self.by_addr: dict[tuple, Tunnel] = {}
         self.clients: dict[tuple, Tunnel] = {}
@@ -208,6 +209,7 @@ class OutsideCore(Admission):
         self.clients[client] = t
         t.up = self.route[client] = Flow(t.addr)
         t.down = self.route[t.addr] = Flow(client)
+        self.routes_changed += 1
         t.up_act, t.down_act = Activity(now), Activity()
         src.unanswered.append(t)
         src.bound += 1
@@ -252,6 +254,7 @@ class OutsideCore(Admission):
         del self.clients[t.client]
         del self.route[t.client]
         del self.route[t.addr]
+        self.routes_changed += 1
         t.src.bound -= 1
         if t in t.src.unanswered:
             t.src.unanswered.remove(t)
@@ -281,6 +284,7 @@ class OutsideCore(Admission):
         if t.state is State.BOUND:
             self.route[addr] = self.route.pop(old)
             t.up.dst = addr
+            self.routes_changed += 1
         t.rebinds += 1
         t.registered_at = now
         self.stats["rebinds"] += 1
