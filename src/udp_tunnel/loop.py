@@ -28,6 +28,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 from udp_tunnel import fastio, proto, statefile, systemd, wireguard
 from udp_tunnel.addr import AddrError, resolve, show
@@ -74,6 +75,7 @@ class Loop:
         self.handlers: dict[int, Callable[[float], None]] = {}
         self.buf = bytearray(BUFSIZE)
         self.mv = memoryview(self.buf)
+        self.bufs = [self.buf]  # for recvmsg_into
         self.errors: Counter[str] = Counter()
         self.stopping = False
         self._snapshot: dict = {}
@@ -296,7 +298,6 @@ class OutsideLoop(Loop):
             self.batched = False  # reading with recvmmsg (busy) rather than recvmsg_into (one per wakeup)
             self.streak = 0
             self.last_rx = 0.0
-            self.bufs = [self.buf]
             self.wait = self._wait_fast
         else:
             sock.setblocking(False)
@@ -372,9 +373,10 @@ class OutsideLoop(Loop):
     # --- the fast path (fastio) ---
 
     def _wait_fast(self, timeout: float) -> float:
-        """One blocking receive (at most `timeout`, at most WAIT_CAP) and what it brings: one
-        datagram through Python's own call when they come one by one (a ctypes call costs more
-        on a cold wakeup), a recvmmsg batch while the socket stays busy."""
+        """Blocking receives (together at most `timeout`, each at most WAIT_CAP) and what they
+        bring: one datagram at a time through Python's own call when they come one by one (a
+        ctypes call costs more on a cold wakeup), in a loop of its own while they only need
+        forwarding; a recvmmsg batch while the socket stays busy."""
         if self.pending_signals:
             return time.monotonic()
         if timeout <= 0.0:
@@ -388,56 +390,73 @@ class OutsideLoop(Loop):
                 self.rcvtimeo = t
         if self.batched:
             return self._recv_batch(flags)
-        try:
-            self.in_recv = True
-            n, anc, _, addr = self.sock.recvmsg_into(self.bufs, 64, flags)
-            self.in_recv = False
-        except _ReceiveInterruptedError:
-            return time.monotonic()
-        except BlockingIOError:  # SO_RCVTIMEO: the timer is due
-            self.in_recv = False
-            return time.monotonic()
-        except OSError as e:
-            self.in_recv = False
-            self.net_error("receive", e)
-            return time.monotonic()
-        now = time.monotonic()
-        self.wakes += 1
-        if now - self.last_rx < BUSY_GAP:
-            self.streak += 1
-            if self.streak >= BUSY_RUN:
-                self.batched, self.streak = True, 0
-        else:
-            self.streak = 0
-        self.last_rx = now
-        seg = int.from_bytes(anc[0][2][:4], sys.byteorder) if anc else 0
-        f = self.core.route.get(addr)
-        ctrl = self.ctrl_len
-        wg_a, wg_b = self.wg_lens
-        if f is not None and n != ctrl and n != wg_a and n != wg_b and (
-                not seg or (seg != ctrl and n % seg != ctrl and seg != wg_a and seg != wg_b)):
+        # go on receiving only while a receive that waits its longest still ends in time
+        deadline = time.monotonic() + timeout - self.rcvtimeo
+        recv, send, route_get = self.sock.recvmsg_into, self.sock.sendto, self.core.route.get
+        bufs, mv, special, monotonic = self.bufs, self.mv, self.special, time.monotonic
+        last, streak = self.last_rx, self.streak
+        while True:
             try:
-                if seg and seg < n:
+                self.in_recv = True
+                n, anc, _, addr = recv(bufs, 64, flags)
+                self.in_recv = False
+            except _ReceiveInterruptedError:
+                now = monotonic()
+                break
+            except BlockingIOError:  # SO_RCVTIMEO: the timer is due
+                self.in_recv = False
+                now = monotonic()
+                break
+            except OSError as e:
+                self.in_recv = False
+                self.net_error("receive", e)
+                now = monotonic()
+                break
+            now = monotonic()
+            if now - last < BUSY_GAP:
+                streak += 1
+                if streak >= BUSY_RUN:
+                    self.batched, streak = True, 0
+            else:
+                streak = 0
+            last = now
+            f = route_get(addr)
+            if f is not None and not anc and n not in special:
+                try:
+                    send(mv[:n], f.dst)
+                except OSError as e:
+                    self.net_error("send", e)
+                f.pkts += 1
+                f.bytes += n
+            else:
+                self._one_slow(n, anc, addr, f, now)
+            if flags or now >= deadline or self.batched or self.pending_signals or self.want_publish:
+                break
+        self.last_rx, self.streak = last, streak
+        return now
+
+    def _one_slow(self, n: int, anc: list, addr: tuple, f, now: float) -> None:
+        """A datagram of the single-receive path that is not plain forwarding: a GRO run (sent on
+        as one GSO message), or the core's."""
+        seg = int.from_bytes(anc[0][2][:4], sys.byteorder) if anc else 0
+        special = self.special
+        if f is not None and seg and n not in special and seg not in special and n % seg not in special:
+            try:
+                if seg < n:
                     gso = [(fastio.SOL_UDP, fastio.UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
                     self.sock.sendmsg([self.mv[:n]], gso, 0, f.dst)
-                    f.pkts += -(-n // seg)
                 else:
                     self.sock.sendto(self.mv[:n], f.dst)
-                    f.pkts += 1
-            except OSError as e:
-                if not seg:
-                    self.net_error("send", e)
-                else:
-                    for v in fastio.segments(self.mv, n, seg):
-                        self._send_one(v, f.dst)
-                    f.pkts += -(-n // seg)
+            except OSError:
+                for v in fastio.segments(self.mv, n, seg):
+                    self._send_one(v, f.dst)
+            f.pkts += -(-n // seg)
             f.bytes += n
-        else:
-            for v in fastio.segments(self.mv, n, seg):
-                self.core.receive(bytes(v), addr, now)
-            if self.core.out:
-                self.flush()
-        return now
+            return
+        for v in fastio.segments(self.mv, n, seg):
+            self.core.receive(bytes(v), addr, now)
+        if self.core.out:
+            self.flush()
 
     def _recv_batch(self, flags: int) -> float:
         """A recvmmsg batch, sent on in place: each slot to its flow's destination, runs of
@@ -644,6 +663,7 @@ class InsideLoop(Loop):
         self.service_family, self.service_addr = service
         self.family = family
         self.pipes: dict[int, Pipe] = {}
+        self.ctrl_len = -1 if core.legacy else proto.CTRL_LEN  # a tunnel datagram this long may be control
         self.resolver = ThreadPoolExecutor(1, thread_name_prefix="resolve")
         self.resolving: Future | None = None
         lib = None if plain else fastio.load()
@@ -693,7 +713,7 @@ class InsideLoop(Loop):
             elif kind is OpenTunnel:
                 s = self._tunnel_socket()
                 p = self.pipes[a.tid] = Pipe(a, s)
-                self.watch(s.fileno(), lambda now, p=p: self._on_tunnel(p, now))
+                self.watch(s.fileno(), partial(self._on_tunnel, p))
             elif kind is OpenService:
                 if p is not None:
                     s = socket.socket(self.service_family, socket.SOCK_DGRAM)
@@ -701,7 +721,7 @@ class InsideLoop(Loop):
                     s.setblocking(False)
                     _bufsizes(s)
                     s.connect(self.service_addr)
-                    self.watch(s.fileno(), lambda now, p=p: self._on_service(p, now))
+                    self.watch(s.fileno(), partial(self._on_service, p))
             elif kind is Close:
                 if p is not None:
                     self._close_pipe(p)
@@ -749,7 +769,7 @@ class InsideLoop(Loop):
                     self.net_error("OpenTunnel", e)
                     self._lost_socket(p.tid)
                     continue
-                self.watch(p.tsock.fileno(), lambda now, p=p: self._on_tunnel(p, now))
+                self.watch(p.tsock.fileno(), partial(self._on_tunnel, p))
         self.core.on_resolved(changed, now)
         self.apply(now)
 
@@ -809,7 +829,7 @@ class InsideLoop(Loop):
             # one datagram (or GRO run) per wakeup through Python's own call: level-triggered
             # epoll says again if there is more, and no read fails
             try:
-                n, anc, _, _ = p.tsock.recvmsg_into([self.buf], 64)
+                n, anc, _, _ = p.tsock.recvmsg_into(self.bufs, 64)
             except BlockingIOError:
                 return
             except OSError as e:  # ICMP: the outside agent's port is closed, or no route
@@ -824,7 +844,7 @@ class InsideLoop(Loop):
             p.t_last_wake = wakes
             seg = int.from_bytes(anc[0][2][:4], sys.byteorder) if anc else 0
             m, mv = p.rx, self.mv
-            ctrl = -1 if self.core.legacy else proto.CTRL_LEN
+            ctrl = self.ctrl_len
             if (p.ssock is not None and (n != ctrl or mv[:4] != proto.MAGIC)
                     and (not seg or (seg != ctrl and n % seg != ctrl))):
                 try:
@@ -869,7 +889,7 @@ class InsideLoop(Loop):
             p.t_streak = 0
         m32, m64, ci32, views = ring.m32, ring.m64, ring.ctrl_i32, ring.views
         m, batch, add = p.rx, self.batch, self.batch.add
-        ctrl = -1 if self.core.legacy else proto.CTRL_LEN
+        ctrl = self.ctrl_len
         magic = proto.MAGIC
         pkts = nbytes = 0
         for i in range(n):
