@@ -179,7 +179,7 @@ def test_a_gso_message_the_kernel_refuses_goes_out_datagram_by_datagram():
         errors: list = []
         batch.send(b.fileno(), errors.append, lambda v, dst: sent.append(bytes(v)))
         assert sent == [bytes([k]) * 500 for k in range(4)] and errors == []
-        assert batch.gso is False and batch.nmsg == 0
+        assert batch.gso_max == 0 and batch.nmsg == 0
 
 
 def outside_loop(family: int, lib=None):
@@ -284,8 +284,45 @@ def test_the_outside_sends_a_refused_gso_run_datagram_by_datagram_and_stops_maki
         loop._recv_batch(fastio.MSG_DONTWAIT)
         time.sleep(0.05)
         assert drain(t1) == [bytes([k]) * 500 for k in range(4)]
-        assert loop.gso is False and loop.errors == {}
+        assert loop.gso_max == 0 and loop.errors == {}
     finally:
         a.close()
         t1.close()
         loop.close()
+
+
+@needs_fast
+def test_a_connected_batch_goes_in_order_as_runs_of_equal_size_ending_at_a_shorter_datagram():
+    lib = fastio.load()
+    a, mid = udp_pair()
+    out, b = udp_pair()
+    with a, mid, out, b:
+        b.setsockopt(fastio.SOL_UDP, fastio.UDP_GRO, 1)
+        sizes = [100] * 5 + [60] + [200] * 3 + [300] + [50, 50]
+        sent = [bytes([k]) * n for k, n in enumerate(sizes)]
+        for d in sent:
+            a.send(d)
+        ring = fastio.Ring(lib, names=False)
+        assert ring.recv(mid.fileno(), fastio.MSG_DONTWAIT) == len(sizes)
+        nbytes, failed = ring.send_runs(out.fileno(), len(sizes), fastio.SLOT)
+        assert nbytes == sum(sizes) and failed == []
+        time.sleep(0.05)
+        runs, got = [], []
+        while True:
+            try:
+                data, anc, _, _ = b.recvmsg(70000, 64, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            seg = struct.unpack("=i", anc[0][2][:4])[0] if anc else len(data)
+            runs.append((len(data), seg))
+            got += [data[o:o + seg] for o in range(0, len(data), seg)]
+        assert got == sent
+        assert runs == [(560, 100), (600, 200), (350, 300), (50, 50)]  # as the kernel kept the GSO messages
+        # with runs off, each datagram is a message of its own
+        for d in sent:
+            a.send(d)
+        time.sleep(0.05)
+        assert ring.recv(mid.fileno(), fastio.MSG_DONTWAIT) == len(sizes)
+        assert ring.send_runs(out.fileno(), len(sizes), 0) == (sum(sizes), [])
+        time.sleep(0.05)
+        assert [b.recv(1000) for _ in sizes] == sent

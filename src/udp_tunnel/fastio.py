@@ -31,6 +31,10 @@ GSO_MAX_BYTES = 65000  # a GSO message must fit one IP datagram's length field
 NAME = 32  # bytes kept per sockaddr (sockaddr_in6 is 28)
 CTRL = 32  # bytes kept per control message buffer (CMSG_SPACE(4) is 24)
 
+# what sendmmsg says of a GSO message the kernel takes none of (no checksum offload, an old
+# kernel, a segment above the path MTU)
+GSO_REFUSED = (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+
 # struct mmsghdr on 64-bit Linux, in 8-byte words: msg_name, msg_namelen, msg_iov, msg_iovlen,
 # msg_control, msg_controllen, msg_flags, msg_len. struct iovec: iov_base, iov_len.
 MSG_WORDS = 8
@@ -115,16 +119,19 @@ class Ring:
             self.msgs[w + 5] = CTRL
         self.ptr = msgs
         # the headers as set up here: recv puts back those the kernel or `forward` changed
-        self.msgs0 = (ctypes.c_uint64 * (MSG_WORDS * RING)).from_buffer_copy(self.msgs)
-        self.iov0 = (ctypes.c_uint64 * (2 * RING)).from_buffer_copy(self.iov)
+        self.msgs_b, self.iov_b = memoryview(self.msgs).cast("B"), memoryview(self.iov).cast("B")
+        self.msgs0, self.iov0 = memoryview(bytes(self.msgs_b)), memoryview(bytes(self.iov_b))
         self.iov64 = memoryview(self.iov).cast("B").cast("Q")
+        self.out = (ctypes.c_uint64 * (MSG_WORDS * RING))()  # send_runs' messages, when runs join slots
+        self.out64 = memoryview(self.out).cast("B").cast("Q")
         self.used = 0  # slots the last receive filled
 
     def recv(self, fd: int, flags: int) -> int:
         """Fill up to RING slots from `fd`: their count, or -errno."""
-        if self.used:
-            ctypes.memmove(self.msgs, self.msgs0, 8 * MSG_WORDS * self.used)
-            ctypes.memmove(self.iov, self.iov0, 16 * self.used)
+        used = self.used
+        if used:  # a memoryview copy costs a quarter of a ctypes.memmove call
+            self.msgs_b[:8 * MSG_WORDS * used] = self.msgs0[:8 * MSG_WORDS * used]
+            self.iov_b[:16 * used] = self.iov0[:16 * used]
         n = self.lib.recvmmsg(fd, self.ptr, RING, flags, None)
         if n < 0:
             self.used = 0
@@ -162,17 +169,73 @@ class Ring:
         n = self.lib.sendmmsg(fd, self.ptr + 8 * MSG_WORDS * start, end - start, 0)
         return n if n >= 0 else -ctypes.get_errno()
 
-    def parts(self, i: int) -> list[memoryview]:
-        """The datagrams message i carries: a GSO message's segments, or its one datagram."""
-        w = MSG_WORDS * i
-        if self.m64[w + 5]:  # a GSO message: segments of the size in its control message
-            seg = self.ctrl_i32[CTRL // 4 * i + 4] & 0xFFFF
-            out = []
-            for j in range(i, i + self.m64[w + 3]):
-                v = self.views[j][:self.iov64[2 * j + 1]]
-                out += [v[off:off + seg] for off in range(0, len(v), seg)]
-            return out
-        return [self.views[i][:self.iov64[2 * i + 1]]]
+    def send_runs(self, fd: int, n: int, gso_max: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+        """Send slots 0..n-1 on the connected socket `fd`, in order, each run of equal-size
+        datagrams (the last may be shorter) up to gso_max bytes as one GSO message; 0 turns
+        runs off. Returns the bytes, and what failed as (slot, count, segment size, errno)."""
+        m32, iov64 = self.m32, self.iov64
+        runs = []
+        seg = total = nbytes = m32[14]
+        head, count, more = 0, 1, seg <= gso_max
+        iov64[1] = seg
+        for i in range(1, n):
+            ln = m32[16 * i + 14]
+            iov64[2 * i + 1] = ln
+            nbytes += ln
+            if more and ln <= seg and count < GSO_MAX_SEGS and total + ln <= GSO_MAX_BYTES:
+                count += 1
+                total += ln
+                more = ln == seg  # a shorter datagram ends the run
+                continue
+            runs.append((head, count, seg))
+            head, count, seg, total, more = i, 1, ln, ln, ln <= gso_max
+        runs.append((head, count, seg))
+        if len(runs) == n:  # no run: the slots go as they lie
+            return nbytes, self._send_msgs(fd, self.ptr, n, runs)
+        out, o64, ctrl = self.out, self.out64, _addr(self.ctrl)
+        iov = _addr(self.iov)
+        for k, (i, count, seg) in enumerate(runs):
+            w = MSG_WORDS * k
+            o64[w + 2] = iov + 16 * i
+            o64[w + 3] = count
+            if count > 1:
+                struct.pack_into("=QiiH", self.ctrl, CTRL * i, 18, SOL_UDP, UDP_SEGMENT, seg)
+                o64[w + 4] = ctrl + CTRL * i
+                o64[w + 5] = 24
+            else:
+                o64[w + 5] = 0
+        return nbytes, self._send_msgs(fd, _addr(out), len(runs), runs)
+
+    def _send_msgs(self, fd: int, ptr: int, n: int, runs: list) -> list[tuple[int, int, int, int]]:
+        failed = []
+        start = 0
+        for _ in range(2 * n + 1):
+            if start >= n:
+                break
+            sent = self.lib.sendmmsg(fd, ptr + 8 * MSG_WORDS * start, n - start, 0)
+            if sent > 0:
+                start += sent
+                continue
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                failed.append((*runs[start], err))
+                start += 1
+        return failed
+
+    def parts(self, i: int, count: int, seg: int) -> list[memoryview]:
+        """The datagrams of a message from slot i: `count` slots of one datagram each, or (one
+        slot, seg > 0) a GRO run in segments of seg bytes."""
+        if count == 1:
+            return segments(self.views[i], self.iov64[2 * i + 1], seg)
+        return [self.views[j][:self.iov64[2 * j + 1]] for j in range(i, i + count)]
+
+
+def gso_limit(gso_max: int, seg: int, err: int) -> int:
+    """The largest segment to make GSO runs of, after the kernel refused a run of seg-byte
+    segments with err: below seg when seg was above the path MTU, else 0 (no GSO here)."""
+    if err in (errno.EINVAL, errno.EMSGSIZE) and seg > 576:
+        return min(gso_max, seg - 1)
+    return 0
 
 
 def sockaddr(addr: tuple, family: int) -> bytes:
@@ -197,8 +260,7 @@ class Batch:
 
     def __init__(self, lib: _Lib, gso: bool) -> None:
         self.lib = lib
-        self.gso = gso
-        self.gso_max = SLOT  # largest segment the kernel took in a GSO message (lowered when refused)
+        self.gso_max = SLOT if gso else 0  # largest segment to make GSO runs of (lowered when refused)
         self.iov = (ctypes.c_uint64 * (2 * RING))()
         self.msgs = (ctypes.c_uint64 * (MSG_WORDS * RING))()
         self.ctrl = (ctypes.c_char * (CTRL * RING))()
@@ -256,7 +318,7 @@ class Batch:
             seg = 0
             m64[w + 4] = 0
             m64[w + 5] = 0
-            self.run_size = n if self.gso and n <= self.gso_max else 0
+            self.run_size = n if n <= self.gso_max else 0
         self.keep.append([[(ring.views[i], n)], seg, dst])
         self.nmsg = m + 1
         self.niov = j + 1
@@ -277,13 +339,8 @@ class Batch:
             if err == errno.EINTR:
                 continue
             slots, seg, dst = self.keep[start]
-            if seg and err in (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                # GSO refused: a segment above the path MTU (no more runs of that size), or no
-                # GSO at all (no checksum offload, an old kernel): the datagrams one by one
-                if err in (errno.EINVAL, errno.EMSGSIZE) and seg > 576:
-                    self.gso_max = min(self.gso_max, seg - 1)
-                else:
-                    self.gso = False
+            if seg and err in GSO_REFUSED:  # the datagrams one by one
+                self.gso_max = gso_limit(self.gso_max, seg, err)
                 for v, n in slots:
                     for off in range(0, n, seg):
                         fallback(v[off:min(off + seg, n)], dst)

@@ -47,9 +47,6 @@ BUSY_GAP = 100e-6  # datagrams closer than this, BUSY_RUN times in a row: read t
 BUSY_RUN = 8
 ADDR_CACHE = 8192  # raw sockaddrs remembered by the outside's fast path
 NAME = fastio.NAME
-# what sendmmsg says when the kernel takes no GSO message (no offload, an old kernel, a segment
-# above the path MTU)
-GSO_REFUSED = (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 
 def _bufsizes(s: socket.socket) -> None:
@@ -286,7 +283,7 @@ class OutsideLoop(Loop):
             self.fd = sock.fileno()
             self.ring = fastio.Ring(lib, names=True)
             self.gro = fastio.enable_gro(sock)
-            self.gso, self.gso_max = True, fastio.SLOT  # runs go as GSO messages up to this segment size
+            self.gso_max = fastio.SLOT  # runs go as GSO messages up to this segment size (0: none)
             self.alen = 28 if sock.family == socket.AF_INET6 else 16  # sockaddr length on this socket
             # the lengths of datagrams the core must see (control, WireGuard handshakes)
             self.special = frozenset(x for x in (self.ctrl_len, *self.wg_lens) if x > 0)
@@ -484,7 +481,7 @@ class OutsideLoop(Loop):
         m32, m64, iov64 = ring.m32, ring.m64, ring.iov64
         raw = bytes(ring.names_mv[:NAME * n])
         alen, special = self.alen, self.special
-        run_max = self.gso_max if self.gso else 0
+        run_max = self.gso_max
         start = end = 0  # slots start..end-1 hold messages ready to go, one each
         head, head_e, head_ln, head_n = -1, None, 0, 0  # the last message, while later slots may join it
         for i in range(n):
@@ -590,15 +587,13 @@ class OutsideLoop(Loop):
             err = -sent
             if err == errno.EINTR:
                 continue
-            seg = ring.ctrl_i32[fastio.CTRL // 4 * start + 4] & 0xFFFF if ring.m64[fastio.MSG_WORDS * start + 5] else 0
-            if seg and err in GSO_REFUSED:
-                if err in (errno.EINVAL, errno.EMSGSIZE) and seg > 576:
-                    self.gso_max = min(self.gso_max, seg - 1)  # above the path MTU: no more runs that large
-                else:
-                    self.gso = False  # no GSO here at all
-                raw = ctypes.string_at(ring.m64[fastio.MSG_WORDS * start], self.alen)
+            w = fastio.MSG_WORDS * start
+            seg = ring.ctrl_i32[fastio.CTRL // 4 * start + 4] & 0xFFFF if ring.m64[w + 5] else 0
+            if seg and err in fastio.GSO_REFUSED:
+                self.gso_max = fastio.gso_limit(self.gso_max, seg, err)
+                raw = ctypes.string_at(ring.m64[w], self.alen)
                 dst = self.addrs.get(raw) or self._addr_of(raw)
-                for v in ring.parts(start):
+                for v in ring.parts(start, ring.m64[w + 3], seg):
                     try:
                         self.sock.sendto(v, dst)
                     except OSError as e:
@@ -978,14 +973,15 @@ class InsideLoop(Loop):
                 p.streak = 0
         else:
             p.streak = 0
-        m32, add = ring.m32, self.batch.add
-        nbytes = 0
-        for i in range(n):
-            ln = m32[16 * i + 14]
-            add(ring, i, ln, 0, None)
-            nbytes += ln
-        self.batch.send(p.tsock.fileno(), lambda e: self.net_error("tunnel", e),
-                        lambda v, dst: self._plain_send(p.tsock, v, "tunnel"))
+        batch = self.batch
+        nbytes, failed = ring.send_runs(p.tsock.fileno(), n, batch.gso_max)
+        for i, count, seg, err in failed:
+            if count > 1 and err in fastio.GSO_REFUSED:
+                batch.gso_max = fastio.gso_limit(batch.gso_max, seg, err)
+                for v in ring.parts(i, count, 0):
+                    self._plain_send(p.tsock, v, "tunnel")
+            else:
+                self.net_error("tunnel", OSError(err, os.strerror(err)))
         m = p.tx
         m.pkts += n
         m.bytes += nbytes
