@@ -1,4 +1,4 @@
-"""The I/O loop in-process: what it does when a handler fails."""
+"""The I/O loop in-process: what it does when a handler fails, and its timer under traffic."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import threading
 import time
 
 from udp_tunnel import proto
+from udp_tunnel.core import Flow
 from udp_tunnel.log import INFO, Log
 from udp_tunnel.loop import OutsideLoop
 from udp_tunnel.outside import OutsideCore
@@ -53,3 +54,54 @@ def test_an_exception_in_a_handler_is_contained_logged_with_its_traceback_once_a
     assert loop.errors["internal_RuntimeError"] == 3
     text = stream.getvalue()
     assert text.count("Traceback") == 1 and "a bug met a datagram" in text
+
+
+def test_steady_traffic_forwarded_by_the_outside_fast_path_does_not_starve_the_timer():
+    """The outside's single-receive loop forwards without returning to the main loop; the
+    core's once-a-second timer must still run while a flow sends every 10 ms."""
+    log = Log(INFO, io.StringIO())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    core = OutsideCore(secret=b"k", keepalive=5, max_clients=10, family=socket.AF_INET,
+                       now=time.monotonic(), log=log)
+    ticks: list[float] = []
+    real = core.on_timer
+    core.on_timer = lambda now: (ticks.append(now), real(now))
+    loop = OutsideLoop(core, sock, log)
+    client, tunnel = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    for s in (client, tunnel):
+        s.bind(("127.0.0.1", 0))
+    flow = core.route[client.getsockname()] = Flow(tunnel.getsockname())
+    core.routes_changed += 1
+    sent = []
+
+    def drive() -> None:
+        try:
+            time.sleep(0.3)
+            del ticks[:]
+            end = time.monotonic() + 2.5
+            while time.monotonic() < end:
+                client.sendto(b"data", sock.getsockname())
+                sent.append(time.monotonic())
+                time.sleep(0.01)
+        finally:
+            loop.stopping = True
+
+    th = threading.Thread(target=drive, daemon=True)
+    th.start()
+    try:
+        assert loop.run() == 0
+        th.join(5)
+    finally:
+        client.close()
+    got = 0
+    tunnel.setblocking(False)
+    try:
+        while tunnel.recv(100) == b"data":
+            got += 1
+    except BlockingIOError:
+        pass
+    tunnel.close()
+    assert got == len(sent) > 100  # all forwarded (on the fast path: the core saw none of them)
+    assert not loop.batched and flow.pkts == got
+    assert len(ticks) >= 2  # about one a second while the traffic went on

@@ -4,9 +4,11 @@ Linux only. `load()` returns None where it can't work (another system, a libc
 without the symbols, UDP_TUNNEL_PLAIN=1 in the environment); the loops then use
 plain socket calls. Nothing here knows the protocol: a `Ring` receives up to
 RING datagrams in one call (with the sender's address and, with UDP_GRO, the
-segment size of a coalesced run), a `Batch` collects datagrams to send and
-sends them in one sendmmsg, runs of equal-size datagrams to one destination
-as one UDP_SEGMENT (GSO) message.
+segment size of a coalesced run) and sends them on from where they lie, in
+one sendmmsg, runs of equal-size datagrams to one destination as one
+UDP_SEGMENT (GSO) message; a `Batch` collects datagrams from a ring one by
+one for a send of their own (the inside agent's tunnel side, where control
+messages sit between data).
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class Ring:
             self.msgs[w + 4] = _addr(self.ctrl) + CTRL * i
             self.msgs[w + 5] = CTRL
         self.ptr = msgs
-        # the headers as set up here: recv puts back those the kernel or `forward` changed
+        # the headers as set up here: recv puts back what the kernel or a send in place changed
         self.msgs_b, self.iov_b = memoryview(self.msgs).cast("B"), memoryview(self.iov).cast("B")
         self.msgs0, self.iov0 = memoryview(bytes(self.msgs_b)), memoryview(bytes(self.iov_b))
         self.iov64 = memoryview(self.iov).cast("B").cast("Q")
