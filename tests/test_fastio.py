@@ -326,3 +326,38 @@ def test_a_connected_batch_goes_in_order_as_runs_of_equal_size_ending_at_a_short
         assert ring.send_runs(out.fileno(), len(sizes), 0) == (sum(sizes), [])
         time.sleep(0.05)
         assert [b.recv(1000) for _ in sizes] == sent
+
+
+@needs_fast
+def test_a_refused_gso_run_comes_back_from_send_runs_with_its_datagrams():
+    import ctypes
+    import errno
+
+    real = fastio.load()
+
+    class Refusing:  # a kernel without UDP GSO: sendmmsg stops at a message with UDP_SEGMENT
+        recvmmsg = real.recvmmsg
+
+        @staticmethod
+        def sendmmsg(fd, msgs, n, flags):
+            gso = [k for k in range(n) if ctypes.c_uint64.from_address(msgs + 64 * k + 8 * 5).value]
+            if gso and gso[0] == 0:
+                ctypes.set_errno(errno.EIO)
+                return -1
+            return real.sendmmsg(fd, msgs, gso[0] if gso else n, flags)
+
+    a, mid = udp_pair()
+    out, b = udp_pair()
+    with a, mid, out, b:
+        sent = [b"x" * 30] + [bytes([k]) * 500 for k in range(3)] + [b"y" * 40]
+        for d in sent:
+            a.send(d)
+        ring = fastio.Ring(real, names=False)
+        assert ring.recv(mid.fileno(), fastio.MSG_DONTWAIT) == 5
+        ring.lib = Refusing()
+        nbytes, failed = ring.send_runs(out.fileno(), 5, fastio.SLOT)
+        # the shorter datagram ends the run of three 500-byte ones
+        assert nbytes == sum(map(len, sent)) and failed == [(1, 4, 500, errno.EIO)]
+        assert [bytes(v) for v in ring.parts(1, 4, 0)] == sent[1:]
+        time.sleep(0.05)
+        assert drain(b) == [sent[0]]  # the rest went
