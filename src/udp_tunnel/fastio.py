@@ -178,19 +178,19 @@ class Ring:
         m32, iov64 = self.m32, self.iov64
         runs = []
         seg = total = nbytes = m32[14]
-        head, count, more = 0, 1, seg <= gso_max
+        head, count, more = 0, 1, 0 < seg <= gso_max  # an empty datagram never joins a run
         iov64[1] = seg
         for i in range(1, n):
             ln = m32[16 * i + 14]
             iov64[2 * i + 1] = ln
             nbytes += ln
-            if more and ln <= seg and count < GSO_MAX_SEGS and total + ln <= GSO_MAX_BYTES:
+            if more and 0 < ln <= seg and count < GSO_MAX_SEGS and total + ln <= GSO_MAX_BYTES:
                 count += 1
                 total += ln
                 more = ln == seg  # a shorter datagram ends the run
                 continue
             runs.append((head, count, seg))
-            head, count, seg, total, more = i, 1, ln, ln, ln <= gso_max
+            head, count, seg, total, more = i, 1, ln, ln, 0 < ln <= gso_max
         runs.append((head, count, seg))
         if len(runs) == n:  # no run: the slots go as they lie
             return nbytes, self._send_msgs(fd, self.ptr, n, runs)
@@ -281,7 +281,7 @@ class Batch:
 
     def add(self, ring: Ring, i: int, n: int, seg: int, dst: tuple | None) -> None:
         j = self.niov
-        if (n == self.run_size and dst is self.run_dst and not seg and self.run_bytes + n <= GSO_MAX_BYTES):
+        if (n and n == self.run_size and dst is self.run_dst and not seg and self.run_bytes + n <= GSO_MAX_BYTES):
             m = self.nmsg - 1
             k = self.keep[m]
             if len(k[0]) < GSO_MAX_SEGS:

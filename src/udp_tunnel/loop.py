@@ -523,7 +523,7 @@ class OutsideLoop(Loop):
                 start = i
             m64[8 * i] = e[1]  # msg_name: the destination (recv puts the slot's own back)
             end = i + 1
-            if ln <= run_max:
+            if 0 < ln <= run_max:  # (an empty datagram is a GSO segment of no size: never in a run)
                 head, head_e, head_ln, head_n = i, e, ln, 1
             else:
                 head_e = None
