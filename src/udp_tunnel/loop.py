@@ -532,14 +532,15 @@ class OutsideLoop(Loop):
         return now
 
     def _fast_entry(self, raw: bytes) -> tuple | None:
-        """(flow, raw destination, address) for a sender with a route, remembered until routes change."""
+        """(flow, address of the raw destination, the raw destination) for a sender with a
+        route, remembered until routes change."""
         addr = self.addrs.get(raw) or self._addr_of(raw)
         f = self.core.route.get(addr)
         if f is None:
             return None
         host = f.dst[0].split("%", 1)[0]
         dst = fastio.dest((host, *f.dst[1:]), self.sock.family)
-        e = (f, dst[1], addr, dst[0])  # the last keeps the raw sockaddr the pointer points into
+        e = (f, dst[1], dst[0])  # the last keeps the raw sockaddr the pointer points into alive
         if len(self.fast) >= ADDR_CACHE:
             self.fast.clear()
         self.fast[raw] = e
