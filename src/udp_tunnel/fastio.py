@@ -166,10 +166,10 @@ class Ring:
     def grow(self, head: int) -> None:
         self.m64[MSG_WORDS * head + 3] += 1
 
-    def send(self, fd: int, start: int, end: int) -> int:
-        """sendmmsg of the messages in slots start..end-1: how many went, or -errno."""
-        n = self.lib.sendmmsg(fd, self.ptr + 8 * MSG_WORDS * start, end - start, 0)
-        return n if n >= 0 else -ctypes.get_errno()
+    def send(self, fd: int, start: int, end: int) -> list[tuple[int, int]]:
+        """Send the messages in slots start..end-1: those that failed, as (slot, errno)."""
+        return [(start + k, err) for k, err in send_messages(self.lib, fd, self.ptr + 8 * MSG_WORDS * start,
+                                                             end - start)]
 
     def send_runs(self, fd: int, n: int, gso_max: int) -> tuple[int, list[tuple[int, int, int, int]]]:
         """Send slots 0..n-1 on the connected socket `fd`, in order, each run of equal-size
@@ -193,36 +193,21 @@ class Ring:
             head, count, seg, total, more = i, 1, ln, ln, 0 < ln <= gso_max
         runs.append((head, count, seg))
         if len(runs) == n:  # no run: the slots go as they lie
-            return nbytes, self._send_msgs(fd, self.ptr, n, runs)
-        out, o64, ctrl = self.out, self.out64, _addr(self.ctrl)
-        iov = _addr(self.iov)
-        for k, (i, count, seg) in enumerate(runs):
-            w = MSG_WORDS * k
-            o64[w + 2] = iov + 16 * i
-            o64[w + 3] = count
-            if count > 1:
-                struct.pack_into("=QiiH", self.ctrl, CTRL * i, 18, SOL_UDP, UDP_SEGMENT, seg)
-                o64[w + 4] = ctrl + CTRL * i
-                o64[w + 5] = 24
-            else:
-                o64[w + 5] = 0
-        return nbytes, self._send_msgs(fd, _addr(out), len(runs), runs)
-
-    def _send_msgs(self, fd: int, ptr: int, n: int, runs: list) -> list[tuple[int, int, int, int]]:
-        failed = []
-        start = 0
-        for _ in range(2 * n + 1):
-            if start >= n:
-                break
-            sent = self.lib.sendmmsg(fd, ptr + 8 * MSG_WORDS * start, n - start, 0)
-            if sent > 0:
-                start += sent
-                continue
-            err = ctypes.get_errno()
-            if err != errno.EINTR:
-                failed.append((*runs[start], err))
-                start += 1
-        return failed
+            ptr = self.ptr
+        else:
+            o64, ctrl, iov = self.out64, _addr(self.ctrl), _addr(self.iov)
+            for k, (i, count, seg) in enumerate(runs):
+                w = MSG_WORDS * k
+                o64[w + 2] = iov + 16 * i
+                o64[w + 3] = count
+                if count > 1:
+                    struct.pack_into("=QiiH", self.ctrl, CTRL * i, 18, SOL_UDP, UDP_SEGMENT, seg)
+                    o64[w + 4] = ctrl + CTRL * i
+                    o64[w + 5] = 24
+                else:
+                    o64[w + 5] = 0
+            ptr = _addr(self.out)
+        return nbytes, [(*runs[k], err) for k, err in send_messages(self.lib, fd, ptr, len(runs))]
 
     def parts(self, i: int, count: int, seg: int) -> list[memoryview]:
         """The datagrams of a message from slot i: `count` slots of one datagram each, or (one
@@ -230,6 +215,25 @@ class Ring:
         if count == 1:
             return segments(self.views[i], self.iov64[2 * i + 1], seg)
         return [self.views[j][:self.iov64[2 * j + 1]] for j in range(i, i + count)]
+
+
+def send_messages(lib: _Lib, fd: int, ptr: int, n: int) -> list[tuple[int, int]]:
+    """sendmmsg of the n struct mmsghdr at ptr, each once, going on past one that fails
+    (retried after EINTR): those that failed, as (index, errno)."""
+    failed = []
+    start = 0
+    for _ in range(2 * n + 1):  # each round sends, skips or retries once: bounded
+        if start >= n:
+            break
+        sent = lib.sendmmsg(fd, ptr + 8 * MSG_WORDS * start, n - start, 0)
+        if sent > 0:
+            start += sent
+            continue
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            failed.append((start, err))
+            start += 1
+    return failed
 
 
 def gso_limit(gso_max: int, seg: int, err: int) -> int:
@@ -329,18 +333,8 @@ class Batch:
     def send(self, fd: int, on_error: Callable[[OSError], None],
              fallback: Callable[[memoryview, tuple | None], None]) -> None:
         """Send what was added (each message once; a failed one is reported and skipped)."""
-        start, nmsg = 0, self.nmsg
-        for _ in range(2 * nmsg + 1):
-            if start >= nmsg:
-                break
-            sent = self.lib.sendmmsg(fd, self.msgs_ptr + 8 * MSG_WORDS * start, nmsg - start, 0)
-            if sent > 0:
-                start += sent
-                continue
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                continue
-            slots, seg, dst = self.keep[start]
+        for k, err in send_messages(self.lib, fd, self.msgs_ptr, self.nmsg):
+            slots, seg, dst = self.keep[k]
             if seg and err in GSO_REFUSED:  # the datagrams one by one
                 self.gso_max = gso_limit(self.gso_max, seg, err)
                 for v, n in slots:
@@ -348,7 +342,6 @@ class Batch:
                         fallback(v[off:min(off + seg, n)], dst)
             else:
                 on_error(OSError(err, os.strerror(err)))
-            start += 1
         self.clear()
 
     def clear(self) -> None:

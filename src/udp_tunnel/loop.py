@@ -282,7 +282,7 @@ class OutsideLoop(Loop):
             sock.setblocking(True)  # the one socket is waited on in recvmmsg, not in epoll
             self.fd = sock.fileno()
             self.ring = fastio.Ring(lib, names=True)
-            self.gro = fastio.enable_gro(sock)
+            fastio.enable_gro(sock)
             self.gso_max = fastio.SLOT  # runs go as GSO messages up to this segment size (0: none)
             self.alen = 28 if sock.family == socket.AF_INET6 else 16  # sockaddr length on this socket
             # the lengths of datagrams the core must see (control, WireGuard handshakes)
@@ -462,7 +462,6 @@ class OutsideLoop(Loop):
         ring = self.ring
         n = ring.recv(self.fd, flags)
         now = time.monotonic()
-        self.wakes += 1
         if n <= 0:
             if n < 0 and n not in (-errno.EAGAIN, -errno.EINTR):
                 self.net_error("receive", OSError(-n, os.strerror(-n)))
@@ -534,7 +533,7 @@ class OutsideLoop(Loop):
     def _fast_entry(self, raw: bytes) -> tuple | None:
         """(flow, address of the raw destination, the raw destination) for a sender with a
         route, remembered until routes change."""
-        addr = self.addrs.get(raw) or self._addr_of(raw)
+        addr = self._addr_of(raw)
         f = self.core.route.get(addr)
         if f is None:
             return None
@@ -568,7 +567,7 @@ class OutsideLoop(Loop):
     def _to_core(self, i: int, ln: int, now: float) -> None:
         ring = self.ring
         raw = ring.name(i)
-        addr = self.addrs.get(raw) or self._addr_of(raw)
+        addr = self._addr_of(raw)
         for v in fastio.segments(ring.views[i], ln, ring.segment(i)):
             self.core.receive(bytes(v), addr, now)
         if self.core.out:
@@ -578,30 +577,16 @@ class OutsideLoop(Loop):
         """Send the messages of slots start..end-1 (a failed one is counted and skipped; a GSO
         message the kernel refuses goes as its datagrams, and runs stop or shrink)."""
         ring = self.ring
-        for _ in range(2 * (end - start) + 1):
-            if start >= end:
-                return
-            sent = ring.send(self.fd, start, end)
-            if sent > 0:
-                start += sent
-                continue
-            err = -sent
-            if err == errno.EINTR:
-                continue
-            w = fastio.MSG_WORDS * start
-            seg = ring.ctrl_i32[fastio.CTRL // 4 * start + 4] & 0xFFFF if ring.m64[w + 5] else 0
+        for i, err in ring.send(self.fd, start, end):
+            w = fastio.MSG_WORDS * i
+            seg = ring.ctrl_i32[fastio.CTRL // 4 * i + 4] & 0xFFFF if ring.m64[w + 5] else 0
             if seg and err in fastio.GSO_REFUSED:
                 self.gso_max = fastio.gso_limit(self.gso_max, seg, err)
-                raw = ctypes.string_at(ring.m64[w], self.alen)
-                dst = self.addrs.get(raw) or self._addr_of(raw)
-                for v in ring.parts(start, ring.m64[w + 3], seg):
-                    try:
-                        self.sock.sendto(v, dst)
-                    except OSError as e:
-                        self.net_error("send", e)
+                dst = self._addr_of(ctypes.string_at(ring.m64[w], self.alen))
+                for v in ring.parts(i, ring.m64[w + 3], seg):
+                    self._send_one(v, dst)
             else:
                 self.net_error("send", OSError(err, os.strerror(err)))
-            start += 1
 
     def _send_one(self, data: memoryview, dst: tuple) -> None:
         try:
@@ -611,6 +596,9 @@ class OutsideLoop(Loop):
 
     def _addr_of(self, raw: bytes) -> tuple:
         """The address tuple recvfrom would give for the raw sockaddr `raw` (remembered)."""
+        addr = self.addrs.get(raw)
+        if addr is not None:
+            return addr
         fam = int.from_bytes(raw[:2], sys.byteorder)
         port = int.from_bytes(raw[2:4], "big")
         if fam == socket.AF_INET6:
@@ -621,7 +609,7 @@ class OutsideLoop(Loop):
                     host += "%" + socket.if_indextoname(scope)
                 except OSError:
                     host += f"%{scope}"
-            addr: tuple = (host, port, flow, scope)
+            addr = (host, port, flow, scope)
         else:
             addr = (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
         if len(self.addrs) >= ADDR_CACHE:
