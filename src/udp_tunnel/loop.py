@@ -288,7 +288,7 @@ class OutsideLoop(Loop):
             # the lengths of datagrams the core must see (control, WireGuard handshakes)
             self.special = frozenset(x for x in (self.ctrl_len, *self.wg_lens) if x > 0)
             self.addrs: dict[bytes, tuple] = {}  # raw sockaddr -> address as recvfrom gives it
-            self.fast: dict[bytes, tuple] = {}  # raw sockaddr -> _fast_entry, while routes don't change
+            self.flows: dict[bytes, tuple] = {}  # raw sockaddr -> _flow_entry, while routes don't change
             self.routes_seen = core.routes_changed
             self.rcvtimeo = WAIT_CAP
             fastio.set_recv_timeout(sock, WAIT_CAP)
@@ -474,9 +474,9 @@ class OutsideLoop(Loop):
             self.streak = 0
         core = self.core
         if core.routes_changed != self.routes_seen:
-            self.fast.clear()
+            self.flows.clear()
             self.routes_seen = core.routes_changed
-        fast_get = self.fast.get
+        flow_get = self.flows.get
         m32, m64, iov64 = ring.m32, ring.m64, ring.iov64
         raw = bytes(ring.names_mv[:NAME * n])
         alen, special = self.alen, self.special
@@ -485,9 +485,9 @@ class OutsideLoop(Loop):
         head, head_e, head_ln, head_n = -1, None, 0, 0  # the last message, while later slots may join it
         for i in range(n):
             o = NAME * i
-            e = fast_get(raw[o:o + alen])
+            e = flow_get(raw[o:o + alen])
             if e is None:
-                e = self._fast_entry(raw[o:o + alen])
+                e = self._flow_entry(raw[o:o + alen])
             ln = m32[16 * i + 14]
             if e is None or ln in special or m64[8 * i + 5]:
                 if e is not None and ln not in special and self._gro_run(i, ln, e):
@@ -503,7 +503,7 @@ class OutsideLoop(Loop):
                 head_e = None
                 self._to_core(i, ln, now)
                 if core.routes_changed != self.routes_seen:
-                    self.fast.clear()
+                    self.flows.clear()
                     self.routes_seen = core.routes_changed
                 continue
             f = e[0]
@@ -530,7 +530,7 @@ class OutsideLoop(Loop):
             self._send_slots(start, end)
         return now
 
-    def _fast_entry(self, raw: bytes) -> tuple | None:
+    def _flow_entry(self, raw: bytes) -> tuple | None:
         """(flow, address of the raw destination, the raw destination) for a sender with a
         route, remembered until routes change."""
         addr = self._addr_of(raw)
@@ -540,9 +540,9 @@ class OutsideLoop(Loop):
         host = f.dst[0].split("%", 1)[0]
         dst = fastio.dest((host, *f.dst[1:]), self.sock.family)
         e = (f, dst[1], dst[0])  # the last keeps the raw sockaddr the pointer points into alive
-        if len(self.fast) >= ADDR_CACHE:
-            self.fast.clear()
-        self.fast[raw] = e
+        if len(self.flows) >= ADDR_CACHE:
+            self.flows.clear()
+        self.flows[raw] = e
         return e
 
     def _gro_run(self, i: int, ln: int, e: tuple) -> bool:
