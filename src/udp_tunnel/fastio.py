@@ -37,6 +37,14 @@ CTRL = 32  # bytes kept per control message buffer (CMSG_SPACE(4) is 24)
 # kernel, a segment above the path MTU)
 GSO_REFUSED = (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
+SEG_CMSG_SPACE = 24  # CMSG_SPACE(2): the msg_controllen of a UDP_SEGMENT control message
+
+
+def segment_cmsg(buf: ctypes.Array, off: int, seg: int) -> None:
+    """Write a UDP_SEGMENT control message at `off`: struct cmsghdr {len = CMSG_LEN(2),
+    SOL_UDP, UDP_SEGMENT}, then the u16 segment size."""
+    struct.pack_into("=QiiH", buf, off, 18, SOL_UDP, UDP_SEGMENT, seg)
+
 # struct mmsghdr on 64-bit Linux, in 8-byte words: msg_name, msg_namelen, msg_iov, msg_iovlen,
 # msg_control, msg_controllen, msg_flags, msg_len. struct iovec: iov_base, iov_len.
 MSG_WORDS = 8
@@ -160,8 +168,8 @@ class Ring:
 
     def join(self, head: int, seg: int) -> None:
         """Slot `head` becomes a GSO message of seg-byte segments; `grow` adds the next slot."""
-        struct.pack_into("=QiiH", self.ctrl, CTRL * head, 18, SOL_UDP, UDP_SEGMENT, seg)
-        self.m64[MSG_WORDS * head + 5] = 24
+        segment_cmsg(self.ctrl, CTRL * head, seg)
+        self.m64[MSG_WORDS * head + 5] = SEG_CMSG_SPACE
 
     def grow(self, head: int) -> None:
         self.m64[MSG_WORDS * head + 3] += 1
@@ -201,9 +209,9 @@ class Ring:
                 o64[w + 2] = iov + 16 * i
                 o64[w + 3] = count
                 if count > 1:
-                    struct.pack_into("=QiiH", self.ctrl, CTRL * i, 18, SOL_UDP, UDP_SEGMENT, seg)
+                    segment_cmsg(self.ctrl, CTRL * i, seg)
                     o64[w + 4] = ctrl + CTRL * i
-                    o64[w + 5] = 24
+                    o64[w + 5] = SEG_CMSG_SPACE
                 else:
                     o64[w + 5] = 0
             ptr = _addr(self.out)
@@ -272,8 +280,8 @@ class Batch:
         self.ctrl = (ctypes.c_char * (CTRL * RING))()
         self.iov_ptr, self.msgs_ptr, self.ctrl_ptr = _addr(self.iov), _addr(self.msgs), _addr(self.ctrl)
         self.ctrl_u16 = memoryview(self.ctrl).cast("B").cast("H")
-        for m in range(RING):  # struct cmsghdr {len = CMSG_LEN(2); level SOL_UDP; type UDP_SEGMENT}; u16 segment
-            struct.pack_into("=QiiH", self.ctrl, CTRL * m, 18, SOL_UDP, UDP_SEGMENT, 0)
+        for m in range(RING):
+            segment_cmsg(self.ctrl, CTRL * m, 0)
         self.iov64 = memoryview(self.iov).cast("B").cast("Q")
         self.m64 = memoryview(self.msgs).cast("B").cast("Q")
         self.keep: list = []  # per message: [[(view, n)...], seg, dst] for the fallback; keeps dst alive
@@ -299,7 +307,7 @@ class Batch:
                     k[1] = n
                     self.ctrl_u16[(CTRL * m + 16) // 2] = n
                     self.m64[w + 4] = self.ctrl_ptr + CTRL * m
-                    self.m64[w + 5] = 24
+                    self.m64[w + 5] = SEG_CMSG_SPACE
                 self.run_bytes += n
                 return
         m = self.nmsg
@@ -318,7 +326,7 @@ class Batch:
         if seg and seg < n:
             self.ctrl_u16[(CTRL * m + 16) // 2] = seg
             m64[w + 4] = self.ctrl_ptr + CTRL * m
-            m64[w + 5] = 24
+            m64[w + 5] = SEG_CMSG_SPACE
             self.run_size = 0  # a coalesced run is a message of its own
         else:
             seg = 0
