@@ -172,18 +172,7 @@ class Admission:
         idle_since = (t.up_act.last or t.created) if t.up.pkts == t.up_act.seen else None
         if self.wg.may_move(t.tid, t.up.pkts, idle_since, now):
             old = t.client
-            del self.clients[old]
-            del self.route[old]
-            t.client = addr
-            self.clients[addr] = t
-            self.route[addr] = t.up
-            t.down.dst = addr
-            self.routes_changed += 1
-            t.src.bound -= 1
-            if t in t.src.unanswered:
-                t.src.unanswered.remove(t)
-            t.src = self._source(addr, now)
-            t.src.bound += 1
+            self._move_client(t, addr, now)
             self.wg.moved(t.tid)
             self.stats["wg_roams"] += 1
             self.log.info(f"WireGuard client of tunnel {t.tid:016x} roamed from {show(old)} to {show(addr)}")

@@ -255,11 +255,28 @@ class OutsideCore(Admission):
         del self.route[t.client]
         del self.route[t.addr]
         self.routes_changed += 1
+        self._leave_source(t)
+        self.retired.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
+                            datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+
+    def _leave_source(self, t: Tunnel) -> None:
         t.src.bound -= 1
         if t in t.src.unanswered:
             t.src.unanswered.remove(t)
-        self.retired.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
-                            datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+
+    def _move_client(self, t: Tunnel, addr: tuple, now: float) -> None:
+        """BOUND t's client now sends from `addr` (a WireGuard client roaming)."""
+        old = t.client
+        del self.clients[old]
+        del self.route[old]
+        t.client = addr
+        self.clients[addr] = t
+        self.route[addr] = t.up
+        t.down.dst = addr
+        self.routes_changed += 1
+        self._leave_source(t)
+        t.src = self._source(addr, now)
+        t.src.bound += 1
 
     def _claim(self, addr: tuple, t: Tunnel | None) -> None:
         """`t` (or a new tunnel) has proved it receives at `addr`: whatever else sat there goes."""
