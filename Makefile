@@ -15,7 +15,7 @@ max_clients ?= 1000
 # install-outside: the WireGuard server's public key(s), comma-separated (`wg show wg0 public-key`)
 wireguard_key ?=
 
-SOURCES := $(wildcard src/udp_tunnel/*.py)
+SOURCES := $(wildcard src/udp_tunnel/*.py src/udp_tunnel/*/*.py)
 UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
 
 .PHONY: all check test lint bench flood demo install install-outside install-inside uninstall clean key \
@@ -26,7 +26,7 @@ all: udp-tunnel
 udp-tunnel: $(SOURCES)
 	rm -rf build/zipapp && mkdir -p build/zipapp
 	cp -r src/udp_tunnel build/zipapp/
-	rm -rf build/zipapp/udp_tunnel/__pycache__
+	find build/zipapp -name __pycache__ -prune -exec rm -rf {} +
 	printf 'import sys\nfrom udp_tunnel.cli import main\nsys.exit(main())\n' > build/zipapp/__main__.py
 	$(PYTHON) -m zipapp build/zipapp -p '/usr/bin/env python3' -o $@.tmp
 	chmod 755 $@.tmp && mv $@.tmp $@

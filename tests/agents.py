@@ -73,7 +73,7 @@ class Agent:
         self.wait_status(lambda s: True)
 
     def status(self) -> dict:
-        from udp_tunnel.status import query
+        from udp_tunnel.ops.status import query
         return query(self.control, timeout=2.0)
 
     def wait_status(self, cond, timeout: float = 10.0) -> dict:

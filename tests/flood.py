@@ -97,7 +97,7 @@ sys.path.insert(0, sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 from agents import UdpNat
-from udp_tunnel import proto
+from udp_tunnel.wire import proto
 nat = UdpNat((sys.argv[2], int(sys.argv[3])))
 for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # everything going up crosses this one socket
     nat.front.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)

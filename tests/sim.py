@@ -13,10 +13,10 @@ import os
 import random
 import socket
 
-from udp_tunnel import proto
-from udp_tunnel.inside import ACTIVE, Close, InsideCore, OpenService, Resolve, Send, ToService
-from udp_tunnel.log import DEBUG, Log
-from udp_tunnel.outside import OutsideCore
+from udp_tunnel.core.inside import ACTIVE, Close, InsideCore, OpenService, Resolve, Send, ToService
+from udp_tunnel.core.outside import OutsideCore
+from udp_tunnel.ops.log import DEBUG, Log
+from udp_tunnel.wire import proto
 
 
 def v6(ip: str, port: int) -> tuple:

@@ -17,7 +17,8 @@ import urllib.request
 import pytest
 
 from agents import ROOT, command, converse, env, free_port
-from udp_tunnel import __version__, proto
+from udp_tunnel import __version__
+from udp_tunnel.wire import proto
 
 
 def run(*args: str, **kw) -> subprocess.CompletedProcess:

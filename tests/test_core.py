@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from sim import Sim, v6
-from udp_tunnel import proto
-from udp_tunnel.inside import ACTIVE, SPARE
+from udp_tunnel.core.inside import ACTIVE, SPARE
+from udp_tunnel.wire import proto
 
 CLIENT_A = v6("198.51.100.10", 5000)
 CLIENT_B = v6("198.51.100.11", 5001)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from agents import burst, converse, flow, free_port, hostport
-from udp_tunnel import proto
+from udp_tunnel.wire import proto
 
 HOSTS = ["127.0.0.1", "::1"]
 

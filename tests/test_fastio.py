@@ -11,7 +11,7 @@ import time
 import pytest
 
 from agents import converse, free_port, hostport
-from udp_tunnel import fastio
+from udp_tunnel.io import fastio
 
 FAST = fastio.load() is not None
 needs_fast = pytest.mark.skipif(not FAST, reason="no recvmmsg/sendmmsg through ctypes here")
@@ -185,9 +185,9 @@ def test_a_gso_message_the_kernel_refuses_goes_out_datagram_by_datagram():
 def outside_loop(family: int, lib=None):
     """An outside loop on a real socket around a real core whose routes the test sets, and
     whose receive() only records what reached it."""
-    from udp_tunnel.log import INFO, Log
-    from udp_tunnel.loop import OutsideLoop
-    from udp_tunnel.outside import OutsideCore
+    from udp_tunnel.core.outside import OutsideCore
+    from udp_tunnel.io.loop import OutsideLoop
+    from udp_tunnel.ops.log import INFO, Log
 
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -203,7 +203,7 @@ def outside_loop(family: int, lib=None):
 
 
 def route(core, src: socket.socket, dst: socket.socket) -> None:
-    from udp_tunnel.core import Flow
+    from udp_tunnel.core.common import Flow
     core.route[src.getsockname()] = Flow(dst.getsockname())
     core.routes_changed += 1
 
@@ -220,7 +220,7 @@ def drain(s: socket.socket) -> list[bytes]:
 @needs_fast
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
 def test_the_outside_batch_goes_on_in_place_in_order_with_runs_control_and_strangers_between(family):
-    from udp_tunnel import proto
+    from udp_tunnel.wire import proto
 
     loop, core, got = outside_loop(family)
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"

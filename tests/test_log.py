@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from udp_tunnel.log import DEBUG, INFO, Log
+from udp_tunnel.ops.log import DEBUG, INFO, Log
 
 
 def test_priority_prefix_when_not_a_terminal_and_level_filtering():

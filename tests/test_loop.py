@@ -7,11 +7,11 @@ import socket
 import threading
 import time
 
-from udp_tunnel import proto
-from udp_tunnel.core import Flow
-from udp_tunnel.log import INFO, Log
-from udp_tunnel.loop import OutsideLoop
-from udp_tunnel.outside import OutsideCore
+from udp_tunnel.core.common import Flow
+from udp_tunnel.core.outside import OutsideCore
+from udp_tunnel.io.loop import OutsideLoop
+from udp_tunnel.ops.log import INFO, Log
+from udp_tunnel.wire import proto
 
 
 def test_an_exception_in_a_handler_is_contained_logged_with_its_traceback_once_and_counted():

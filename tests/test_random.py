@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sim import Sim, v6
-from udp_tunnel import proto
+from udp_tunnel.wire import proto
 
 CLIENTS = [v6("198.51.100.10", 5000), v6("198.51.100.10", 5001), v6("198.51.100.11", 5000),
            v6("203.0.113.7", 40001)]  # the last one shares the inside's NAT address (hairpin)

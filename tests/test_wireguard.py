@@ -1,7 +1,7 @@
 """WireGuard mode (--wireguard-key): admission by MAC1, roaming by session index, with a fake clock.
 
 The WireGuard messages are built here from the protocol description with hashlib alone, not
-with udp_tunnel.wireguard, so a mistake there can't hide in the tests.
+with udp_tunnel.core.wireguard, so a mistake there can't hide in the tests.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import random
 import pytest
 
 from sim import Sim, v6
-from udp_tunnel import metrics, status
-from udp_tunnel.wireguard import INDICES_PER_TUNNEL, ROAM_QUIET, Gate, parse_keys
+from udp_tunnel.core.wireguard import INDICES_PER_TUNNEL, ROAM_QUIET, Gate, parse_keys
+from udp_tunnel.ops import metrics, status
 
 SERVER_PUB = bytes(range(32))
 OTHER_PUB = bytes(range(100, 132))
@@ -114,7 +114,7 @@ def test_a_replayed_initiation_takes_no_tunnel_from_other_ports_and_the_memory_i
     for i in range(100):  # captured on the path, sent again from 100 ports (mac2 is not under mac1)
         sim.send(init[:132] + rng.randbytes(16), v6("192.0.2.66", 30000 + i))
     assert list(sim.outside.clients) == [CLIENT] and sim.outside.stats["drop_wg_replay"] == 100
-    from udp_tunnel.wireguard import SEEN_INITIATIONS
+    from udp_tunnel.core.wireguard import SEEN_INITIATIONS
     gate = Gate([SERVER_PUB])
     first = initiation()
     assert gate.admit_new(first) is None and gate.admit_new(first) == "replay"
@@ -159,7 +159,7 @@ def test_an_idle_roaming_client_moves_its_tunnel_at_its_first_datagram():
     assert desc == {"admitted": "handshake", "sessions": 1, "roams": 1}
     # the inside learns the new client address from the next keepalive's answer
     sim.advance(sim.keepalive + 1)
-    from udp_tunnel import proto
+    from udp_tunnel.wire import proto
     assert proto.unpack_peer(sim.inside.tunnels[tid].peer, 10) == CLIENT_NEW
 
 

@@ -13,8 +13,8 @@ import time
 
 from udp_tunnel import __version__
 from udp_tunnel.addr import AddrError, ResolveError, parse_listen, resolve, show, split_hostport
-from udp_tunnel.log import DEBUG, INFO, WARNING, Log
-from udp_tunnel.proto import key_list
+from udp_tunnel.ops.log import DEBUG, INFO, WARNING, Log
+from udp_tunnel.wire.proto import key_list
 
 USAGE = """\
 udp-tunnel -s HOST:PORT -o HOST:PORT [options]   inside agent, next to the service
@@ -223,7 +223,7 @@ def check(a: argparse.Namespace) -> str:
     if a.wireguard_key is not None:
         if inside:
             raise UsageError("--wireguard-key is for the outside agent (-l)")
-        from udp_tunnel.wireguard import parse_keys
+        from udp_tunnel.core.wireguard import parse_keys
         try:
             a.wireguard_keys = parse_keys(",".join(a.wireguard_key))
         except ValueError as e:
@@ -277,7 +277,7 @@ def default_name(role: str, a: argparse.Namespace) -> str:
 def agent_path(given: str | None, name: str, unit_dir: str, unit_file: str, suffix: str) -> str | None:
     """--control / --state-file: PATH, 'none', or by default the unit's directory ($unit_dir) under
     systemd, else NAME+suffix in this user's private runtime directory (made here if needed)."""
-    from udp_tunnel import status
+    from udp_tunnel.ops import status
 
     if given == "none":
         return None
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             from udp_tunnel.demo import demo
             return demo(argv[1:])
         if argv[:1] == ["status"]:
-            from udp_tunnel.status import status_command
+            from udp_tunnel.ops.status import status_command
             return status_command(argv[1:])
         return run(build_parser().parse_args(join_negative(argv)))
     except (StartError, ResolveError) as e:
@@ -320,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a: argparse.Namespace) -> int:
-    from udp_tunnel import metrics, status
-    from udp_tunnel.inside import InsideCore
-    from udp_tunnel.loop import InsideLoop, OutsideLoop
-    from udp_tunnel.outside import OutsideCore
+    from udp_tunnel.core.inside import InsideCore
+    from udp_tunnel.core.outside import OutsideCore
+    from udp_tunnel.io.loop import InsideLoop, OutsideLoop
+    from udp_tunnel.ops import metrics, status
 
     role = check(a)
     if a.check_config:
@@ -342,7 +342,7 @@ def run(a: argparse.Namespace) -> int:
         fam = sock.family
         gate = None
         if a.wireguard_key is not None:  # WireGuard mode (issue 9)
-            from udp_tunnel.wireguard import Gate
+            from udp_tunnel.core.wireguard import Gate
             gate = Gate(a.wireguard_keys)
         core = OutsideCore(secret=secret, keepalive=a.keepalive, max_clients=a.max_clients, family=fam,
                            now=now, log=log, legacy=a.legacy, max_skew=a.max_clock_skew, wireguard=gate,

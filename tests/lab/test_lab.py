@@ -14,7 +14,7 @@ import time
 import pytest
 from netlab import CARRIER_PUBLIC, CARRIER_UDP_TIMEOUT, HOME4, PORT, ROOT, VPS4, VPS6, Lab, wait_for
 
-from udp_tunnel import proto
+from udp_tunnel.wire import proto
 
 pytestmark = pytest.mark.netns
 
@@ -63,7 +63,7 @@ class Net:
         a["proc"] = new["proc"]
 
     def status(self, a: dict) -> dict:
-        from udp_tunnel.status import query
+        from udp_tunnel.ops.status import query
         return query(a["control"])
 
     def wait_status(self, a: dict, cond, timeout: float = 20) -> dict:

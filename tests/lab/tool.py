@@ -110,7 +110,7 @@ def sniff(iface: str, port: str, seconds: str) -> None:
 
 
 def attack(host: str, port: str, capfile: str, seconds: str) -> None:
-    from udp_tunnel import proto
+    from udp_tunnel.wire import proto
     caps = [bytes.fromhex(line) for line in open(capfile).read().split()]
     forged = proto.Codec(b"guessed key").encode(proto.Control(proto.KEEPALIVE, 0, 1, 2, 3))
     s = socket.socket(fam(host), socket.SOCK_DGRAM)

@@ -24,12 +24,11 @@ import time
 from collections import Counter, deque
 from typing import NamedTuple
 
-from udp_tunnel import proto
 from udp_tunnel.addr import show
-from udp_tunnel.core import Activity, CoreError, Meter, leg
-from udp_tunnel.keepalive import MIN_INTERVAL, Learner
-from udp_tunnel.log import Log
-from udp_tunnel.proto import Control, ControlError
+from udp_tunnel.core.common import Activity, CoreError, Logger, Meter, leg
+from udp_tunnel.core.keepalive import MIN_INTERVAL, Learner
+from udp_tunnel.wire import proto
+from udp_tunnel.wire.proto import Control, ControlError
 
 TICK = 1.0
 STALL = 2.0  # an active tunnel sending without hearing anything back for this long: keepalive now
@@ -118,7 +117,7 @@ class Tunnel:
 
 class InsideCore:
     def __init__(self, *, secret: bytes, keepalive: float, timeout: float, spares: int,
-                 max_clients: int, now: float, log: Log, legacy: bool = False,
+                 max_clients: int, now: float, log: Logger, legacy: bool = False,
                  random_bytes=os.urandom, wall=time.time) -> None:
         self.legacy = legacy
         self.secrets = proto.key_list(secret)

@@ -14,7 +14,16 @@ counts the datagrams it forwards on its own into it; the core only reads it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
+
+
+class Logger(Protocol):
+    """What a core needs of a log (ops.log.Log is one): the core never writes anywhere itself."""
+
+    def debug(self, msg: str) -> None: ...
+    def info(self, msg: str) -> None: ...
+    def warning(self, msg: str) -> None: ...
+    def limited(self, key: str, msg: str, prio: int = ...) -> None: ...
 
 
 class Datagram(NamedTuple):

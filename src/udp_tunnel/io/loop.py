@@ -30,11 +30,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
-from udp_tunnel import fastio, proto, statefile, systemd, wireguard
 from udp_tunnel.addr import AddrError, resolve, show
-from udp_tunnel.inside import Close, InsideCore, OpenService, OpenTunnel, Resolve, Send, ToService
-from udp_tunnel.log import Log
-from udp_tunnel.outside import OutsideCore
+from udp_tunnel.core import wireguard
+from udp_tunnel.core.inside import Close, InsideCore, OpenService, OpenTunnel, Resolve, Send, ToService
+from udp_tunnel.core.outside import OutsideCore
+from udp_tunnel.io import fastio
+from udp_tunnel.ops import systemd
+from udp_tunnel.ops.log import Log
+from udp_tunnel.wire import proto, statefile
 
 STATE_SAVE = 2.0  # seconds between looks at whether the state file needs writing
 KEY_GRACE = 600.0  # seconds an old key stays accepted after SIGHUP brought a new one

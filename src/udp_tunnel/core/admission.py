@@ -18,10 +18,10 @@ import socket
 from typing import TYPE_CHECKING
 
 from udp_tunnel.addr import show
-from udp_tunnel.core import Datagram, TokenBucket
+from udp_tunnel.core.common import Datagram, TokenBucket
 
 if TYPE_CHECKING:
-    from udp_tunnel.outside import Tunnel
+    from udp_tunnel.core.outside import Tunnel
 
 # A new client's first datagrams wait here when no spare tunnel is ready (or while
 # this agent, just restarted, waits for the active tunnels to come back).

@@ -33,13 +33,12 @@ import socket
 import time
 from collections import Counter
 
-from udp_tunnel import proto
 from udp_tunnel.addr import show
-from udp_tunnel.admission import CHALLENGE_GLOBAL, HOLD_CLIENTS, INF, Admission, Pending, Source, source_key
-from udp_tunnel.core import Activity, CoreError, Datagram, Flow, ReplayWindow, TokenBucket, leg
-from udp_tunnel.log import Log
-from udp_tunnel.proto import Control, ControlError
-from udp_tunnel.wireguard import DOWN_LENS, Gate
+from udp_tunnel.core.admission import CHALLENGE_GLOBAL, HOLD_CLIENTS, INF, Admission, Pending, Source, source_key
+from udp_tunnel.core.common import Activity, CoreError, Datagram, Flow, Logger, ReplayWindow, TokenBucket, leg
+from udp_tunnel.core.wireguard import DOWN_LENS, Gate
+from udp_tunnel.wire import proto
+from udp_tunnel.wire.proto import Control, ControlError
 
 SESSIONS = 256  # inside sessions remembered
 class State(enum.Enum):
@@ -88,7 +87,7 @@ class Tunnel:
 
 class OutsideCore(Admission):
     def __init__(self, *, secret: bytes, keepalive: float, max_clients: int,
-                 family: int, now: float, log: Log, legacy: bool = False,
+                 family: int, now: float, log: Logger, legacy: bool = False,
                  max_skew: float = 120.0, max_per_source: int = 0, random_bytes=os.urandom,
                  wall=time.time, wireguard: Gate | None = None) -> None:
         self.legacy = legacy
