@@ -13,10 +13,9 @@ import os
 import random
 import socket
 
-from udp_tunnel.core.inside import ACTIVE, Close, InsideCore, OpenService, Resolve, Send, ToService
+from udp_tunnel.core.inside import ACTIVE, Close, InsideCore, OpenService, OpenTunnel, Resolve, Send, ToService
 from udp_tunnel.core.outside import OutsideCore
 from udp_tunnel.ops.log import DEBUG, Log
-from udp_tunnel.wire import proto
 
 
 def v6(ip: str, port: int) -> tuple:
@@ -48,12 +47,13 @@ class Sim:
         self.service_rx: list[tuple[int, bytes]] = []
         self.received: dict[tuple, list[bytes]] = {}  # datagrams from the outside core, by address
         self.wire: list[tuple[bytes, tuple, str]] = []  # (data, address, "up"|"down")
+        self.forwarded: list[tuple[bytes, tuple]] = []  # what the outside loop forwarded itself
         self.resolves = 0  # times the inside asked to look the outside's name up again
         self.up = True  # False: the network between the agents drops everything
         self.lose_up: set[int] = set()  # tunnels whose datagrams to the outside are lost
         self.nat_timeout = nat_timeout  # the NAT forgets a mapping idle this long (None: never)
         self.last_use: dict[int, float] = {}
-        self.route_seen: tuple = (None, 0, {})  # the outside core, its routes_changed and route, last looked at
+        self.route_seen: tuple = (None, 0, {})  # the outside core, its routes' version and flows, last looked at
         self.inside.start(now)
         self.pump()
 
@@ -92,19 +92,19 @@ class Sim:
             self.public[tid], self.by_public[addr] = addr, tid
         return self.public[tid]
 
-    def _check_route_counter(self) -> None:
-        """The loop caches `route` until `routes_changed` moves: any change must move it."""
+    def _check_route_version(self) -> None:
+        """The loop caches routes until their version moves: any change must move it."""
         o = self.outside
-        fp = {a: (id(f), f.dst) for a, f in o.route.items()}
+        fp = {a: (id(f), f.dst) for a, f in o.routes.items()}
         core, seen, old = self.route_seen
-        if core is o and fp != old and o.routes_changed == seen:
-            raise AssertionError("route changed without routes_changed")
-        self.route_seen = (o, o.routes_changed, fp)
+        if core is o and fp != old and o.routes.version == seen:
+            raise AssertionError("routes changed without a new version")
+        self.route_seen = (o, o.routes.version, fp)
 
     def pump(self) -> None:
         for _ in range(1000):
             acts, out = self.inside.take(), self.outside.take()
-            if not acts and not out:
+            if not acts and not out and not self.forwarded:
                 return
             for a in acts:
                 kind = type(a)
@@ -114,7 +114,7 @@ class Sim:
                     self.last_use[a.tid] = self.now
                     self.wire.append((a.data, addr, "up"))
                     if self.up and a.tid not in self.lose_up:
-                        self.outside.receive(a.data, addr, self.now)
+                        self.to_outside(a.data, addr)
                 elif kind is OpenService:
                     self.service_socket.add(a.tid)
                 elif kind is ToService:
@@ -125,24 +125,41 @@ class Sim:
                     self.resolves += 1
             self.outside.check_invariants()
             self.inside.check_invariants(self.service_socket)
-            self._check_route_counter()
-            for data, addr in out:
-                self.wire.append((data, addr, "down"))
-                tid = self.by_public.get(addr)
-                if tid is not None and self._expire(tid):
-                    continue  # the mapping is gone: lost
-                if tid is not None:
-                    self.last_use[tid] = self.now
-                if tid is None or tid not in self.inside.tunnels:
-                    self.received.setdefault(addr, []).append(data)
-                elif self.up:
-                    self.deliver_to_inside(tid, data)
+            self._check_route_version()
+            for data, addr in out + self.forwarded:
+                self._down(data, addr)
+            self.forwarded.clear()
         raise AssertionError("the cores keep talking without end")
+
+    def _down(self, data: bytes, addr: tuple) -> None:
+        """A datagram the outside agent sends to addr."""
+        self.wire.append((data, addr, "down"))
+        tid = self.by_public.get(addr)
+        if tid is not None and self._expire(tid):
+            return  # the mapping is gone: lost
+        if tid is not None:
+            self.last_use[tid] = self.now
+        if tid is None or tid not in self.inside.tunnels:
+            self.received.setdefault(addr, []).append(data)
+        elif self.up:
+            self.deliver_to_inside(tid, data)
+
+    def to_outside(self, data: bytes, src: tuple) -> None:
+        """What the outside loop does with a datagram from src: a known flow's data it forwards
+        itself (counting into the flow), everything else goes to the core."""
+        o = self.outside
+        f = o.routes.get(src)
+        if f is not None and not o.rule.core_sees(data):
+            f.pkts += 1
+            f.bytes += len(data)
+            self.forwarded.append((data, f.dst))
+        else:
+            o.receive(data, src, self.now)
 
     def deliver_to_inside(self, tid: int, data: bytes) -> None:
         """What the inside loop does with a datagram on tunnel tid's socket."""
         t = self.inside.tunnels[tid]
-        if tid in self.service_socket and t.state == ACTIVE and not (not self.legacy and proto.is_control(data)):
+        if tid in self.service_socket and t.state == ACTIVE and not self.inside.rule.core_sees(data):
             self.service_rx.append((tid, data))
             t.rx.pkts += 1
             t.rx.bytes += len(data)
@@ -151,13 +168,14 @@ class Sim:
 
     def send(self, data: bytes, src: tuple) -> None:
         """A datagram arrives at the outside agent from src (client or attacker)."""
-        self.outside.receive(data, src, self.now)
+        self.to_outside(data, src)
         self.pump()
 
     def reply(self, tid: int, data: bytes) -> None:
         """The service answers on tunnel tid's service socket."""
         t = self.inside.tunnels[tid]
         t.tx.pkts += 1
+        t.tx.bytes += len(data)
         self.send(data, self._public(tid))
 
     def advance(self, seconds: float, step: float = 0.25) -> None:
@@ -172,3 +190,25 @@ class Sim:
 
     def registered_spares(self) -> int:
         return len(self.outside.spares)
+
+
+def register_tunnel(outside: OutsideCore, addr: tuple, now: float, key: bytes = b"k") -> InsideCore:
+    """An inside core whose first tunnel registers at `outside` from public address `addr`
+    through the real protocol (keepalive, challenge, answer); its other tunnels' datagrams are
+    lost. The tunnel is then the outside's freshest spare."""
+    inside = InsideCore(secret=key, keepalive=outside.keepalive, timeout=60, spares=1, max_clients=10,
+                        now=now, log=Log(DEBUG, io.StringIO()))
+    inside.start(now)
+    tid = None
+    for _ in range(20):
+        for a in inside.take():
+            if type(a) is OpenTunnel and tid is None:
+                tid = a.tid
+            elif type(a) is Send and a.tid == tid:
+                outside.receive(a.data, addr, now)
+        for data, dst in outside.take():
+            if dst == addr:
+                inside.receive(tid, data, now)
+        if inside.tunnels[tid].registered:
+            return inside
+    raise AssertionError("the tunnel did not register")

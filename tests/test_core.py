@@ -9,6 +9,7 @@ import pytest
 
 from sim import Sim, v6
 from udp_tunnel.core.inside import ACTIVE, SPARE
+from udp_tunnel.core.keys import GRACE
 from udp_tunnel.wire import proto
 
 CLIENT_A = v6("198.51.100.10", 5000)
@@ -87,17 +88,17 @@ def test_outside_expires_tunnels_whose_keepalives_stop():
     sim.advance(24)
     assert len(sim.outside.tunnels) == 5  # 1 active, 4 spares (the pool follows demand)
     sim.advance(2)  # 2 * keepalive + 5 s after the last keepalive
-    assert sim.outside.tunnels == {} and sim.outside.route == {}
+    assert sim.outside.tunnels == {} and len(sim.outside.routes) == 0
 
 
 def test_forged_keepalive_is_dropped_without_answer_or_state():
     sim = Sim()
     forged = proto.Codec(b"wrong key").encode(proto.Control(proto.KEEPALIVE, 0, 1, 2, 3))
-    before = (dict(sim.outside.tunnels), dict(sim.outside.route))
+    before = (dict(sim.outside.tunnels), dict(sim.outside.routes.items()))
     sim.send(forged, ATTACKER)
     assert sim.outside.stats["drop_auth"] == 1
     assert ATTACKER not in sim.received
-    assert (dict(sim.outside.tunnels), dict(sim.outside.route)) == before
+    assert (dict(sim.outside.tunnels), dict(sim.outside.routes.items())) == before
 
 
 @pytest.mark.parametrize("data", [b"UDPT", b"UDPT" + bytes(proto.CTRL_LEN - 5), bytes(proto.CTRL_LEN),
@@ -213,7 +214,7 @@ def test_client_limit_holds_against_a_flood_of_source_ports():
         sim.send(b"flood", v6("192.0.2.99", port))
     assert len(sim.outside.clients) <= 10
     assert len(sim.inside.tunnels) <= 10 + 2
-    assert len(sim.outside.route) <= 2 * 10
+    assert len(sim.outside.routes) <= 2 * 10
     assert sim.outside.stats["drop_no_spare"] + sim.outside.stats["drop_limit"] == 5000 - 10
     sim.send(b"still", v6("192.0.2.99", 20000))  # an existing client goes on
     assert sim.service_rx[-1][1] == b"still"
@@ -232,7 +233,7 @@ def test_wrong_key_on_the_inside_never_registers():
     assert sim.registered_spares() == 0
     assert sim.outside.stats["drop_auth"] >= 2
     sim.send(b"x", CLIENT_A)
-    assert sim.service_rx == [] and CLIENT_A in sim.outside.pending  # held for a spare...
+    assert sim.service_rx == [] and CLIENT_A in sim.outside.admission.pending  # held for a spare...
     sim.advance(4)
     assert sim.service_rx == [] and sim.outside.stats["drop_hold_expired"] == 1  # ...that never came
 
@@ -281,7 +282,7 @@ def test_legacy_outside_takes_c_keepalives_and_refuses_replays_and_old_captures(
     fresh.receive(legacy_ka(b"secret", wall_ms - 3_600_000), ATTACKER, sim.now)
     assert ATTACKER not in fresh.by_addr and fresh.stats["drop_clock"] == 1
     fresh.receive(legacy_ka(b"wrong", wall_ms + 20), ATTACKER, sim.now)  # not verified: data from a new client
-    assert ATTACKER not in fresh.by_addr and ATTACKER in fresh.pending
+    assert ATTACKER not in fresh.by_addr and ATTACKER in fresh.admission.pending
 
 
 def test_legacy_end_to_end_through_both_cores():
@@ -320,7 +321,7 @@ def test_restarted_outside_holds_new_clients_until_announced_active_tunnels_are_
     sim.pump()
     assert o.spares and o.recovering
     sim.send(b"new", CLIENT_B)
-    assert CLIENT_B in o.pending and CLIENT_B not in o.clients  # held, not given a spare yet
+    assert CLIENT_B in o.admission.pending and CLIENT_B not in o.clients  # held, not given a spare yet
     sim.lose_up = set()
     sim.advance(26)  # the active tunnel is back: the held datagram goes on, to a fresh spare
     assert CLIENT_B in o.clients and sim.service_rx[-1][1] == b"new" and sim.service_rx[-1][0] != ta
@@ -414,18 +415,18 @@ def test_keys_rotated_70_s_apart_lose_no_client_datagram_and_end_all_under_the_n
     sim = Sim(keepalive=25, key=b"old")
     sim.send(b"a0", CLIENT_A)
     ta = sim.service_rx[-1][0]
-    sim.inside.rekey([b"new", b"old"], sim.now)  # home reloaded first (the old key kept for a while)
+    sim.inside.reload_keys(b"new", sim.now)  # home reloaded first (the old key kept for a while)
     sent = 0
     for step in range(140):  # 70 s, a datagram every 0.5 s, then the VPS reloads
         if step == 70:
-            sim.outside.rekey([b"new", b"old"], sim.now)
+            sim.outside.reload_keys(b"new", sim.now)
         sim.send(b"a%d" % step, CLIENT_A)
         sent += 1
         sim.advance(0.5)
     assert [d for tid, d in sim.service_rx if tid == ta][-sent:] == [b"a%d" % i for i in range(140)]
     sim.advance(30)
     assert all(t.key == 0 for t in sim.outside.tunnels.values())  # every tunnel on the new key
-    sim.outside.rekey([b"new"], sim.now, reregister=False)  # the old key is forgotten
+    sim.advance(GRACE)  # the old key is forgotten
     sim.send(b"c1", CLIENT_B)
     assert sim.service_rx[-1][1] == b"c1"
 
@@ -433,9 +434,9 @@ def test_keys_rotated_70_s_apart_lose_no_client_datagram_and_end_all_under_the_n
 def test_a_spare_registered_under_the_old_key_takes_no_client_after_the_rotation():
     sim = Sim(keepalive=25, key=b"old")
     spares_before = set(sim.outside.spares)
-    sim.outside.rekey([b"new", b"old"], sim.now)
+    sim.outside.reload_keys(b"new", sim.now)
     assert not set(sim.outside.spares) & spares_before
-    sim.inside.rekey([b"new", b"old"], sim.now)
+    sim.inside.reload_keys(b"new", sim.now)
     sim.pump()
     sim.send(b"c1", CLIENT_B)
     tid = sim.service_rx[-1][0]
@@ -525,7 +526,7 @@ def test_a_spare_that_missed_its_keepalive_is_not_handed_out_until_it_registers_
     sim.advance(40)
     assert sim.outside.spares  # still registered at the outside...
     sim.send(b"new", CLIENT_A)
-    assert CLIENT_A in sim.outside.pending and sim.service_rx == []  # ...but not handed out
+    assert CLIENT_A in sim.outside.admission.pending and sim.service_rx == []  # ...but not handed out
     sim.lose_up = set()
     sim.advance(30)  # its next keepalive gets through: fresh again
     sim.send(b"again", CLIENT_A)

@@ -186,7 +186,7 @@ def outside_loop(family: int, lib=None):
     """An outside loop on a real socket around a real core whose routes the test sets, and
     whose receive() only records what reached it."""
     from udp_tunnel.core.outside import OutsideCore
-    from udp_tunnel.io.loop import OutsideLoop
+    from udp_tunnel.io.outside import FastOutsideLoop
     from udp_tunnel.ops.log import INFO, Log
 
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
@@ -196,16 +196,13 @@ def outside_loop(family: int, lib=None):
     core = OutsideCore(secret=b"k", keepalive=5, max_clients=10, family=family, now=time.monotonic(), log=log)
     got: list = []
     core.receive = lambda data, src, now: got.append((data, src[:2]))
-    loop = OutsideLoop(core, sock, log)
-    if lib is not None:
-        loop.ring.lib = lib
+    loop = FastOutsideLoop(core, sock, log, lib or fastio.load())
     return loop, core, got
 
 
 def route(core, src: socket.socket, dst: socket.socket) -> None:
-    from udp_tunnel.core.common import Flow
-    core.route[src.getsockname()] = Flow(dst.getsockname())
-    core.routes_changed += 1
+    """src's datagrams go to dst (the route table's own method: it moves the version)."""
+    core.routes.bind(src.getsockname(), dst.getsockname())
 
 
 def drain(s: socket.socket) -> list[bytes]:
@@ -233,19 +230,21 @@ def test_the_outside_batch_goes_on_in_place_in_order_with_runs_control_and_stran
         route(core, b, t2)
         dst = loop.sock.getsockname()
         sent = [(a, bytes([1]) * 100), (a, bytes([2]) * 100), (a, bytes([3]) * 100), (b, bytes([4]) * 100),
-                (a, bytes([5]) * 100), (a, bytes([6]) * 130), (a, b"C" * proto.CTRL_LEN), (stranger, b"new"),
+                (a, bytes([5]) * 100), (a, bytes([6]) * 130), (a, proto.MAGIC + b"C" * (proto.CTRL_LEN - 4)),
+                (a, b"D" * proto.CTRL_LEN), (stranger, b"new"),
                 (a, bytes([7]) * 100), (b, bytes([8]) * 100), (b, bytes([9]) * 100), (a, b""), (a, b"")]
         for s, data in sent:
             s.sendto(data, dst)
         time.sleep(0.05)
         loop._recv_batch(fastio.MSG_DONTWAIT)
         time.sleep(0.05)
-        assert drain(t1) == [d for s, d in sent if s is a and len(d) != proto.CTRL_LEN]
+        control = proto.MAGIC + b"C" * (proto.CTRL_LEN - 4)  # the core's; 120 bytes without the magic are data
+        assert drain(t1) == [d for s, d in sent if s is a and d != control]
         assert drain(t2) == [d for s, d in sent if s is b]
-        assert got == [(b"C" * proto.CTRL_LEN, a.getsockname()[:2]), (b"new", stranger.getsockname()[:2])]
-        assert core.route[a.getsockname()].pkts == 8 and core.route[b.getsockname()].pkts == 3
-        # the route moves: the next batch follows it
-        route(core, a, t2)
+        assert got == [(control, a.getsockname()[:2]), (b"new", stranger.getsockname()[:2])]
+        assert core.routes.get(a.getsockname()).pkts == 9 and core.routes.get(b.getsockname()).pkts == 3
+        # the route moves (NAT rebinding of a's tunnel): the next batch follows it
+        core.routes.move_tunnel(a.getsockname(), t1.getsockname(), t2.getsockname())
         a.sendto(b"moved", dst)
         time.sleep(0.05)
         loop._recv_batch(fastio.MSG_DONTWAIT)

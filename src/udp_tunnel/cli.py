@@ -296,6 +296,22 @@ def state_path(given: str | None, name: str) -> str | None:
     return agent_path(given, name, "STATE_DIRECTORY", "outside.state", ".state")
 
 
+def remember(core, path: str | None, log: Log, now: float) -> None:
+    """The outside agent starts: the tunnels its previous run knew (the state file) are asked
+    to register again at once."""
+    if not path:
+        return
+    from udp_tunnel.wire import statefile
+    try:
+        entries = statefile.load(path)
+    except ValueError as e:
+        log.warning(f"{e}: tunnels register again at their next keepalive")
+        return
+    if entries:
+        log.info(f"asking the {len(entries)} tunnel(s) of the previous run to register again")
+        core.remembered(entries, now)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -322,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(a: argparse.Namespace) -> int:
     from udp_tunnel.core.inside import InsideCore
     from udp_tunnel.core.outside import OutsideCore
-    from udp_tunnel.io.loop import InsideLoop, OutsideLoop
+    from udp_tunnel.io.inside import inside_loop
+    from udp_tunnel.io.outside import outside_loop
     from udp_tunnel.ops import metrics, status
 
     role = check(a)
@@ -352,7 +369,8 @@ def run(a: argparse.Namespace) -> int:
         except OSError as e:
             sock.close()
             raise StartError(f"{e.strerror or e} (or --state-file PATH)") from None
-        loop = OutsideLoop(core, sock, log, state_path=state, reload_key=reload_key)
+        remember(core, state, log, now)
+        loop = outside_loop(core, sock, log, state_path=state, reload_key=reload_key)
         where = show(sock.getsockname())
         if fam == socket.AF_INET6 and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
             where += " (IPv4 and IPv6)"
@@ -369,8 +387,8 @@ def run(a: argparse.Namespace) -> int:
         core = InsideCore(secret=secret, keepalive=a.keepalive, timeout=a.timeout, spares=a.spares,
                           max_clients=a.max_clients, now=now, log=log, legacy=a.legacy)
         core.start(now)
-        loop = InsideLoop(core, (host, port), outside_addr, service_addr, log,
-                          family=a.family or socket.AF_UNSPEC, reload_key=reload_key)
+        loop = inside_loop(core, (host, port), outside_addr, service_addr, log,
+                           family=a.family or socket.AF_UNSPEC, reload_key=reload_key)
         resolved = show(outside_addr[1])
         info = {"service": show(service_addr[1]),
                 "outside": resolved if resolved == a.outside else f"{a.outside} ({resolved})"}

@@ -63,6 +63,64 @@ def echo_service(sock: socket.socket, seen: set, stop: threading.Event) -> None:
         sock.sendto(data, addr)
 
 
+def run_clients(oport: int, clients_n: int, per_client: int) -> tuple[int, int, list[float]]:
+    """The clients talk through the tunnel: datagrams that came back intact, sent, round trips."""
+    ok = sent = 0
+    rtts: list[float] = []
+    clients = []
+    for _ in range(clients_n):
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c.connect(("127.0.0.1", oport))
+        c.settimeout(3.0)  # the first datagram waits at the outside until a tunnel is ready
+        clients.append(c)
+    deadline = time.monotonic() + 8
+    try:
+        for i, c in enumerate(clients, 1):
+            for m in range(1, per_client + 1):
+                msg = f"client {i} datagram {m}".encode()
+                reply, tries, rtt = exchange(c, msg, deadline)
+                sent += tries
+                rtts.append(rtt)
+                good = reply == msg
+                ok += good
+                if m in (1, per_client):
+                    print(f"client {i} {c.getsockname()[1]} -> {msg.decode()!r} came back "
+                          f"{'intact' if good else 'CHANGED'} in {rtt * 1000:.2f} ms")
+        time.sleep(1.2)  # let the agents log a keepalive round
+    except TimeoutError as e:
+        print(f"demo failed: {e}")
+    finally:
+        for c in clients:
+            c.close()
+    return ok, sent, rtts
+
+
+def exchange(c: socket.socket, msg: bytes, deadline: float) -> tuple[bytes, int, float]:
+    """Send msg until an answer comes (the first waits until a spare tunnel is registered):
+    the answer, the datagrams sent, the last round trip."""
+    tries = 0
+    while True:
+        t0 = time.perf_counter()
+        c.send(msg)
+        tries += 1
+        try:
+            return c.recv(2048), tries, time.perf_counter() - t0
+        except (TimeoutError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no answer through the tunnel") from None
+            time.sleep(0.1)
+
+
+def stop_agents(agents: list[subprocess.Popen]) -> None:
+    for p in agents:
+        p.send_signal(signal.SIGTERM)
+    for p in agents:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def demo(argv: list[str]) -> int:
     if argv:
         print("udp-tunnel: demo takes no arguments (see udp-tunnel --help)", file=sys.stderr)
@@ -84,48 +142,10 @@ def demo(argv: list[str]) -> int:
     agents = [start_agent("outside", ["-l", f"127.0.0.1:{oport}", "-t", "1", *quiet], env),
               start_agent("inside", ["-s", f"127.0.0.1:{sport}", "-o", f"127.0.0.1:{oport}", "-t", "1", *quiet],
                           env)]
-    ok = sent = 0
-    rtts: list[float] = []
     try:
-        clients = []
-        for _ in range(clients_n):
-            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            c.connect(("127.0.0.1", oport))
-            c.settimeout(3.0)  # the first datagram waits at the outside until a tunnel is ready
-            clients.append(c)
-        deadline = time.monotonic() + 8
-        for i, c in enumerate(clients, 1):
-            for m in range(1, per_client + 1):
-                msg = f"client {i} datagram {m}".encode()
-                while True:  # the first datagram waits until a spare tunnel is registered
-                    t0 = time.perf_counter()
-                    c.send(msg)
-                    sent += 1
-                    try:
-                        reply = c.recv(2048)
-                    except (TimeoutError, ConnectionRefusedError):
-                        if time.monotonic() > deadline:
-                            raise TimeoutError("no answer through the tunnel") from None
-                        time.sleep(0.1)
-                        continue
-                    break
-                rtts.append(time.perf_counter() - t0)
-                good = reply == msg
-                ok += good
-                if m in (1, per_client):
-                    print(f"client {i} {c.getsockname()[1]} -> {msg.decode()!r} came back "
-                          f"{'intact' if good else 'CHANGED'} in {rtts[-1] * 1000:.2f} ms")
-        time.sleep(1.2)  # let the agents log a keepalive round
-    except TimeoutError as e:
-        print(f"demo failed: {e}")
+        ok, sent, rtts = run_clients(oport, clients_n, per_client)
     finally:
-        for p in agents:
-            p.send_signal(signal.SIGTERM)
-        for p in agents:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_agents(agents)
         stop.set()
     total = clients_n * per_client
     print(f"\nsummary: {ok}/{total} datagrams came back intact ({sent - total} resent while the "

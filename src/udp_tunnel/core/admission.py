@@ -1,5 +1,9 @@
 """Who takes a tunnel at the outside agent: new clients, their source's limits, and the
-first datagrams held while no spare is ready (a part of OutsideCore, kept here by its job).
+first datagrams held while no spare is ready.
+
+`Admission` owns the held clients, the per-source records and the challenge
+budget; the tunnels are its core's (outside.py), which it asks through a few
+named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`.
 
 - A new client takes the spare with the freshest keepalive and its first datagram goes
   down at once. With no spare ready (or while a restarted outside waits for the active
@@ -15,13 +19,11 @@ first datagrams held while no spare is ready (a part of OutsideCore, kept here b
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from collections import Counter
+from typing import Any
 
 from udp_tunnel.addr import show
 from udp_tunnel.core.common import Datagram, TokenBucket
-
-if TYPE_CHECKING:
-    from udp_tunnel.core.outside import Tunnel
 
 # A new client's first datagrams wait here when no spare tunnel is ready (or while
 # this agent, just restarted, waits for the active tunnels to come back).
@@ -56,10 +58,20 @@ class Source:
     def __init__(self, key, now: float, burst: float, limit: int) -> None:
         self.key = key
         self.challenges = TokenBucket(CHALLENGE_RATE, burst, now)
-        self.unanswered: list[Tunnel] = []
+        self.unanswered: list = []  # of the core's tunnels
         self.pending = 0
         self.bound = 0  # tunnels its clients hold
         self.limit = limit
+
+    def take(self, t: Any) -> None:
+        """Tunnel t is bound to a client from here."""
+        self.unanswered.append(t)
+        self.bound += 1
+
+    def leave(self, t: Any) -> None:
+        self.bound -= 1
+        if t in self.unanswered:
+            self.unanswered.remove(t)
 
     def busy(self) -> bool:
         return self.bound > 0 or self.pending > 0
@@ -94,13 +106,25 @@ def source_key(addr: tuple):
 
 
 class Admission:
-    """OutsideCore's methods for new clients; the tables they use are OutsideCore's."""
+    """New clients of one outside core: held, limited per source, bound to spares."""
 
-    def _source(self, addr: tuple, now: float) -> Source:
+    def __init__(self, core: Any, now: float, burst: float, max_per_source: int, wg: Any) -> None:
+        self.core = core
+        self.burst = burst  # a source's challenge burst
+        self.max_per_source = max_per_source
+        self.pending: dict[tuple, Pending] = {}  # in order of arrival
+        self.pending_bytes = 0
+        self.sources: dict = {}  # source key -> Source, least recently used first
+        self.challenges = TokenBucket(CHALLENGE_GLOBAL, CHALLENGE_GLOBAL, now)
+        self.poll_at = INF  # while clients are held: look at them again then
+        self.wg = wg  # WireGuard mode (wireguard.Gate), or None
+        self.wg_log_at = 0.0
+
+    def source(self, addr: tuple, now: float) -> Source:
         key = source_key(addr)
         s = self.sources.pop(key, None)
         if s is None:
-            s = Source(key, now, float(self.max_tunnels), self.max_per_source)
+            s = Source(key, now, self.burst, self.max_per_source)
             for _ in range(8):  # forget the least recently used source that holds nothing
                 if len(self.sources) < SOURCES:
                     break
@@ -111,83 +135,91 @@ class Admission:
         self.sources[key] = s
         return s
 
-    def _new_client(self, data: bytes, addr: tuple, now: float) -> None:
+    def may_challenge(self, addr: tuple, now: float) -> bool:
+        """Within the budgets of `addr`'s source and of all sources."""
+        return self.source(addr, now).challenges.take(now) and self.challenges.take(now)
+
+    def new_client(self, data: bytes, addr: tuple, now: float) -> None:
+        """A datagram from a source that is no client and no tunnel."""
+        core = self.core
         p = self.pending.get(addr)
         if p is None and self.wg is not None and not self._wg_admit(data, addr, now):
             return
         if p is None:
-            if len(self.clients) >= self.max_clients:
-                self.stats["drop_limit"] += 1
-                self.log.limited("limit", f"client limit ({self.max_clients}) reached: "
+            if len(core.clients) >= core.max_clients:
+                core.stats["drop_limit"] += 1
+                core.log.limited("limit", f"client limit ({core.max_clients}) reached: "
                                  f"dropping datagrams of new client {show(addr)}")
                 return
-            src = self._source(addr, now)
-            spare = self._ready_spare(now)
-            if spare is not None and not src.blocked() and self._recovered(now):
-                self._bind(spare, addr, src, now)
-                self._forward_first(addr, data)
+            src = self.source(addr, now)
+            spare = core.ready_spare(now)
+            if spare is not None and not src.blocked() and core.recovered(now):
+                core.bind(spare, addr, src, now)
+                core.forward(addr, data)
                 return
             p = self._hold(addr, src, now)
             if p is None:
                 return
         if len(p.datagrams) >= HOLD_DATAGRAMS or p.size + len(data) > HOLD_BYTES \
                 or self.pending_bytes + len(data) > HOLD_TOTAL_BYTES:
-            self.stats["drop_hold_full"] += 1
+            core.stats["drop_hold_full"] += 1
             return
         p.datagrams.append(data)
         p.size += len(data)
         self.pending_bytes += len(data)
-        self.stats["held"] += 1
-        if self.spares and self._ready_spare(now) is not None:  # a spare came up since: go now
-            self._serve_pending(now)
+        core.stats["held"] += 1
+        if core.ready_spare(now) is not None:  # a spare came up since: go now
+            self.serve(now)
 
     def _wg_admit(self, data: bytes, addr: tuple, now: float) -> bool:
         """WireGuard hook: only a valid handshake initiation takes a tunnel; transport data of a
         known session from a new address is its client roaming. Before any other check, so that
         junk is counted as such, never held and never logged as a missing spare."""
+        core = self.core
         tid = self.wg.roaming(data)
-        if tid is not None and tid in self.tunnels:
-            self._wg_roam(self.tunnels[tid], data, addr, now)
+        if tid is not None and tid in core.tunnels:
+            self._wg_roam(core.tunnels[tid], data, addr, now)
             return False
         why = self.wg.admit_new(data)
         if why is None:
             return True
-        self.stats["drop_wg_" + why] += 1
+        core.stats["drop_wg_" + why] += 1
         if now >= self.wg_log_at:  # scans are routine on a public host: a line per 10 s at most
             self.wg_log_at = now + 10.0
-            self.log.info(f"refusing datagrams from new sources that are not valid WireGuard "
+            core.log.info(f"refusing datagrams from new sources that are not valid WireGuard "
                           f"handshakes, e.g. from {show(addr)}: {WG_REASONS[why]} (counts in status)")
         return False
 
-    def _wg_roam(self, t: Tunnel, data: bytes, addr: tuple, now: float) -> None:
+    def _wg_roam(self, t: Any, data: bytes, addr: tuple, now: float) -> None:
         """WireGuard: transport data of tunnel t's session from `addr`, a new address.
 
         The datagram goes up the tunnel (WireGuard authenticates it; the server sees it on the
         same service socket as before). The client binding moves to `addr` once the bound
         address has been silent for wireguard.ROAM_QUIET s, so a client still sending from its
         address can't have its tunnel taken by someone who saw its index."""
+        core = self.core
         if t.client is None:  # not bound (yet, or any more)
-            self.stats["drop_wg_unknown_session"] += 1
+            core.stats["drop_wg_unknown_session"] += 1
             return
         idle_since = (t.up_act.last or t.created) if t.up.pkts == t.up_act.seen else None
         if self.wg.may_move(t.tid, t.up.pkts, idle_since, now):
             old = t.client
-            self._move_client(t, addr, now)
+            core.move_client(t, addr, self.source(addr, now))
             self.wg.moved(t.tid)
-            self.stats["wg_roams"] += 1
-            self.log.info(f"WireGuard client of tunnel {t.tid:016x} roamed from {show(old)} to {show(addr)}")
+            core.stats["wg_roams"] += 1
+            core.log.info(f"WireGuard client of tunnel {t.tid:016x} roamed from {show(old)} to {show(addr)}")
             t.up.pkts += 1
             t.up.bytes += len(data)
         else:
-            self.stats["wg_roam_waits"] += 1
+            core.stats["wg_roam_waits"] += 1
             # forwarded, but not on the bound flow's count, which tells whether the bound address is silent
-            self.retired.update(datagrams_in=1, bytes_in=len(data))
-        self.out.append(Datagram(data, t.addr))
+            core.retired.update(datagrams_in=1, bytes_in=len(data))
+        core.out.append(Datagram(data, t.addr))
 
     def _hold(self, addr: tuple, src: Source, now: float) -> Pending | None:
         if len(self.pending) >= HOLD_CLIENTS or src.pending >= HOLD_PER_SOURCE:
-            self.stats["drop_hold_full"] += 1
-            self.log.limited("holdfull", f"too many new clients waiting for a tunnel: dropping "
+            self.core.stats["drop_hold_full"] += 1
+            self.core.log.limited("holdfull", f"too many new clients waiting for a tunnel: dropping "
                              f"datagrams of {show(addr)}")
             return None
         p = self.pending[addr] = Pending(addr, src, now)
@@ -195,47 +227,58 @@ class Admission:
         self.poll_at = min(self.poll_at, now + POLL)
         return p
 
-    def _ready_spare(self, now: float) -> Tunnel | None:
-        """The spare with the freshest keepalive, unless even that one missed its last
-        keepalive (its NAT mapping may be gone) or idles on purpose (a probe)."""
-        for tid in reversed(self.spares):
-            t = self.spares[tid]
-            if now - t.last_ka > 1.2 * t.interval + 1.0:
-                return None  # the rest are older still
-            if not t.probe:
-                return t
-        return None
-
-    def _forward_first(self, addr: tuple, data: bytes) -> None:
-        f = self.route[addr]
-        self.out.append(Datagram(data, f.dst))
-        f.pkts += 1
-        f.bytes += len(data)
-
-    def _serve_pending(self, now: float) -> None:
+    def serve(self, now: float) -> None:
         """Bind held clients, in order of arrival, to spares; drop those held too long."""
         if not self.pending:
             self.poll_at = INF
             return
+        core = self.core
         self.poll_at = now + POLL  # clients blocked by their source's limit wait for answers
-        recovered = self._recovered(now)
+        recovered = core.recovered(now)
         for addr in list(self.pending):
             p = self.pending[addr]
             if now - p.since > HOLD_TIME:
-                self._unhold(p)
-                self.stats["drop_hold_expired"] += len(p.datagrams)
-                self.log.limited("holdexp", f"new client {show(addr)} waited {HOLD_TIME:g} s for a "
+                self.unhold(p)
+                core.stats["drop_hold_expired"] += len(p.datagrams)
+                core.log.limited("holdexp", f"new client {show(addr)} waited {HOLD_TIME:g} s for a "
                                  "tunnel: dropped (is the inside agent running and registered?)")
                 continue
-            spare = self._ready_spare(now) if recovered else None
+            spare = core.ready_spare(now) if recovered else None
             if spare is None or p.src.blocked():
                 continue  # look at the rest for expiry only
-            self._unhold(p)
-            self._bind(spare, addr, p.src, now)
+            self.unhold(p)
+            core.bind(spare, addr, p.src, now)
             for d in p.datagrams:  # in order, before anything newer from this client
-                self._forward_first(addr, d)
+                core.forward(addr, d)
 
-    def _unhold(self, p: Pending) -> None:
+    def release(self, addr: tuple) -> Pending | None:
+        """The held client at `addr`, no longer held (its datagrams are the caller's)."""
+        p = self.pending.get(addr)
+        if p is not None:
+            self.unhold(p)
+        return p
+
+    def check(self, core: Any) -> list[str]:
+        """What of the invariants about held clients and sources does not hold."""
+        bad = []
+        if set(self.pending) & (set(core.clients) | set(core.by_addr)):
+            bad.append("a held client is known")
+        if self.pending_bytes != sum(p.size for p in self.pending.values()):
+            bad.append("held bytes")
+        if len(self.pending) > HOLD_CLIENTS:
+            bad.append("too many held clients")
+        held = Counter(id(p.src) for p in self.pending.values())
+        bound_by = Counter(id(t.src) for t in core.clients.values())
+        for s in self.sources.values():
+            if s.pending != held[id(s)]:
+                bad.append("source pending count")
+            if s.bound != bound_by[id(s)]:
+                bad.append("source tunnel count")
+            if not all(t.src is s and core.clients.get(t.client) is t for t in s.unanswered):
+                bad.append("source lists a tunnel that is gone")
+        return bad
+
+    def unhold(self, p: Pending) -> None:
         del self.pending[p.addr]
         p.src.pending -= 1
         self.pending_bytes -= p.size

@@ -3,10 +3,15 @@
 The I/O loop owns the sockets: per tunnel one socket connected to the
 outside agent and, once a client uses the tunnel, one connected to the
 service. It forwards data of active tunnels itself, counting into the
-tunnel's meters (`rx`: from the outside to the service, `tx`: back), and
-hands over control datagrams and the first data on a spare (`receive`) and
-the time (`on_timer`, due at `next_timer()`). The core answers with the
-actions below, in `actions`.
+tunnel's meters (`rx`: from the outside to the service, `tx`: back).
+
+What the I/O loop may use (nothing else):
+- `receive(tid, data, now)`: a datagram on a tunnel socket that `rule`
+  (classify.Classifier) says is the core's, or any datagram on a tunnel without
+  a service socket yet;
+- `take()`: the actions below, to carry out in order; `has_output()`;
+- `next_timer()` / `on_timer(now)`; `reload_keys(secret, now)` (SIGHUP);
+- `socket_failed(tid)`, `on_resolved(changed, now)`, `shutdown(now)`, `snapshot(now)`.
 
 Tables and their invariants (`check_invariants()` asserts every one):
 - every tunnel is SPARE or ACTIVE; `active` counts the ACTIVE ones;
@@ -25,8 +30,10 @@ from collections import Counter, deque
 from typing import NamedTuple
 
 from udp_tunnel.addr import show
+from udp_tunnel.core.classify import Kind, inside_rule
 from udp_tunnel.core.common import Activity, CoreError, Logger, Meter, leg
 from udp_tunnel.core.keepalive import MIN_INTERVAL, Learner
+from udp_tunnel.core.keys import GRACE, KeySet
 from udp_tunnel.wire import proto
 from udp_tunnel.wire.proto import Control, ControlError
 
@@ -120,9 +127,8 @@ class InsideCore:
                  max_clients: int, now: float, log: Logger, legacy: bool = False,
                  random_bytes=os.urandom, wall=time.time) -> None:
         self.legacy = legacy
-        self.secrets = proto.key_list(secret)
-        self.password = self.secrets[0]
-        self.codec = proto.Codec(*self.secrets)
+        self.keys = KeySet(secret)
+        self.rule = inside_rule(legacy)
         self.random_bytes = random_bytes
         self.wall = wall
         self.session = int.from_bytes(random_bytes(8), "big")
@@ -240,10 +246,10 @@ class InsideCore:
     def _keepalive(self, t: Tunnel, counter: int, flags: int = 0, interval: float = 0.0) -> bytes:
         if self.legacy:
             self.legacy_nonce = max(self.legacy_nonce + 1, int(self.wall() * 1000))
-            return proto.legacy_keepalive(self.password, self.legacy_nonce)
+            return proto.legacy_keepalive(self.keys.current, self.legacy_nonce)
         if t.state is ACTIVE:
             flags |= proto.F_ACTIVE
-        return self.codec.encode(Control(proto.KEEPALIVE, flags, self.session, t.tid, counter, t.cookie,
+        return self.keys.codec.encode(Control(proto.KEEPALIVE, flags, self.session, t.tid, counter, t.cookie,
                                          t.peer, self.active, t.key, interval=round(interval)))
 
     def _send_keepalive(self, t: Tunnel, now: float, probe: float = 0.0) -> None:
@@ -323,7 +329,7 @@ class InsideCore:
 
     def receive(self, tid: int, data: bytes, now: float) -> None:
         """A datagram on tunnel tid's socket that the loop did not forward itself."""
-        if not self.legacy and proto.is_control(data):
+        if self.rule.kind(data) is Kind.CONTROL:
             self._control(tid, data, now)
         else:
             self._data(tid, data, now)
@@ -357,7 +363,7 @@ class InsideCore:
 
     def _verify(self, t: Tunnel, data: bytes) -> Control | None:
         try:
-            m = self.codec.decode(data)
+            m = self.keys.codec.decode(data)
         except ControlError as e:
             self.stats[f"drop_{e.args[0]}"] += 1
             self.log.limited(f"bad-{e.args[0]}", "dropped a control datagram from the outside agent: "
@@ -418,8 +424,8 @@ class InsideCore:
         if t.state is ACTIVE:  # the outside no longer knows its client, or never gave it one
             self.close(t.tid, now, "the outside agent does not know its client")
         else:
-            if len(self.secrets) > 1 and t.answers < 3:  # keys are being rotated: try the other one now
-                t.key = (t.key + 1) % len(self.secrets)
+            if len(self.keys) > 1 and t.answers < 3:  # keys are being rotated: try the other one now
+                t.key = (t.key + 1) % len(self.keys)
                 t.answers += 1
                 self._send_keepalive(t, now)
             self.log.limited("refused", "the outside agent refused a tunnel (at its tunnel limit, "
@@ -449,6 +455,9 @@ class InsideCore:
         t.rx.pkts += 1
         t.rx.bytes += len(data)
 
+    def has_output(self) -> bool:
+        return bool(self.actions)
+
     def take(self) -> list:
         """The actions to carry out, handed over (and forgotten here)."""
         actions, self.actions = self.actions, []
@@ -459,33 +468,36 @@ class InsideCore:
         if changed:
             self._register_all_again(now)
 
-    def rekey(self, secrets: list[bytes], now: float, reregister: bool = True) -> None:
-        """New keys, the current one first (older ones follow while the other end may not
-        have the new one yet): every tunnel registers again at once, with the new key."""
-        self.secrets = secrets
-        self.password = secrets[0]
-        self.codec = proto.Codec(*secrets)
+    def reload_keys(self, secret: bytes, now: float) -> None:
+        """The key file again (SIGHUP): the current key first (a key it replaces is still accepted
+        for keys.GRACE s, while the other end may not have the new one yet); every tunnel
+        registers again at once, with the new key."""
+        kept = self.keys.reload(secret, now)
+        self.log.info("SIGHUP: key file read again" + (f"; the old key is accepted for {GRACE:g} s more"
+                                                         if kept else ""))
         for t in self.tunnels.values():
-            t.key = min(t.key, len(secrets) - 1)
-        if reregister:
-            for t in self.tunnels.values():
-                t.key = 0
-            if not self.legacy:
-                self._register_all_again(now)
+            t.key = 0
+        if not self.legacy:
+            self._register_all_again(now)
 
     # --- time ---
 
     def next_timer(self) -> float:
-        return min(self.next_tick, self.timers[0][0]) if self.timers else self.next_tick
+        t = min(self.next_tick, self.keys.forget_at)
+        return min(t, self.timers[0][0]) if self.timers else t
 
     def on_timer(self, now: float) -> None:
+        if self.keys.expire(now):
+            for t in self.tunnels.values():
+                t.key = min(t.key, len(self.keys) - 1)
+            self.log.info("the old key is no longer accepted")
         timers = self.timers
         while timers and timers[0][0] <= now + 0.05:  # those due within 50 ms go out together
             when, tid = heapq.heappop(timers)
             t = self.tunnels.get(tid)
             if t is not None and t.next_ka == when:  # else: stale (rescheduled or closed)
-                if not t.registered and len(self.secrets) > 1:  # no answer: maybe the other end has the other key
-                    t.key = (t.key + 1) % len(self.secrets)
+                if not t.registered and len(self.keys) > 1:  # no answer: maybe the other end has the other key
+                    t.key = (t.key + 1) % len(self.keys)
                 self._send_keepalive(t, now)
         if now >= self.next_tick:
             self.next_tick = now + TICK

@@ -1,11 +1,14 @@
 """The outside agent's state machine, without any I/O.
 
-The I/O loop forwards datagrams of known flows itself with one lookup in
-`route` (source address -> Flow, whose `dst` is where to send). Everything
-else comes here through `receive()`: control messages, datagrams from
-unknown sources (new clients), and, in legacy mode, every 40-byte datagram.
-What to send is left in `out` as `Datagram`s; `on_timer()` is due at
-`next_timer()`.
+What the I/O loop may use (nothing else):
+- `receive(data, addr, now)`: a datagram the loop does not forward itself (from
+  an unknown source, or one `rule` says the core must see);
+- `take()`: what to send, as `Datagram`s; `has_output()` says whether there is any;
+- `next_timer()` / `on_timer(now)`; `reload_keys(secret, now)` (SIGHUP);
+- `routes` (routes.RouteTable: `get`, `version`): where datagrams of known flows go,
+  read-only; the loop counts what it forwards into the flows (Meters);
+- `rule` (classify.Classifier): which datagrams of known flows are the core's;
+- `snapshot(now)`, and `saved_tunnels()` / `remembered()` across a restart.
 
 Tables and their invariants (`check_invariants()` asserts every one):
 
@@ -14,11 +17,11 @@ Tables and their invariants (`check_invariants()` asserts every one):
 - A tunnel is in exactly one state: SPARE (in `spares`, no client), BOUND
   (its client in `clients`, both directions in `route`) or ORPHAN (the inside
   says it carries a client this agent does not know: never handed out).
-- `route` holds exactly the two flows of every BOUND tunnel: client -> the
+- `routes` holds exactly the two flows of every BOUND tunnel: client -> the
   tunnel's address, the tunnel's address -> the client.
 - No address is both a client's and a tunnel's.
-- `pending` holds new clients waiting for a spare, none of them a client or a
-  tunnel; their datagrams and bytes stay within the HOLD_* bounds.
+- `admission.pending` holds new clients waiting for a spare, none of them a
+  client or a tunnel; their datagrams and bytes stay within the HOLD_* bounds.
 - Per source (an IPv4 address or an IPv6 /64), `Source.unanswered` lists
   BOUND tunnels of that source that may not have had an answer yet.
 - Every tunnel's session is in `sessions`; a session counts its ORPHAN and
@@ -34,9 +37,12 @@ import time
 from collections import Counter
 
 from udp_tunnel.addr import show
-from udp_tunnel.core.admission import CHALLENGE_GLOBAL, HOLD_CLIENTS, INF, Admission, Pending, Source, source_key
-from udp_tunnel.core.common import Activity, CoreError, Datagram, Flow, Logger, ReplayWindow, TokenBucket, leg
-from udp_tunnel.core.wireguard import DOWN_LENS, Gate
+from udp_tunnel.core.admission import Admission, Source, source_key
+from udp_tunnel.core.classify import Kind, outside_rule
+from udp_tunnel.core.common import Activity, CoreError, Datagram, Flow, Logger, ReplayWindow, leg
+from udp_tunnel.core.keys import GRACE, KeySet
+from udp_tunnel.core.routes import RouteTable
+from udp_tunnel.core.wireguard import Gate
 from udp_tunnel.wire import proto
 from udp_tunnel.wire.proto import Control, ControlError
 
@@ -85,15 +91,14 @@ class Tunnel:
         self.down_act: Activity | None = None
 
 
-class OutsideCore(Admission):
+class OutsideCore:
     def __init__(self, *, secret: bytes, keepalive: float, max_clients: int,
                  family: int, now: float, log: Logger, legacy: bool = False,
                  max_skew: float = 120.0, max_per_source: int = 0, random_bytes=os.urandom,
                  wall=time.time, wireguard: Gate | None = None) -> None:
         self.legacy = legacy
-        self.secrets = proto.key_list(secret)
-        self.password = self.secrets[0]
-        self.codec = proto.Codec(*self.secrets)
+        self.keys = KeySet(secret)
+        self.rule = outside_rule(legacy, wireguard is not None)
         self.random_bytes = random_bytes
         self.cookie_secret = random_bytes(32)  # new each start: old cookies die with the process
         self.session = int.from_bytes(random_bytes(8), "big")
@@ -102,84 +107,77 @@ class OutsideCore(Admission):
         # a cookie lives one to two slots: longer than a keepalive interval and a lost one
         self.cookie_slot = max(60.0, self.expiry)
         self.max_clients = max_clients
-        self.max_per_source = max_per_source or max(16, max_clients // 4)
         self.max_tunnels = max_clients + 64
         self.family = family
         self.log = log
         self.max_skew = max_skew
         self.wall = wall
         self.started = now
-        self.route: dict[tuple, Flow] = {}
-        self.routes_changed = 0  # counts changes of `route` and of its flows' dst (the loop caches both)
+        self.routes = RouteTable()
         self.tunnels: dict[int, Tunnel] = {}
         self.by_addr: dict[tuple, Tunnel] = {}
         self.clients: dict[tuple, Tunnel] = {}
         self.spares: dict[int, Tunnel] = {}  # in order of their last keepalive, freshest last
-        self.pending: dict[tuple, Pending] = {}  # in order of arrival
-        self.pending_bytes = 0
-        self.sources: dict = {}  # source key -> Source, least recently used first
         self.sessions: dict[int, Session] = {}
         self.out: list[Datagram] = []
         self.stats: Counter[str] = Counter()
         self.retired: Counter[str] = Counter()  # traffic of tunnels gone, for totals that never drop
-        self.challenges = TokenBucket(CHALLENGE_GLOBAL, CHALLENGE_GLOBAL, now)
         self.legacy_nonce = 0
         self.legacy_session = Session(0, now)
         self.legacy_ids = 0
         self.next_tick = now + 1.0
-        self.poll_at = INF  # while clients are held: look at them again then
         # Just started: active tunnels of a running inside agent come back with their
         # clients. Until they have (or the expiry window is over), new clients are held,
         # so that an old client can't be given a fresh spare instead of its own tunnel.
         self.recover_until = now if legacy else now + self.expiry
         self.recovering = not legacy
         # WireGuard mode (--wireguard-key): admission of new clients and roaming, all in
-        # wireguard.py; None when off. Hooks: receive(), _new_client(), _bind(), _remove(), snapshot().
+        # wireguard.py; None when off. Hooks: receive(), admission, bind(), _remove(), snapshot().
         self.wg = wireguard
-        self.wg_log_at = 0.0
+        self.admission = Admission(self, now, float(self.max_tunnels),
+                                   max_per_source or max(16, max_clients // 4), wireguard)
 
     # --- datagrams in ---
 
     def receive(self, data: bytes, addr: tuple, now: float) -> None:
-        n = len(data)
-        if self.legacy:
-            if n == proto.LEGACY_LEN:
-                nonce = proto.legacy_verify(self.password, data)
-                if nonce is not None:
-                    self._legacy_keepalive(nonce, addr, now)
-                    return
-        elif n == proto.CTRL_LEN and data[:4] == proto.MAGIC:
-            self._control(data, addr, now)
-            return
-        f = self.route.get(addr)
+        kind = self.rule.kind(data)
+        if kind is Kind.CONTROL:
+            if not self.legacy:
+                self._control(data, addr, now)
+                return
+            nonce = proto.legacy_verify(self.keys.current, data)
+            if nonce is not None:
+                self._legacy_keepalive(nonce, addr, now)
+                return
+        f = self.routes.get(addr)
         if f is not None:
             self.out.append(Datagram(data, f.dst))
             f.pkts += 1
-            f.bytes += n
-            # WireGuard hook: a handshake message going back to a client names its session.
-            # The loop's fast path sends these two lengths here when the mode is on.
-            if self.wg is not None and n in DOWN_LENS:
+            f.bytes += len(data)
+            if kind is Kind.HANDSHAKE:  # WireGuard hook: a handshake going back to a client names its session
                 t = self.by_addr.get(addr)
                 if t is not None:
                     self.wg.observe_down(data, t.tid)
         elif addr in self.by_addr:
             self.stats["drop_unbound_tunnel"] += 1
         else:
-            self._new_client(data, addr, now)
+            self.admission.new_client(data, addr, now)
+
+    def has_output(self) -> bool:
+        return bool(self.out)
 
     def take(self) -> list[Datagram]:
         """What to send, handed over (and forgotten here)."""
         out, self.out = self.out, []
         return out
 
-    def rekey(self, secrets: list[bytes], now: float, reregister: bool = True) -> None:
-        """New keys, the current one first; older ones are still accepted from tunnels that carry
-        clients, which are asked to move to the current key. Spares must register again."""
-        self.secrets = secrets
-        self.password = secrets[0]
-        self.codec = proto.Codec(*secrets)
-        if not reregister:
-            return
+    def reload_keys(self, secret: bytes, now: float) -> None:
+        """The key file again (SIGHUP): the current key first; the key it replaces is still accepted
+        for keys.GRACE s from tunnels that carry clients, which are asked to move to the current key.
+        Spares must register again."""
+        kept = self.keys.reload(secret, now)
+        self.log.info("SIGHUP: key file read again" + (f"; the old key is accepted for {GRACE:g} s more"
+                                                         if kept else ""))
         for t in list(self.tunnels.values()):
             t.key = -1  # registered under a key that is not the current one
             if t.state is State.SPARE and not self.legacy:
@@ -187,7 +185,7 @@ class OutsideCore(Admission):
 
     # --- new clients ---
 
-    def _recovered(self, now: float) -> bool:
+    def recovered(self, now: float) -> bool:
         """Done waiting for the active tunnels of the inside agents that have spoken."""
         if self.recovering:
             if now >= self.recover_until:
@@ -197,21 +195,36 @@ class OutsideCore(Admission):
                 self.recovering = not said or any(s.active < s.announced for s in said)
         return not self.recovering
 
+    def ready_spare(self, now: float) -> Tunnel | None:
+        """The spare with the freshest keepalive, unless even that one missed its last
+        keepalive (its NAT mapping may be gone) or idles on purpose (a probe)."""
+        for tid in reversed(self.spares):
+            t = self.spares[tid]
+            if now - t.last_ka > 1.2 * t.interval + 1.0:
+                return None  # the rest are older still
+            if not t.probe:
+                return t
+        return None
+
+    def forward(self, addr: tuple, data: bytes) -> None:
+        """A datagram of bound client `addr` that the loop did not forward (held, or its first)."""
+        f = self.routes.get(addr)
+        self.out.append(Datagram(data, f.dst))
+        f.pkts += 1
+        f.bytes += len(data)
+
     # --- table changes: every one goes through these ---
 
-    def _bind(self, t: Tunnel, client: tuple, src: Source, now: float) -> None:
+    def bind(self, t: Tunnel, client: tuple, src: Source, now: float) -> None:
         if t.state is State.SPARE:
             del self.spares[t.tid]
             t.session.active += 1
         t.state = State.BOUND
         t.client, t.src = client, src
         self.clients[client] = t
-        t.up = self.route[client] = Flow(t.addr)
-        t.down = self.route[t.addr] = Flow(client)
-        self.routes_changed += 1
+        t.up, t.down = self.routes.bind(client, t.addr)
         t.up_act, t.down_act = Activity(now), Activity()
-        src.unanswered.append(t)
-        src.bound += 1
+        src.take(t)
         if self.wg is not None:
             self.wg.admitted(t.tid)
         self.log.info(f"client {show(client)} takes tunnel {t.tid:016x} at {show(t.addr)}"
@@ -251,31 +264,21 @@ class OutsideCore(Admission):
 
     def _unroute(self, t: Tunnel) -> None:
         del self.clients[t.client]
-        del self.route[t.client]
-        del self.route[t.addr]
-        self.routes_changed += 1
-        self._leave_source(t)
+        self.routes.unbind(t.client, t.addr)
+        t.src.leave(t)
         self.retired.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
                             datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
 
-    def _leave_source(self, t: Tunnel) -> None:
-        t.src.bound -= 1
-        if t in t.src.unanswered:
-            t.src.unanswered.remove(t)
-
-    def _move_client(self, t: Tunnel, addr: tuple, now: float) -> None:
-        """BOUND t's client now sends from `addr` (a WireGuard client roaming)."""
+    def move_client(self, t: Tunnel, addr: tuple, src: Source) -> None:
+        """BOUND t's client now sends from `addr` (a WireGuard client roaming), of source `src`."""
         old = t.client
         del self.clients[old]
-        del self.route[old]
         t.client = addr
         self.clients[addr] = t
-        self.route[addr] = t.up
-        t.down.dst = addr
-        self.routes_changed += 1
-        self._leave_source(t)
-        t.src = self._source(addr, now)
-        t.src.bound += 1
+        self.routes.move_client(t.addr, old, addr)
+        t.src.leave(t)
+        t.src = src
+        src.bound += 1
 
     def _claim(self, addr: tuple, t: Tunnel | None) -> None:
         """`t` (or a new tunnel) has proved it receives at `addr`: whatever else sat there goes."""
@@ -285,9 +288,7 @@ class OutsideCore(Admission):
         c = self.clients.get(addr)
         if c is not None:
             self._remove(c, "its client address is now a tunnel's")
-        p = self.pending.get(addr)
-        if p is not None:
-            self._unhold(p)
+        self.admission.release(addr)
 
     def _move(self, t: Tunnel, addr: tuple, now: float) -> None:
         self._claim(addr, t)
@@ -298,9 +299,7 @@ class OutsideCore(Admission):
         self.by_addr[addr] = t
         t.addr = addr
         if t.state is State.BOUND:
-            self.route[addr] = self.route.pop(old)
-            t.up.dst = addr
-            self.routes_changed += 1
+            self.routes.move_tunnel(t.client, old, addr)
         t.rebinds += 1
         t.registered_at = now
         self.stats["rebinds"] += 1
@@ -332,6 +331,11 @@ class OutsideCore(Admission):
         session.last = now
         if self.recovering:
             session.announced = m.active
+        self._keepalive(m, session, t, addr, cur, now)
+
+    def _keepalive(self, m: Control, session: Session, t: Tunnel | None, addr: tuple, cur: bytes,
+                   now: float) -> None:
+        """An authentic, fresh keepalive from an address that proved itself (its cookie)."""
         if m.flags & proto.F_CLOSING:
             if t is not None:
                 self._remove(t, "closed by the inside agent")
@@ -358,6 +362,16 @@ class OutsideCore(Admission):
             self.stats["drop_spoofed_activation"] += 1
             self._reply(addr, m, proto.F_REFUSED, cur)
             return
+        self._refresh(t, m, now)
+        flags = proto.F_REGISTERED | (proto.F_REKEY if m.key else 0)
+        if t.state is State.BOUND:
+            self._reply(addr, m, flags | proto.F_BOUND, cur, proto.pack_peer(t.client))
+        else:
+            self._reply(addr, m, flags, cur)
+        self.admission.serve(now)
+
+    def _refresh(self, t: Tunnel, m: Control, now: float) -> None:
+        """What tunnel t's keepalive m says: when it sends the next, whether it idles on purpose."""
         t.counter = m.counter
         t.last_ka = now
         t.key = m.key
@@ -365,16 +379,10 @@ class OutsideCore(Admission):
         t.interval = min(max(float(m.interval), 1.0), 1.5 * self.keepalive) if m.interval else self.keepalive
         if t.state is State.SPARE:  # freshest keepalive last: the next client takes it
             self.spares[t.tid] = self.spares.pop(t.tid)
-        flags = proto.F_REGISTERED | (proto.F_REKEY if m.key else 0)
-        if t.state is State.BOUND:
-            self._reply(addr, m, flags | proto.F_BOUND, cur, proto.pack_peer(t.client))
-        else:
-            self._reply(addr, m, flags, cur)
-        self._serve_pending(now)
 
     def _authentic(self, data: bytes, addr: tuple) -> Control | None:
         try:
-            m = self.codec.decode(data)
+            m = self.keys.codec.decode(data)
         except ControlError as e:
             self.stats[f"drop_{e.args[0]}"] += 1
             self.log.limited(f"bad-{e.args[0]}", f"dropped control datagram from {show(addr)}: "
@@ -401,7 +409,7 @@ class OutsideCore(Admission):
         """Prove you receive at `addr`: the cookie goes there, no state is kept."""
         if m.flags & proto.F_CLOSING:
             return
-        if not self._source(addr, now).challenges.take(now) or not self.challenges.take(now):
+        if not self.admission.may_challenge(addr, now):
             self.stats["drop_rate"] += 1
             return
         self.stats["challenges"] += 1
@@ -455,26 +463,25 @@ class OutsideCore(Admission):
             return None
         t = self._add(m.tunnel, session, addr, now)
         if client is not None and client not in self.clients:
-            self._bind(t, client, self._source(client, now), now)
+            self.bind(t, client, self.admission.source(client, now), now)
             if self.wg is not None:  # WireGuard hook: bound again without a handshake seen here
                 self.wg.admitted(t.tid, "restored")
             self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered again, "
                           f"serving client {show(client)} again")
-            p = self.pending.get(client)
+            p = self.admission.release(client)
             if p is not None:  # it spoke before its tunnel was back: what it said goes on now
-                self._unhold(p)
                 for d in p.datagrams:
-                    self._forward_first(client, d)
+                    self.forward(client, d)
         else:
             self._orphan(t)
             self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered without its client")
         return t
 
     def _reply(self, addr: tuple, m: Control, flags: int, cookie: bytes, peer: bytes = proto.NO_PEER) -> None:
-        waiting = min(len(self.pending), 0xFFFF) if flags & proto.F_REGISTERED else 0
+        waiting = min(len(self.admission.pending), 0xFFFF) if flags & proto.F_REGISTERED else 0
         r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, peer, waiting, m.key,
                     proto.pack_peer(addr))
-        self.out.append(Datagram(self.codec.encode(r), addr))
+        self.out.append(Datagram(self.keys.codec.encode(r), addr))
 
     # --- legacy keepalives ---
 
@@ -500,7 +507,7 @@ class OutsideCore(Admission):
         t.last_ka = now
         if t.state is State.SPARE:
             self.spares[t.tid] = self.spares.pop(t.tid)
-        self._serve_pending(now)
+        self.admission.serve(now)
 
     # --- across a restart ---
 
@@ -518,16 +525,18 @@ class OutsideCore(Admission):
             elif self.family == socket.AF_INET and ":" in addr[0]:
                 continue
             m = Control(proto.REPLY, proto.F_HELLO, self.session, tid, 0)
-            self.out.append(Datagram(self.codec.encode(m), addr))
+            self.out.append(Datagram(self.keys.codec.encode(m), addr))
             self.stats["hellos"] += 1
 
     # --- time ---
 
     def next_timer(self) -> float:
-        return min(self.next_tick, self.poll_at)
+        return min(self.next_tick, self.admission.poll_at, self.keys.forget_at)
 
     def on_timer(self, now: float) -> None:
-        self._serve_pending(now)
+        self.admission.serve(now)
+        if self.keys.expire(now):
+            self.log.info("the old key is no longer accepted")
         if now < self.next_tick:
             return
         self.next_tick = now + 1.0
@@ -561,24 +570,16 @@ class OutsideCore(Admission):
             if t.state is State.BOUND:
                 bound += 1
                 need(self.clients.get(t.client) is t, f"tunnel {tid:x}: client not in clients")
-                need(self.route.get(t.client) is t.up and t.up.dst == t.addr, f"tunnel {tid:x}: up route")
-                need(self.route.get(t.addr) is t.down and t.down.dst == t.client, f"tunnel {tid:x}: down route")
+                need(self.routes.get(t.client) is t.up and t.up.dst == t.addr, f"tunnel {tid:x}: up route")
+                need(self.routes.get(t.addr) is t.down and t.down.dst == t.client, f"tunnel {tid:x}: down route")
         need(len(self.spares) == sum(t.state is State.SPARE for t in self.tunnels.values()), "stray spares")
-        need(len(self.clients) == bound and len(self.route) == 2 * bound, "clients/route hold stray entries")
+        need(len(self.clients) == bound and len(self.routes) == 2 * bound, "clients/routes hold stray entries")
         need(not set(self.clients) & set(self.by_addr), "an address is both a client's and a tunnel's")
-        need(not set(self.pending) & (set(self.clients) | set(self.by_addr)), "a held client is known")
-        need(self.pending_bytes == sum(p.size for p in self.pending.values()), "held bytes")
-        need(len(self.pending) <= HOLD_CLIENTS, "too many held clients")
         need(len(self.tunnels) <= self.max_tunnels and len(self.clients) <= self.max_clients, "limits")
         for s in self.sessions.values():
             need(s.active == active[s.sid], f"session {s.sid:x}: active count {s.active} != {active[s.sid]}")
-        held: Counter = Counter(id(p.src) for p in self.pending.values())
-        bound_by: Counter = Counter(id(t.src) for t in self.clients.values())
-        for s in self.sources.values():
-            need(s.pending == held[id(s)], "source pending count")
-            need(s.bound == bound_by[id(s)], "source tunnel count")
-            need(all(t.src is s and self.clients.get(t.client) is t for t in s.unanswered),
-                 "source lists a tunnel that is gone")
+        for what in self.admission.check(self):
+            need(False, what)
 
     def snapshot(self, now: float) -> dict:
         tunnels = []
@@ -599,6 +600,6 @@ class OutsideCore(Admission):
                           datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
         return {"role": "outside", "protocol": "legacy" if self.legacy else "v2",
                 "uptime": now - self.started, "clients": len(self.clients),
-                "spares": len(self.spares), "waiting": len(self.pending),
+                "spares": len(self.spares), "waiting": len(self.admission.pending),
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels,
                 **({"wireguard": self.wg.summary()} if self.wg is not None else {})}

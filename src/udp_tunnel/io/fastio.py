@@ -38,6 +38,55 @@ CTRL = 32  # bytes kept per control message buffer (CMSG_SPACE(4) is 24)
 GSO_REFUSED = (errno.EIO, errno.EINVAL, errno.EMSGSIZE, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 SEG_CMSG_SPACE = 24  # CMSG_SPACE(2): the msg_controllen of a UDP_SEGMENT control message
+ANC_SPACE = 64  # ancillary space for recvmsg_into: the UDP_GRO segment size fits
+
+
+def gro_segment(anc: list) -> int:
+    """The segment size in recvmsg's ancillary data (UDP_GRO), 0 for one plain datagram."""
+    return int.from_bytes(anc[0][2][:4], sys.byteorder) if anc else 0
+
+
+def gso_ancillary(seg: int) -> list:
+    """The ancillary data for socket.sendmsg that sends a buffer as seg-byte datagrams (GSO)."""
+    return [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
+
+
+class Switch:
+    """Whether to read a socket one datagram per wakeup (cheapest while datagrams come one
+    by one: a ctypes call costs more than Python's own receive) or in recvmmsg batches (while
+    it stays busy). `busy(flag)` after each single read (flag: it was busy this time, as the
+    caller measures it); `batch(n)` after each batch of n. `to_batch` busy single reads in a
+    row switch to batches, `to_single` batches of one in a row switch back."""
+
+    __slots__ = ("batched", "streak", "to_batch", "to_single")
+
+    def __init__(self, to_batch: int, to_single: int) -> None:
+        self.batched = False
+        self.streak = 0
+        self.to_batch, self.to_single = to_batch, to_single
+
+    def single(self, busy: bool) -> None:
+        if not busy:
+            self.streak = 0
+            return
+        self.streak += 1
+        if self.streak >= self.to_batch:
+            self.batched, self.streak = True, 0
+
+    def batch(self, n: int) -> None:
+        if n != 1:
+            self.streak = 0
+            return
+        self.streak += 1
+        if self.streak >= self.to_single:
+            self.batched, self.streak = False, 0
+
+
+# The switch's thresholds: the outside's one socket counts datagrams closer than BUSY_GAP s;
+# an inside socket counts wakeups in a row that found it readable.
+OUTSIDE_SWITCH = (8, 8)
+INSIDE_SWITCH = (2, 4)
+BUSY_GAP = 100e-6
 
 
 def segment_cmsg(buf: ctypes.Array, off: int, seg: int) -> None:
@@ -152,6 +201,14 @@ class Ring:
     def length(self, i: int) -> int:
         return self.m32[16 * i + 14]
 
+    def lengths(self, n: int) -> list[int]:
+        """The lengths of slots 0..n-1 (a GRO run's whole length)."""
+        return self.m32[14:16 * n:16].tolist()
+
+    def runs(self, n: int) -> list[int]:
+        """Per slot 0..n-1: non-zero when it holds a GRO run (ancillary data came with it)."""
+        return self.m64[5:MSG_WORDS * n:MSG_WORDS].tolist()
+
     def segment(self, i: int) -> int:
         """The GRO segment size of slot i (0: one plain datagram)."""
         if self.m64[MSG_WORDS * i + 5]:
@@ -160,6 +217,34 @@ class Ring:
 
     def name(self, i: int) -> bytes:
         return bytes(self.names_mv[NAME * i:NAME * i + self.m32[16 * i + 2]])
+
+    def senders(self, n: int) -> bytes:
+        """The sender addresses of slots 0..n-1, NAME bytes each (slot i's at NAME * i)."""
+        return bytes(self.names_mv[:NAME * n])
+
+    def forward(self, i: int, dest: int, n: int) -> None:
+        """Send slot i on as it lies: n bytes to the sockaddr at address `dest`, no GSO."""
+        self.m64[MSG_WORDS * i] = dest
+        self.iov64[2 * i + 1] = n
+
+    def forward_run(self, i: int, dest: int, n: int, seg: int) -> None:
+        """Send slot i's GRO run of n bytes on to `dest` as seg-byte datagrams (GSO)."""
+        self.forward(i, dest, n)
+        if seg < n:
+            self.join(i, seg)
+        else:
+            self.m64[MSG_WORDS * i + 5] = 0
+
+    def sent_segment(self, i: int) -> int:
+        """The GSO segment size of message i as it was sent (0: none)."""
+        return self.ctrl_i32[CTRL // 4 * i + 4] & 0xFFFF if self.m64[MSG_WORDS * i + 5] else 0
+
+    def sent_dest(self, i: int, alen: int) -> bytes:
+        """The raw sockaddr message i was sent to."""
+        return ctypes.string_at(self.m64[MSG_WORDS * i], alen)
+
+    def sent_count(self, i: int) -> int:
+        return self.m64[MSG_WORDS * i + 3]
 
     # Forwarding in place (the outside agent): the received slots are sent on as they lie, each
     # with its msg_name pointed at its destination (`m64[MSG_WORDS * i]`, a `dest` pointer) and
@@ -171,7 +256,9 @@ class Ring:
         segment_cmsg(self.ctrl, CTRL * head, seg)
         self.m64[MSG_WORDS * head + 5] = SEG_CMSG_SPACE
 
-    def grow(self, head: int) -> None:
+    def grow(self, head: int, i: int, n: int) -> None:
+        """Slot i (n bytes) joins the GSO message at slot `head`."""
+        self.iov64[2 * i + 1] = n
         self.m64[MSG_WORDS * head + 3] += 1
 
     def send(self, fd: int, start: int, end: int) -> list[tuple[int, int]]:
@@ -356,6 +443,22 @@ class Batch:
         self.keep.clear()
         self.nmsg = self.niov = 0
         self.run_dst, self.run_size = None, 0
+
+
+def address(raw: bytes) -> tuple:
+    """The address tuple recvfrom gives for the raw sockaddr `raw`."""
+    fam = int.from_bytes(raw[:2], sys.byteorder)
+    port = int.from_bytes(raw[2:4], "big")
+    if fam != socket.AF_INET6:
+        return (socket.inet_ntop(socket.AF_INET, raw[4:8]), port)
+    host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+    flow, scope = int.from_bytes(raw[4:8], "big"), int.from_bytes(raw[24:28], sys.byteorder)
+    if scope and host.lower().startswith(("fe8", "fe9", "fea", "feb", "ff02")):
+        try:
+            host += "%" + socket.if_indextoname(scope)
+        except OSError:
+            host += f"%{scope}"
+    return (host, port, flow, scope)
 
 
 def dest(addr: tuple, family: int) -> tuple[bytes, int]:
