@@ -288,6 +288,8 @@ def test_legacy_outside_takes_c_keepalives_and_refuses_replays_and_old_captures(
 def test_legacy_end_to_end_through_both_cores():
     sim = Sim(legacy=True, keepalive=5)
     sim.send(b"a1", CLIENT_A)
+    assert sim.service_rx == []  # held: the spare's keepalive came in this very millisecond
+    sim.advance(0.002)
     ta = sim.service_rx[0][0]
     sim.reply(ta, b"r1")
     assert sim.received[CLIENT_A] == [b"r1"]
@@ -531,3 +533,21 @@ def test_a_spare_that_missed_its_keepalive_is_not_handed_out_until_it_registers_
     sim.advance(30)  # its next keepalive gets through: fresh again
     sim.send(b"again", CLIENT_A)
     assert sim.service_rx[-1][1] == b"again"
+
+
+@pytest.mark.parametrize("limit", [2, 3, 10])
+def test_at_exactly_max_clients_every_client_is_served_while_a_spare_idles_to_learn_the_nat(limit):
+    """The spare that idles on purpose (the NAT-timeout probe) is never handed out, so it must
+    not count as the one spare left at the limit: the last client would never be answered."""
+    sim = Sim(max_clients=limit, spares=2)
+    sim.advance(3)
+    assert sim.inside.probe is not None  # learning: one spare idles on purpose
+    clients = [v6("198.51.100.20", 7000 + i) for i in range(limit)]
+    for i, c in enumerate(clients):
+        sim.send(b"hello %d" % i, c)
+        sim.advance(0.3)
+    assert [d for _, d in sim.service_rx] == [b"hello %d" % i for i in range(limit)]
+    assert len({tid for tid, _ in sim.service_rx}) == limit == len(sim.outside.clients)
+    sim.send(b"one too many", v6("198.51.100.21", 7000))
+    sim.advance(4)
+    assert b"one too many" not in [d for _, d in sim.service_rx]

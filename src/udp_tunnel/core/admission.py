@@ -135,6 +135,10 @@ class Admission:
         self.sources[key] = s
         return s
 
+    def wake(self, at: float) -> None:
+        """Look at the held clients again at `at` (a spare is ready then)."""
+        self.poll_at = min(self.poll_at, at)
+
     def may_challenge(self, addr: tuple, now: float) -> bool:
         """Within the budgets of `addr`'s source and of all sources."""
         return self.source(addr, now).challenges.take(now) and self.challenges.take(now)

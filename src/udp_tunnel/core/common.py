@@ -2,14 +2,15 @@
 rate limits, the replay window and the pieces of a status snapshot.
 
 Both cores have one shape (as aioquic's QuicConnection): datagrams and events
-go in with the time `now`; what to do comes out as typed actions (the
-outside: `Datagram`s in `core.out`; the inside: the actions in inside.py, in
-`core.actions`); `next_timer()` says when to call `on_timer(now)`.
+go in with the time `now`; what to do comes out as typed actions, handed over
+by `take()` (the outside: `Datagram`s; the inside: the actions in inside.py);
+`next_timer()` says when to call `on_timer(now)`.
 
 The I/O loop never writes into a core's objects, with one exception made for
 speed and kept in one class: a `Meter` (and the outside's `Flow`, a meter
 with a destination) is created by a core and handed to the loop, which
-counts the datagrams it forwards on its own into it; the core only reads it.
+counts the datagrams it forwards on its own into it. The core counts into the
+same meters the datagrams it forwards itself, and samples them for activity.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ DROPS: dict[str, tuple[str, str]] = {
     "session": (OUTSIDE, "a keepalive naming a tunnel of another inside session"),
     "rate": (OUTSIDE, "a challenge over its source's or the global budget"),
     "sessions": (OUTSIDE, "a new inside session while the table of sessions is full"),
-    "limit": (OUTSIDE, "a new client or tunnel over --max-clients"),
+    "limit": (BOTH, "a new client or tunnel over --max-clients"),
     "old_key": (OUTSIDE, "a spare registering under a key being retired"),
     "stale_tunnel": (OUTSIDE, "an active tunnel this agent does not know (not after a restart)"),
     "stale_client": (OUTSIDE, "an active tunnel whose client is a tunnel's address"),
@@ -70,6 +70,15 @@ def drop(reason: str) -> str:
 
 def error(site: str, errno_name: str) -> str:
     return f"error_{site}_{errno_name}"
+
+
+def parse_error(key: str) -> tuple[str, str] | None:
+    """(site, errno name) of an error counter's key, None for any other key."""
+    if key.startswith("error_"):
+        for site in ERROR_SITES:
+            if key.startswith(f"error_{site}_"):
+                return site, key[len(site) + 7:]
+    return None
 
 
 def for_role(table: dict[str, tuple[str, str]], role: str) -> list[str]:

@@ -166,13 +166,22 @@ class InsideCore:
         return self.active, len(self.tunnels) - self.active
 
     def spare_target(self) -> int:
-        """--spares, plus as many as clients arrived lately or wait at the outside."""
+        """Spares ready for clients: --spares, plus as many as clients arrived lately or wait at
+        the outside, within --max-clients. The spare that idles to learn the NAT timeout (the
+        probe) is never handed out while it idles and is not counted here; until it starts,
+        one more is kept to start it with."""
         extra = min(MAX_EXTRA_SPARES, max(len(self.arrivals), self.waiting))
-        extra += not (self.legacy or self.learner.done())  # one to probe with, while learning
-        return max(0, min(self.spares + extra, self.max_clients - self.active)) if self.spares else 0
+        target = max(0, min(self.spares + extra, self.max_clients - self.active)) if self.spares else 0
+        if target and self.probe is None and not (self.legacy or self.learner.done()):
+            target += 1
+        return target
+
+    def ready_spares(self) -> int:
+        """Spares a client can take now: all but the probe."""
+        return len(self.tunnels) - self.active - (self.probe is not None)
 
     def _replenish(self, now: float) -> None:
-        active, spare = self.counts()
+        active, spare = self.active, self.ready_spares()
         want = self.spare_target()
         if spare < self.spares and active >= self.max_clients:  # the outside counts what it drops
             self.log.limited("limit", f"client limit ({self.max_clients}) reached: no new spare tunnel")
@@ -187,7 +196,7 @@ class InsideCore:
 
     def _shrink(self, now: float) -> None:
         """Close spares beyond the target, the oldest first, once demand has passed."""
-        extra = self.counts()[1] - self.spare_target()
+        extra = self.ready_spares() - self.spare_target()
         if extra <= 0:
             return
         spares = (t for t in self.tunnels.values() if t.state is SPARE and t is not self.probe)
@@ -449,6 +458,10 @@ class InsideCore:
             if not (self.legacy or t.known_by is not None and t.known_by == self.outside_session):
                 # the outside hands out only spares it registered: this came from someone else
                 self.stats["drop_unregistered_spare"] += 1
+                return
+            if self.active >= self.max_clients:  # the outside allows more clients than we do
+                self.stats["drop_limit"] += 1
+                self.log.limited("limit", f"client limit ({self.max_clients}) reached: dropping a new client")
                 return
             self._activate(t, now)
         self.actions.append(ToService(tid, data))

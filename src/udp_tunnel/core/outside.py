@@ -47,6 +47,7 @@ from udp_tunnel.wire import proto
 from udp_tunnel.wire.proto import Control, ControlError
 
 SESSIONS = 256  # inside sessions remembered
+LEGACY_TICK = 0.0015  # s: a legacy spare is handed out no sooner than the next millisecond of its keepalive
 class State(enum.Enum):
     SPARE = "spare"
     BOUND = "active"
@@ -69,7 +70,7 @@ class Session:
 
 class Tunnel:
     __slots__ = ("tid", "session", "addr", "state", "client", "src", "created", "last_ka", "key",
-                 "interval", "probe",
+                 "interval", "probe", "ready_at",
                  "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
 
     def __init__(self, tid: int, session: Session, addr: tuple, now: float) -> None:
@@ -84,6 +85,7 @@ class Tunnel:
         self.key = 0  # which of the codec's keys its last keepalive was made with
         self.interval = 25.0  # seconds to its next keepalive, as its last one said
         self.probe = False  # it idles on purpose: never handed out
+        self.ready_at = 0.0  # not handed out before (legacy: the next millisecond of its keepalive)
         self.rebinds = 0
         self.up: Flow | None = None  # client -> inside
         self.down: Flow | None = None  # inside -> client
@@ -202,8 +204,12 @@ class OutsideCore:
             t = self.spares[tid]
             if now - t.last_ka > 1.2 * t.interval + 1.0:
                 return None  # the rest are older still
-            if not t.probe:
-                return t
+            if t.probe:
+                continue
+            if now < t.ready_at:
+                self.admission.wake(t.ready_at)
+                continue
+            return t
         return None
 
     def forward(self, addr: tuple, data: bytes) -> None:
@@ -505,6 +511,10 @@ class OutsideCore:
             t = self._add(self.legacy_ids, self.legacy_session, addr, now)
             self.log.debug(f"spare tunnel {t.tid:016x} registered at {show(addr)}")
         t.last_ka = now
+        # The C inside's keepalive nonce is its clock in milliseconds, one counter for all its
+        # tunnels: data now would make it open its next spare within this millisecond, whose
+        # keepalive (the same nonce) is then refused. Hand the spare out from the next one.
+        t.ready_at = now + LEGACY_TICK
         if t.state is State.SPARE:
             self.spares[t.tid] = self.spares.pop(t.tid)
         self.admission.serve(now)

@@ -10,6 +10,8 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from udp_tunnel.core import counters
+
 PREFIX = "udp_tunnel_"
 
 
@@ -26,8 +28,18 @@ def _metric(out: list[str], name: str, kind: str, help_: str, samples) -> None:
 
 
 def render(s: dict) -> str:
-    st, tot = s["stats"], s.get("totals", {})
     out: list[str] = []
+    _agent(out, s)
+    _counters(out, s)
+    if s.get("wireguard"):
+        _wireguard(out, s)
+    if s["role"] == "inside":
+        _inside(out, s)
+    return "\n".join(out) + "\n"
+
+
+def _agent(out: list[str], s: dict) -> None:
+    tot = s.get("totals", {})
     _metric(out, "info", "gauge", "Agent role, protocol and version.",
             [({"role": s["role"], "protocol": s["protocol"], "version": s.get("version", "")}, 1)])
     _metric(out, "uptime_seconds", "gauge", "Seconds since the agent started.", [({}, f"{s['uptime']:.3f}")])
@@ -37,51 +49,75 @@ def render(s: dict) -> str:
         _metric(out, f"{unit}_total", "counter",
                 f"Data {unit} forwarded, towards the service (in) and back to clients (out).",
                 [({"direction": "in"}, tot.get(f"{unit}_in", 0)), ({"direction": "out"}, tot.get(f"{unit}_out", 0))])
-    reasons = {"no_spare": 0, "limit": 0, "auth": 0, "malformed": 0, "replay": 0, "send_error": 0}
-    wg = s.get("wireguard")  # outside with --wireguard-key
-    if wg:
-        reasons.update(wg_not_handshake=0, wg_bad_mac1=0, wg_unknown_session=0, wg_replay=0)
+
+
+def _counters(out: list[str], s: dict) -> None:
+    """Every counter of counters.py, by its name: drops by reason, events, errors by site."""
+    st, role, wg = s["stats"], s["role"], s.get("wireguard")
+    reasons = {r: 0 for r in counters.for_role(counters.DROPS, role) if wg or not r.startswith("wg_")}
+    reasons["send_error"] = 0
+    events = {e: 0 for e in counters.for_role(counters.EVENTS, role) if wg or not e.startswith("wg_")}
+    errors: dict[tuple[str, str], int] = {}
+    internal = 0
     for k, v in st.items():
+        site_errno = counters.parse_error(k)
         if k.startswith("drop_"):
             reasons[k[5:]] = reasons.get(k[5:], 0) + v
-        elif k.startswith(("send_", "tunnel_", "service_", "receive_", "to_service_")):
-            reasons["send_error"] += v
+        elif site_errno is not None:
+            reasons["send_error"] += v  # a datagram lost to a network error
+            errors[site_errno] = errors.get(site_errno, 0) + v
+        elif k.startswith(counters.INTERNAL):
+            internal += v
+        else:
+            events[k] = events.get(k, 0) + v
     _metric(out, "dropped_total", "counter", "Datagrams dropped, by reason.",
             [({"reason": r}, v) for r, v in sorted(reasons.items())])
+    _metric(out, "events_total", "counter", "What happened, by event (udp-tunnel status names them too).",
+            [({"event": e}, v) for e, v in sorted(events.items())])
+    _metric(out, "network_errors_total", "counter", "Network errors, by where they happened and errno.",
+            [({"site": site, "errno": name}, v) for (site, name), v in sorted(errors.items())])
+    _metric(out, "internal_errors_total", "counter", "Bugs met by a datagram or event, contained.",
+            [({}, internal)])
     _metric(out, "registrations_total", "counter", "Tunnel registrations accepted.",
             [({}, st.get("registrations", 0))])
-    _metric(out, "rebinds_total", "counter", "Tunnels that moved to a new public address (NAT rebinding).",
-            [({}, st.get("rebinds", 0))])
-    _metric(out, "challenges_total", "counter", "Registration challenges sent.", [({}, st.get("challenges", 0))])
-    if wg:
-        _metric(out, "wireguard_clients", "gauge",
-                "Clients by how they were admitted (WireGuard handshake, or bound again after a restart).",
-                [({"admitted": k}, wg["clients"].get(k, 0)) for k in ("handshake", "restored")])
-        _metric(out, "wireguard_sessions", "gauge", "WireGuard session indices known for roaming.",
-                [({}, wg["sessions"])])
-        _metric(out, "wireguard_roams_total", "counter", "WireGuard clients whose tunnel followed them "
-                "to a new address.", [({}, st.get("wg_roams", 0))])
-    if s["role"] == "inside":
-        rtts = [t["rtt"] for t in s["tunnels"] if t["rtt"] is not None and t["registered"]]
-        if rtts:
-            _metric(out, "keepalive_rtt_seconds", "gauge", "Keepalive round-trip time to the outside agent.",
-                    [({"stat": "min"}, f"{min(rtts):.6f}"), ({"stat": "avg"}, f"{sum(rtts) / len(rtts):.6f}"),
-                     ({"stat": "max"}, f"{max(rtts):.6f}")])
-        _metric(out, "outside_up", "gauge", "1 while the outside agent answers keepalives.",
-                [({}, int(bool(s["outside_answering"])))])
-        _metric(out, "outside_restarts_total", "counter", "Restarts of the outside agent seen.",
-                [({}, st.get("outside_restarts", 0))])
-        k = s.get("keepalive")
-        if k:
-            _metric(out, "keepalive_interval_seconds", "gauge", "Keepalive interval in use (learned, at most -t).",
-                    [({}, f"{k['interval']:.3f}")])
-            bounds = [({"bound": b}, f"{k[b]:.3f}") for b in ("survived", "lapsed") if k.get(b)]
-            if bounds:
-                _metric(out, "nat_mapping_idle_seconds", "gauge",
-                        "Longest idle a NAT mapping survived, shortest after which one lapsed.", bounds)
-            _metric(out, "nat_mapping_lapses_total", "counter", "NAT mappings seen to lapse.",
-                    [({}, k.get("lapses", 0))])
-    return "\n".join(out) + "\n"
+    if role == "outside":
+        _metric(out, "rebinds_total", "counter", "Tunnels that moved to a new public address (NAT rebinding).",
+                [({}, st.get("rebinds", 0))])
+        _metric(out, "challenges_total", "counter", "Registration challenges sent.",
+                [({}, st.get("challenges", 0))])
+
+
+def _wireguard(out: list[str], s: dict) -> None:
+    wg = s["wireguard"]
+    _metric(out, "wireguard_clients", "gauge",
+            "Clients by how they were admitted (WireGuard handshake, or bound again after a restart).",
+            [({"admitted": k}, wg["clients"].get(k, 0)) for k in ("handshake", "restored")])
+    _metric(out, "wireguard_sessions", "gauge", "WireGuard session indices known for roaming.",
+            [({}, wg["sessions"])])
+    _metric(out, "wireguard_roams_total", "counter", "WireGuard clients whose tunnel followed them "
+            "to a new address.", [({}, s["stats"].get("wg_roams", 0))])
+
+
+def _inside(out: list[str], s: dict) -> None:
+    rtts = [t["rtt"] for t in s["tunnels"] if t["rtt"] is not None and t["registered"]]
+    if rtts:
+        _metric(out, "keepalive_rtt_seconds", "gauge", "Keepalive round-trip time to the outside agent.",
+                [({"stat": "min"}, f"{min(rtts):.6f}"), ({"stat": "avg"}, f"{sum(rtts) / len(rtts):.6f}"),
+                 ({"stat": "max"}, f"{max(rtts):.6f}")])
+    _metric(out, "outside_up", "gauge", "1 while the outside agent answers keepalives.",
+            [({}, int(bool(s["outside_answering"])))])
+    _metric(out, "outside_restarts_total", "counter", "Restarts of the outside agent seen.",
+            [({}, s["stats"].get("outside_restarts", 0))])
+    k = s.get("keepalive")
+    if k:
+        _metric(out, "keepalive_interval_seconds", "gauge", "Keepalive interval in use (learned, at most -t).",
+                [({}, f"{k['interval']:.3f}")])
+        bounds = [({"bound": b}, f"{k[b]:.3f}") for b in ("survived", "lapsed") if k.get(b)]
+        if bounds:
+            _metric(out, "nat_mapping_idle_seconds", "gauge",
+                    "Longest idle a NAT mapping survived, shortest after which one lapsed.", bounds)
+        _metric(out, "nat_mapping_lapses_total", "counter", "NAT mappings seen to lapse.",
+                [({}, k.get("lapses", 0))])
 
 
 class MetricsServer:

@@ -23,13 +23,13 @@ REPLY = 2  # outside -> inside
 # Keepalive flags
 F_ACTIVE = 0x01  # this tunnel carries a client; never hand it out as a spare
 F_CLOSING = 0x02  # the inside closed this tunnel; forget it now
+F_PROBE = 0x04  # keepalive: this spare now idles on purpose (its mapping's lifetime is measured)
 # Reply flags
 F_REGISTERED = 0x01  # the cookie was valid: the tunnel is registered at the source address
 F_BOUND = 0x02  # the tunnel is bound to the client in the peer field
 F_REFUSED = 0x04  # the outside is at its tunnel limit and did not register it
 F_REKEY = 0x08  # the keepalive was made with an old key: send the next one with the current key
 F_HELLO = 0x10  # unasked, from an outside agent that just started: register again now
-F_PROBE = 0x04  # keepalive: this spare now idles on purpose (its mapping's lifetime is measured)
 
 _BODY = struct.Struct("!4sBBBxQQQ16s16sHH16sHH")
 BODY_LEN = _BODY.size  # 88
