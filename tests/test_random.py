@@ -51,8 +51,8 @@ STEP = st.one_of(
 
 
 class Run:
-    def __init__(self, key: bytes) -> None:
-        self.sim = Sim(key=key, keepalive=KEEPALIVE, timeout=30, spares=2, max_clients=6, seed=7)
+    def __init__(self, key: bytes, **kw) -> None:
+        self.sim = Sim(key=key, keepalive=KEEPALIVE, timeout=30, spares=2, max_clients=6, seed=7, **kw)
         self.key = key
         self.seq = 0
         self.counter = 1 << 40  # the forger's counters, above the inside's
@@ -188,3 +188,72 @@ def test_no_sequence_of_events_lets_a_client_receive_another_clients_datagram(st
         run.check_registrations()
     run.sim.advance(3 * KEEPALIVE + 10, step=1.0)
     run.check_no_cross_talk()
+
+
+@SETTINGS
+@given(st.lists(STEP, max_size=40))
+def test_no_sequence_of_events_breaks_a_legacy_pair(steps):
+    """--legacy (the C tool's protocol): its known weaknesses stay (docs/protocol.md), but no
+    sequence of events, replays and garbled keepalives included, crashes an agent or breaks a
+    table invariant (Sim.pump checks after every step)."""
+    run = Run(key=b"secret", legacy=True)
+    for s in steps:
+        run.step(s)
+    run.sim.advance(3 * KEEPALIVE + 20, step=1.0)
+
+
+class WireGuardRun(Run):
+    """The clients speak WireGuard: a handshake initiation first (valid MAC1 for the server's
+    key), then transport data to the index the server's response named; the service answers
+    initiations with responses. The attacker replays (clients' datagrams too), garbles and
+    sprays as before."""
+
+    def __init__(self) -> None:
+        from test_wireguard import SERVER_PUB
+        from udp_tunnel.core.wireguard import Gate
+        super().__init__(key=b"secret", wireguard=lambda: Gate([SERVER_PUB]))
+        self.initiations: set[bytes] = set()
+
+    def step(self, s: tuple) -> None:
+        from test_wireguard import initiation, response, transport
+        sim, kind = self.sim, s[0]
+        if kind == "client":
+            addr = CLIENTS[s[1]]
+            answers = [d for d in sim.received.get(addr, []) if d[:1] == b"\x02" and len(d) == 92]
+            self.seq += 1
+            if answers and self.seq % 3:
+                self.send(transport(answers[-1][4:8], self.seq), addr)
+            else:
+                init = initiation(sender=self.seq.to_bytes(4, "big"))
+                self.initiations.add(init)
+                self.send(init, addr)
+        elif kind == "reply":
+            tid = self.tunnel(s[1])
+            if tid is not None and tid in sim.service_socket:
+                sim.reply(tid, response((tid & 0xFFFFFFFF).to_bytes(4, "big")))
+        elif kind == "replay" and s[1] % 2:  # a client's datagram seen on the path, from elsewhere
+            sent = sorted(self.senders)
+            if sent:
+                self.send(sent[s[1] % len(sent)], self.addr(s[2]))
+        else:
+            super().step(s)
+
+    def check_admission(self) -> None:
+        """Junk never takes a tunnel: the first datagram each service socket got is a client's
+        valid initiation."""
+        first: dict[int, bytes] = {}
+        for tid, data in self.sim.service_rx:
+            first.setdefault(tid, data)
+        assert set(first.values()) <= self.initiations
+
+
+@SETTINGS
+@given(st.lists(STEP, max_size=40))
+def test_no_sequence_of_events_lets_junk_take_a_tunnel_in_wireguard_mode(steps):
+    run = WireGuardRun()
+    for s in steps:
+        run.step(s)
+        run.check_admission()
+        run.check_registrations()
+    run.sim.advance(3 * KEEPALIVE + 10, step=1.0)
+    run.check_admission()
