@@ -212,10 +212,11 @@ def test_client_limit_holds_against_a_flood_of_source_ports():
     sim = Sim(max_clients=10, spares=2)
     for port in range(20000, 25000):
         sim.send(b"flood", v6("192.0.2.99", port))
-    assert len(sim.outside.clients) <= 10
-    assert len(sim.inside.tunnels) <= 10 + 2
-    assert len(sim.outside.routes) <= 2 * 10
-    assert sim.outside.stats["drop_no_spare"] + sim.outside.stats["drop_limit"] == 5000 - 10
+    assert len(sim.outside.clients) == 10 and len(sim.outside.routes) == 2 * 10
+    assert sim.inside.active == 10 and len(sim.inside.tunnels) == 11  # the last spare waits for the tick...
+    sim.advance(2)
+    assert sim.inside.ready_spares() == 0  # ...that closes it: no spare past the limit
+    assert sim.outside.stats["drop_limit"] == 5000 - 10
     sim.send(b"still", v6("192.0.2.99", 20000))  # an existing client goes on
     assert sim.service_rx[-1][1] == b"still"
 
@@ -231,7 +232,7 @@ def test_hours_of_clock_difference_do_not_matter():
 def test_wrong_key_on_the_inside_never_registers():
     sim = Sim(inside_key=b"other")
     assert sim.registered_spares() == 0
-    assert sim.outside.stats["drop_auth"] >= 2
+    assert sim.outside.stats["drop_auth"] == 3  # the first keepalive of each of the 3 spares
     sim.send(b"x", CLIENT_A)
     assert sim.service_rx == [] and CLIENT_A in sim.outside.admission.pending  # held for a spare...
     sim.advance(4)
@@ -358,7 +359,7 @@ def test_inside_sends_a_keepalive_at_once_when_the_service_talks_but_nothing_com
     for _ in range(4):  # the service keeps answering, the client's datagrams are lost
         sim.inside.tunnels[ta].tx.pkts += 1
         sim.advance(1)
-    assert sim.inside.stats["stall_keepalives"] >= 1 and sim.inside.tunnels[ta].sent > sent
+    assert sim.inside.stats["stall_keepalives"] == 1 and sim.inside.tunnels[ta].sent > sent
 
 
 # --- the security review's findings (issue 12) ---
@@ -463,7 +464,8 @@ def test_spoofed_data_on_a_spare_is_undone_within_one_round_trip():
     sim.pump()
     assert spare not in sim.inside.tunnels  # refused by the outside at the next keepalive, closed
     assert sim.outside.stats["drop_spoofed_activation"] == 1
-    assert sum(t.state == SPARE for t in sim.inside.tunnels.values()) >= 2
+    # --spares 2, one more while the NAT timeout is learned, one for the client that (it seemed) arrived
+    assert sum(t.state == SPARE for t in sim.inside.tunnels.values()) == 4
     sim.send(b"real", CLIENT_A)
     assert sim.service_rx[-1][1] == b"real"
 
@@ -492,7 +494,7 @@ def test_a_replayed_hello_grants_nothing_and_costs_one_keepalive_per_tunnel():
     sim.deliver_to_inside(tid, hello)  # replayed (spoofed from the outside's address)
     sim.pump()
     after = len([1 for _, _, w in sim.wire if w == "up"])
-    assert after - before <= 2 * len(sim.inside.tunnels)  # keepalives (and cookie answers), nothing else
+    assert after - before == 0  # from the outside session it already knows: believed for nothing
     sim.send(b"a2", CLIENT_A)
     assert sim.service_rx[-1][1] == b"a2"
 
