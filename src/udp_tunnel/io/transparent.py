@@ -163,9 +163,9 @@ def open_socket(client: tuple, service: tuple, exact_only: bool = False) -> Open
     host = _unmapped(client[0])
     fam = _family(service[0])
     if _family(host) != fam:
+        v = 4 if fam == socket.AF_INET6 else 6  # the client's
         raise ClientAddressError(
-            f"client {show(client)}: an IPv{4 if fam == socket.AF_INET6 else 6} client needs an "
-            f"IPv{6 if fam == socket.AF_INET6 else 4} address of the service (it has {show(service)})")
+            f"client {show(client)}: an IPv{v} client needs an IPv{v} address of the service (it has {show(service)})")
     problem = client_problem((host, client[1]))
     if problem:
         raise ClientAddressError(problem)
@@ -460,7 +460,7 @@ def path_warning(service: tuple, client: tuple, local: bool, listeners: list[str
             f"and the agent sends to it at {show(service)}: unless it answers from the address it was reached "
             f"at (as WireGuard does), it answers a client such as {show(client)} from {source}{where}, and "
             f"those answers leave{where} for the client's real address instead of coming back to the agent. "
-            f"Bind the service to {show(service)}, or give the agent -s {show((source, port))}")
+            f"Bind the service to {show(service)}")
 
 
 def service_path_warning(service: tuple, client: tuple, netlink: Netlink | None = None,
