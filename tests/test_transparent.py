@@ -214,3 +214,34 @@ def test_rtnetlink_lists_the_main_table_rule_and_finds_loopback_local():
         r = nl.route_get(socket.AF_INET, "127.0.0.1")
         # (its table is 255, local, or 254 while no rule was ever added: the kernel merges them till then)
         assert (r.type, r.oif) == (rtnl.RTN_LOCAL, socket.if_nametoindex("lo"))
+
+
+def fake_proc(tmp_path, owner: str | None):
+    """A /proc with one UDP socket on 0.0.0.0:51820 (inode 4242), held by `owner` (or no process)."""
+    net = tmp_path / "net"
+    net.mkdir()
+    (net / "udp").write_text(
+        "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+        " 1555: 00000000:CA6C 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 4242 2\n")
+    fd = tmp_path / "123" / "fd"
+    fd.mkdir(parents=True)
+    (fd / "0").symlink_to("/dev/null")
+    if owner:
+        (fd / "3").symlink_to("socket:[4242]")
+        (tmp_path / "123" / "comm").write_text(owner + "\n")
+    return str(net), str(tmp_path)
+
+
+@pytest.mark.parametrize("owner, expect", [("wireguard-go", "wireguard-go"), (None, "kernel"),
+                                           ("python3", "python3")])
+def test_the_owner_of_the_socket_on_all_addresses_is_found_by_its_inode(tmp_path, owner, expect):
+    if sys.byteorder != "little":
+        pytest.skip("the sample lines are a little-endian host's")
+    net, proc = fake_proc(tmp_path, owner)
+    assert transparent.wildcard_owner(("127.0.0.1", 51820), net, proc) == expect
+
+
+@pytest.mark.parametrize("owner", ["wireguard-go", "kernel"])
+def test_no_warning_for_wireguard_which_answers_from_the_address_it_was_reached_at(owner):
+    assert path_warning(("127.0.0.1", 51820), CLIENT, True, ["0.0.0.0"], "192.0.2.2", "eth0", owner) is None
+    assert path_warning(("127.0.0.1", 51820), CLIENT, True, ["0.0.0.0"], "192.0.2.2", "eth0", "python3")

@@ -138,41 +138,41 @@ def driver() -> None:
 
 
 def relay(lhost: str, lport: str, shost: str, sport: str, ip1: str, ip2: str, table: str) -> None:
-    service = (shost, int(sport))
-    routing = transparent.Routing([service], table=int(table))
-    print(json.dumps({"routing": routing.install()}), flush=True)
+    """What the inside agent's I/O does with TransparentClients, for one service."""
+    def log(**kw) -> None:
+        print(json.dumps(kw), flush=True)
+    clients = transparent.TransparentClients((shost, int(sport)), int(table), warn=lambda m: log(warning=m))
+    log(routing=clients.start())
     front = socket.socket(fam(lhost), socket.SOCK_DGRAM)
     front.bind((lhost, int(lport)))
     ep = select.epoll()
     ep.register(front.fileno(), select.EPOLLIN)
-    by_peer: dict[tuple, socket.socket] = {}  # the real sender -> its service socket
-    peer_of: dict[int, tuple[socket.socket, tuple]] = {}  # service socket fd (current or retired) -> it, the sender
-    retiring = transparent.Retiring()
+    current: dict[tuple, tuple[socket.socket, tuple]] = {}  # the real sender -> its socket, announced address
+    by_fd: dict[int, tuple[socket.socket, tuple]] = {}  # any registered service socket -> it, the real sender
     state = {"ip": ip1, "stop": False, "move": False}
     signal.signal(signal.SIGUSR1, lambda *a: state.update(move=True))
     signal.signal(signal.SIGTERM, lambda *a: state.update(stop=True))
 
-    def announce(peer: tuple) -> socket.socket:
-        o = transparent.open_socket((state["ip"], peer[1]), service)
-        ep.register(o.sock.fileno(), select.EPOLLIN)
-        peer_of[o.sock.fileno()] = (o.sock, peer)
-        print(json.dumps({"client": list(peer[:2]), "bound": list(o.bound), "exact": o.exact}), flush=True)
-        return o.sock
-
-    def close(s: socket.socket) -> None:
-        ep.unregister(s.fileno())
-        peer_of.pop(s.fileno(), None)
-        s.close()
+    def register(s: socket.socket, peer: tuple) -> None:
+        if s.fileno() not in by_fd:
+            ep.register(s.fileno(), select.EPOLLIN)
+        by_fd[s.fileno()] = (s, peer)
 
     try:
         while not state["stop"]:
+            now = time.monotonic()
             if state["move"]:
                 state["move"], state["ip"] = False, ip2
-                for peer, old in list(by_peer.items()):
-                    retiring.retire(old, (), time.monotonic())
-                    by_peer[peer] = announce(peer)
-            for s in retiring.expired(time.monotonic()):
-                close(s)
+                for peer, (old, announced) in list(current.items()):
+                    new = (ip2, announced[1])
+                    s = clients.move(old, announced, new, now)
+                    register(s, peer)
+                    current[peer] = (s, new)
+                    log(client=list(peer[:2]), moved=list(new))
+            for s in clients.expired(now):
+                ep.unregister(s.fileno())
+                del by_fd[s.fileno()]
+                s.close()
             try:
                 events = ep.poll(0.2)
             except InterruptedError:
@@ -180,21 +180,27 @@ def relay(lhost: str, lport: str, shost: str, sport: str, ip1: str, ip2: str, ta
             for fd, _ in events:
                 if fd == front.fileno():
                     data, peer = front.recvfrom(65536)
-                    s = by_peer.get(peer) or by_peer.setdefault(peer, announce(peer))
-                    s.send(data)
-                elif fd in peer_of:
-                    s, peer = peer_of[fd]
+                    if peer not in current:
+                        announced = (state["ip"], peer[1])  # what the outside agent would announce
+                        s = clients.announce(announced)
+                        register(s, peer)
+                        current[peer] = (s, announced)
+                        log(client=list(peer[:2]), bound=list(s.getsockname()[:2]))
+                    current[peer][0].send(data)
+                elif fd in by_fd:
+                    s, peer = by_fd[fd]
                     try:
                         data = s.recv(65536)
                     except OSError:
                         continue
-                    retiring.seen(fd, time.monotonic())
+                    if s is not current[peer][0]:
+                        clients.seen(fd, now)
                     front.sendto(data, peer)
     finally:
-        for s in list(by_peer.values()) + retiring.all():
+        retired, removed = clients.stop()
+        for s in retired + [c[0] for c in current.values()]:
             s.close()
-        print(json.dumps({"removed": routing.remove()}), flush=True)
-        routing.close()
+        log(removed=removed)
 
 
 if __name__ == "__main__":

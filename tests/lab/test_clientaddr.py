@@ -457,4 +457,6 @@ def test_wireguard_lists_the_announced_client_address_as_the_peer_endpoint_and_f
     finally:
         assert lab.stop(relay) == 0
     assert f"lookup {WG_TABLE}" not in rules(lab)
-    assert json.loads(lab.log(log).strip().splitlines()[-1])["removed"]
+    events = [json.loads(line) for line in lab.log(log).split("\n") if line.startswith("{")]
+    assert events[-1]["removed"] and len(events[0]["routing"]) == 4  # both families: wireguard-go is on [::]
+    assert not [e for e in events if "warning" in e]  # it answers from where it was reached: nothing to warn of

@@ -253,9 +253,9 @@ class Retiring:
 
 # --- the service's addresses ---
 
-def udp_listeners(port: int, proc: str = "/proc/net") -> list[str]:
-    """The addresses that unconnected UDP sockets of this network namespace are bound to
-    on `port` (0.0.0.0 and :: for sockets bound to all addresses)."""
+def _udp_sockets(port: int, proc: str) -> list[tuple[str, int]]:
+    """(bound address, inode) of the unconnected UDP sockets of this network namespace on
+    `port` (0.0.0.0 and :: for sockets bound to all addresses)."""
     out = []
     for name, fam in (("udp", socket.AF_INET), ("udp6", socket.AF_INET6)):
         try:
@@ -270,10 +270,56 @@ def udp_listeners(port: int, proc: str = "/proc/net") -> list[str]:
             addr, _, p = cols[1].partition(":")
             if int(p, 16) != port:
                 continue
-            raw = b"".join(int(addr[i:i + 8], 16).to_bytes(4, sys.byteorder)
-                           for i in range(0, len(addr), 8))
-            out.append(socket.inet_ntop(fam, raw))
+            raw = b"".join(int(addr[i:i + 8], 16).to_bytes(4, sys.byteorder) for i in range(0, len(addr), 8))
+            out.append((socket.inet_ntop(fam, raw), int(cols[9]) if len(cols) > 9 else 0))
     return out
+
+
+def udp_listeners(port: int, proc: str = "/proc/net") -> list[str]:
+    """The addresses that unconnected UDP sockets of this network namespace are bound to
+    on `port` (0.0.0.0 and :: for sockets bound to all addresses)."""
+    return [a for a, _ in _udp_sockets(port, proc)]
+
+
+# programs whose UDP sockets answer from the address a datagram was sent to (IP_PKTINFO), so
+# that a socket on all addresses is no mistake: WireGuard in the kernel (no process holds its
+# socket) and wireguard-go (its Linux bind keeps each peer's source; seen in tests/lab)
+ANSWERS_FROM_REACHED = ("kernel", "wireguard-go")
+
+
+def socket_owner(inode: int, proc: str = "/proc") -> str | None:
+    """The command name of the process holding the socket, "kernel" when no process holds
+    it (every process's fds could be read), None when unknown."""
+    want = f"socket:[{inode}]"
+    complete = True
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        fds = os.path.join(proc, pid, "fd")
+        try:
+            names = os.listdir(fds)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            complete = False
+            continue
+        for fd in names:
+            try:
+                if os.readlink(os.path.join(fds, fd)) == want:
+                    with open(os.path.join(proc, pid, "comm")) as f:
+                        return f.read().strip()
+            except OSError:
+                continue
+    return "kernel" if complete else None
+
+
+def wildcard_owner(service: tuple, proc_net: str = "/proc/net", proc: str = "/proc") -> str | None:
+    """Who holds the socket on all addresses at the service's port (socket_owner), or None."""
+    wild = ("0.0.0.0", "::") if _family(_unmapped(service[0])) == socket.AF_INET else ("::",)
+    for addr, inode in _udp_sockets(service[1], proc_net):
+        if addr in wild and inode:
+            return socket_owner(inode, proc)
+    return None
 
 
 def service_addresses(service: tuple, listeners: list[str]) -> dict[int, tuple[str, int]]:
@@ -438,13 +484,14 @@ class Routing:
 # --- the common mistakes ---
 
 def path_warning(service: tuple, client: tuple, local: bool, listeners: list[str],
-                 source: str | None, device: str | None) -> str | None:
+                 source: str | None, device: str | None, owner: str | None = None) -> str | None:
     """The warning for a service whose answers will not come back to the agent, or None.
 
     service: where the agent sends; client: a client address; local: whether the
     service address is an address of this host; listeners: what UDP sockets on the
     service port are bound to (udp_listeners); source, device: the source address and
-    interface this host picks for the client's address (its route)."""
+    interface this host picks for the client's address (its route); owner: who holds the
+    socket on all addresses (wildcard_owner): no warning for ANSWERS_FROM_REACHED."""
     host, port = _unmapped(service[0]), service[1]
     if not local:
         return (f"--client-address transparent: the service {show(service)} is not on this host: it will "
@@ -452,7 +499,7 @@ def path_warning(service: tuple, client: tuple, local: bool, listeners: list[str
                 f"Run the service on this host, or route its answers to clients through this host")
     # a socket on [::] takes IPv4 too (unless IPV6_V6ONLY, which /proc does not show)
     wild = [w for w in (("0.0.0.0", "::") if _family(host) == socket.AF_INET else ("::",)) if w in listeners]
-    if host in listeners or not wild or source is None or source == host:
+    if host in listeners or not wild or source is None or source == host or owner in ANSWERS_FROM_REACHED:
         return None
     wildcard = wild[0]
     where = f" on {device}" if device else ""
@@ -485,4 +532,107 @@ def service_path_warning(service: tuple, client: tuple, netlink: Netlink | None 
     finally:
         if own:
             nl.close()
-    return path_warning(service, client, local, udp_listeners(service[1], proc), source, device)
+    listeners = udp_listeners(service[1], proc)
+    owner = wildcard_owner(service, proc) if local else None
+    return path_warning(service, client, local, listeners, source, device, owner)
+
+
+# --- what the inside agent's I/O layer calls ---
+
+class TransparentClients:
+    """--client-address transparent for one inside agent: all of the above behind the
+    calls the I/O layer makes.
+
+        start()                    at start, before any tunnel: privileges, routing (one line on error)
+        announce(client)           a client's first announcement -> its service socket
+        move(sock, old, new, now)  the client moved -> its new socket (the old one drains)
+        leave(sock)                the client's tunnel closed (after unregistering sock)
+        seen(fd, now)              an answer was read from a socket that is not a client's current one
+        expired(now)               on the timer -> old sockets to unregister and close
+        stop()                     at stop -> retired sockets to unregister and close; routing removed
+
+    Warnings (a client's port taken here, a service whose answers will not come back)
+    go to `warn`, once per cause."""
+
+    def __init__(self, service: tuple, table: int = DEFAULT_TABLE, manage_routing: bool = True,
+                 warn=lambda msg: None, drain: float = DRAIN) -> None:
+        self.service = (_unmapped(service[0]), service[1])
+        self.table, self.manage = table, manage_routing
+        self.warn = warn
+        self.retiring = Retiring(drain=drain)
+        self.services: dict[int, tuple[str, int]] = {}
+        self.routing: Routing | None = None
+        self._checked: set[int] = set()  # families whose service path was checked
+        self._taken: set[int] = set()  # ports already warned about
+
+    def start(self) -> list[str]:
+        """Raises TransparentError (str: the line to print before exiting 1). Returns what
+        to log: the policy routing it added (as `ip` commands)."""
+        self.services = service_addresses(self.service, udp_listeners(self.service[1]))
+        msg = check_privileges(self.manage, tuple(self.services))
+        if msg:
+            raise PrivilegeError(msg)
+        self.routing = Routing(list(self.services.values()), self.table)
+        if self.manage:
+            return [f"policy routing: {c}" for c in self.routing.install()]
+        missing = self.routing.missing()
+        if missing:
+            raise RoutingError("--client-address transparent: the policy routing is not set up; as root: "
+                               + "; ".join(missing))
+        return []
+
+    def _open(self, client: tuple) -> socket.socket:
+        host = _unmapped(client[0])
+        fam = _family(host)
+        service = self.services.get(fam)
+        if service is None:
+            v = 6 if fam == socket.AF_INET6 else 4
+            raise ClientAddressError(f"client {show(client)}: the service has no IPv{v} address "
+                                     f"({show(self.service)}): it sees this client as the agent")
+        if fam not in self._checked:
+            self._checked.add(fam)
+            w = service_path_warning(service, (host, client[1]))
+            if w:
+                self.warn(w)
+        o = open_socket((host, client[1]), service)
+        if not o.exact and client[1] not in self._taken:
+            self._taken.add(client[1])
+            self.warn(port_taken_warning(client, o))
+        return o.sock
+
+    def announce(self, client: tuple) -> socket.socket:
+        """The client's service socket, not yet registered. Raises ClientAddressError (log it:
+        the I/O layer may then give the client a plain socket) or OSError (EMFILE...)."""
+        return self._open(client)
+
+    def move(self, sock: socket.socket, old: tuple, new: tuple, now: float) -> socket.socket:
+        """The socket for the client's new address (its own old one if it moves back within
+        the drain); `sock` stays registered and forwards answers up the same tunnel until
+        expired() returns it."""
+        new_sock = self.retiring.revive(((_unmapped(new[0]), new[1]),))
+        if new_sock is None:
+            new_sock = self._open(new)
+        self.retiring.retire(sock, ((_unmapped(old[0]), old[1]),), now)
+        return new_sock
+
+    def leave(self, sock: socket.socket) -> None:
+        sock.close()
+
+    def seen(self, fd: int, now: float) -> None:
+        self.retiring.seen(fd, now)
+
+    def expired(self, now: float) -> list[socket.socket]:
+        return self.retiring.expired(now)
+
+    def stop(self) -> tuple[list[socket.socket], list[str]]:
+        """(retired sockets to unregister and close, the policy routing removed)."""
+        removed = []
+        if self.routing is not None:
+            if self.manage:
+                try:
+                    removed = self.routing.remove()
+                except RoutingError as e:
+                    self.warn(str(e))
+            self.routing.close()
+            self.routing = None
+        return self.retiring.all(), removed
