@@ -17,6 +17,7 @@ DROPS: dict[str, tuple[str, str]] = {
     "auth": (BOTH, "a control message whose tag no key verifies (wrong key?)"),
     "malformed": (BOTH, "a control-looking datagram that does not parse"),
     "replay": (BOTH, "a control message seen before (replayed)"),
+    "closed_tunnel": (OUTSIDE, "a keepalive of a tunnel the inside closed (replayed)"),
     "session": (OUTSIDE, "a keepalive naming a tunnel of another inside session"),
     "rate": (OUTSIDE, "a challenge over its source's or the global budget"),
     "sessions": (OUTSIDE, "a new inside session while the table of sessions is full"),

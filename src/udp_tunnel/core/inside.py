@@ -26,7 +26,7 @@ import heapq
 import os
 import socket
 import time
-from collections import Counter, deque
+from collections import Counter
 from typing import NamedTuple
 
 from udp_tunnel.addr import show
@@ -34,6 +34,7 @@ from udp_tunnel.core.classify import Kind, inside_rule
 from udp_tunnel.core.common import Activity, CoreError, Logger, Meter, leg
 from udp_tunnel.core.keepalive import MIN_INTERVAL, Learner
 from udp_tunnel.core.keys import GRACE, KeySet
+from udp_tunnel.core.spares import Demand
 from udp_tunnel.wire import proto
 from udp_tunnel.wire.proto import Control, ControlError
 
@@ -41,8 +42,6 @@ TICK = 1.0
 STALL = 2.0  # an active tunnel sending without hearing anything back for this long: keepalive now
 RETRY = 0.25  # first wait for an answer to a registration; doubles up to the keepalive interval
 LEGACY_RESOLVE = 300.0  # legacy mode has no replies: look the name up again this often
-DEMAND_WINDOW = 10.0  # spares follow the clients that arrived this recently
-MAX_EXTRA_SPARES = 64  # spares opened for demand beyond --spares
 
 
 class OpenTunnel(NamedTuple):
@@ -153,7 +152,7 @@ class InsideCore:
         self.next_tick = now
         self.timers: list[tuple[float, int]] = []  # (when, tid): keepalives due, stale entries skipped
         self.active = 0  # tunnels in state ACTIVE
-        self.arrivals: deque[float] = deque()  # when clients arrived, over DEMAND_WINDOW
+        self.demand = Demand()  # clients' arrivals and registration times: the spares they need
         self.waiting = 0  # clients held at the outside for want of a spare (it says so)
         self.last_hello = -1e9
 
@@ -165,12 +164,12 @@ class InsideCore:
     def counts(self) -> tuple[int, int]:
         return self.active, len(self.tunnels) - self.active
 
-    def spare_target(self) -> int:
+    def spare_target(self, now: float) -> int:
         """Spares ready for clients: --spares, plus as many as clients arrived lately or wait at
         the outside, within --max-clients. The spare that idles to learn the NAT timeout (the
         probe) is never handed out while it idles and is not counted here; until it starts,
         one more is kept to start it with."""
-        extra = min(MAX_EXTRA_SPARES, max(len(self.arrivals), self.waiting))
+        extra = self.demand.extra(now, self.waiting)
         target = max(0, min(self.spares + extra, self.max_clients - self.active)) if self.spares else 0
         if target and self.probe is None and not (self.legacy or self.learner.done()):
             target += 1
@@ -182,7 +181,7 @@ class InsideCore:
 
     def _replenish(self, now: float) -> None:
         active, spare = self.active, self.ready_spares()
-        want = self.spare_target()
+        want = self.spare_target(now)
         if spare < self.spares and active >= self.max_clients:  # the outside counts what it drops
             self.log.limited("limit", f"client limit ({self.max_clients}) reached: no new spare tunnel")
         while spare < want:
@@ -196,7 +195,7 @@ class InsideCore:
 
     def _shrink(self, now: float) -> None:
         """Close spares beyond the target, the oldest first, once demand has passed."""
-        extra = self.ready_spares() - self.spare_target()
+        extra = self.ready_spares() - self.spare_target(now)
         if extra <= 0:
             return
         spares = (t for t in self.tunnels.values() if t.state is SPARE and t is not self.probe)
@@ -210,7 +209,7 @@ class InsideCore:
         self.active += 1
         t.activated = now
         t.rx_act.last = now
-        self.arrivals.append(now)
+        self.demand.arrived(now)
         self.actions.append(OpenService(t.tid))
         self.log.info(f"tunnel {t.tid:016x} now carries a client")
         if not self.legacy:
@@ -415,6 +414,8 @@ class InsideCore:
         t.last_reply = now
         t.known_by = self.outside_session
         if not t.registered:
+            if not t.registrations:
+                self.demand.registered(now - t.created)
             t.registered = True
             t.registrations += 1
             t.registered_at = now
@@ -518,8 +519,6 @@ class InsideCore:
 
     def _tick(self, now: float) -> None:
         """Once a second: the active tunnels' activity, and the pool of spares."""
-        while self.arrivals and now - self.arrivals[0] > DEMAND_WINDOW:
-            self.arrivals.popleft()
         for t in [t for t in self.tunnels.values() if t.state is ACTIVE]:
             t.rx_act.sample(t.rx, now)
             moved = t.tx_act.sample(t.tx, now)
@@ -593,6 +592,8 @@ class InsideCore:
         return {"role": "inside", "protocol": "legacy" if self.legacy else "v2",
                 "uptime": now - self.started, "clients": active, "spares": spare,
                 "keepalive": {**self.learner.snapshot(), "interval": self.interval(), "upper": self.keepalive},
+                "demand": self.demand.snapshot(),
+                "demand": self.demand.snapshot(),
                 "outside_answering": self.legacy or (self.answering and self.last_reply is not None
                                                      and now - self.last_reply <= self.dead_after()),
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels}

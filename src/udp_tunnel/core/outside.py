@@ -34,12 +34,12 @@ import enum
 import os
 import socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from udp_tunnel.addr import show
 from udp_tunnel.core.admission import Admission, Source, source_key
 from udp_tunnel.core.classify import Kind, outside_rule
-from udp_tunnel.core.common import Activity, CoreError, Datagram, Flow, Logger, ReplayWindow, leg
+from udp_tunnel.core.common import Activity, CoreError, Datagram, Flow, Logger, ReplayWindow, TokenBucket, leg
 from udp_tunnel.core.keys import GRACE, KeySet
 from udp_tunnel.core.routes import RouteTable
 from udp_tunnel.core.wireguard import Gate
@@ -47,6 +47,13 @@ from udp_tunnel.wire import proto
 from udp_tunnel.wire.proto import Control, ControlError
 
 SESSIONS = 256  # inside sessions remembered
+STRANGERS = 4096  # sessions not (yet) known whose challenged keepalive counters are remembered
+CLOSED = 16384  # tunnel ids the inside closed, remembered for a cookie's life
+PROVEN = 8192  # addresses where a tunnel registered, remembered
+NEAR = 1024  # a new tunnel's first keepalive is this close to its session's newest counter
+# Challenges have three budgets, so that strangers can't starve the real inside agent:
+SESSION_CHALLENGES = 500.0  # per second, per known session: its new tunnels (fresh counters only)
+PROVEN_CHALLENGES = 500.0  # per second: to addresses where a tunnel registered before
 LEGACY_TICK = 0.0015  # s: a legacy spare is handed out no sooner than the next millisecond of its keepalive
 class State(enum.Enum):
     SPARE = "spare"
@@ -57,15 +64,37 @@ class State(enum.Enum):
 class Session:
     """What this agent knows of one inside agent's session (its random id)."""
 
-    __slots__ = ("sid", "window", "active", "announced", "last", "src")
+    __slots__ = ("sid", "window", "active", "announced", "last", "src", "challenges")
 
-    def __init__(self, sid: int, now: float, src=None) -> None:
+    def __init__(self, sid: int, now: float, src=None, window: ReplayWindow | None = None,
+                 burst: float = 64.0) -> None:
         self.sid = sid
         self.src = src  # where it first registered from (its source key)
-        self.window = ReplayWindow()  # its keepalive counters: each accepted once
+        self.window = window or ReplayWindow()  # its keepalive counters: each accepted once
         self.active = 0  # ORPHAN and BOUND tunnels here
         self.announced: int | None = None  # active tunnels it said it has (while recovering)
         self.last = now
+        self.challenges = TokenBucket(SESSION_CHALLENGES, burst, now)  # for its new tunnels
+
+
+class Strangers:
+    """The keepalive counters challenged per inside session this agent does not know: each
+    (session, counter) is challenged once, so replays of captured keepalives of a forgotten
+    session (or of every session, after a restart) cost one challenge each, not one per copy."""
+
+    def __init__(self) -> None:
+        self.windows: OrderedDict[int, ReplayWindow] = OrderedDict()
+
+    def first(self, sid: int, counter: int) -> bool:
+        w = self.windows.pop(sid, None) or ReplayWindow()
+        self.windows[sid] = w
+        if len(self.windows) > STRANGERS:
+            self.windows.popitem(last=False)
+        return w.fresh(counter)
+
+    def known(self, sid: int) -> ReplayWindow | None:
+        """The session is known now: what was challenged of it (its window goes on from there)."""
+        return self.windows.pop(sid, None)
 
 
 class Tunnel:
@@ -121,6 +150,10 @@ class OutsideCore:
         self.clients: dict[tuple, Tunnel] = {}
         self.spares: dict[int, Tunnel] = {}  # in order of their last keepalive, freshest last
         self.sessions: dict[int, Session] = {}
+        self.strangers = Strangers()
+        self.closed: OrderedDict[int, float] = OrderedDict()  # tunnel id -> when the inside closed it
+        self.proven: OrderedDict[tuple, None] = OrderedDict()  # addresses where a tunnel registered
+        self.proven_challenges = TokenBucket(PROVEN_CHALLENGES, float(self.max_tunnels), now)
         self.out: list[Datagram] = []
         self.stats: Counter[str] = Counter()
         self.retired: Counter[str] = Counter()  # traffic of tunnels gone, for totals that never drop
@@ -251,7 +284,15 @@ class OutsideCore:
         self.by_addr[addr] = t
         self.spares[tid] = t
         self.stats["registrations"] += 1
+        self._prove(addr)
         return t
+
+    def _prove(self, addr: tuple) -> None:
+        """A tunnel registered at addr (or did before a restart): its challenges have a budget."""
+        self.proven.pop(addr, None)
+        self.proven[addr] = None
+        if len(self.proven) > PROVEN:
+            self.proven.popitem(last=False)
 
     def _remove(self, t: Tunnel, why: str) -> None:
         if self.tunnels.get(t.tid) is not t:
@@ -304,6 +345,7 @@ class OutsideCore:
         del self.by_addr[old]
         self.by_addr[addr] = t
         t.addr = addr
+        self._prove(addr)
         if t.state is State.BOUND:
             self.routes.move_tunnel(t.client, old, addr)
         t.rebinds += 1
@@ -322,15 +364,15 @@ class OutsideCore:
             return
         session = self.sessions.get(m.session)
         t = self.tunnels.get(m.tunnel)
-        if not self._fresh(m, session, t):
+        if not self._fresh(m, session, t, now):
             return
         slot = int(now // self.cookie_slot)
         cur = self._cookie(slot, m, addr)
         if m.cookie != cur and m.cookie != self._cookie(slot - 1, m, addr):
-            self._challenge(m, addr, cur, now)
+            self._challenge(m, addr, cur, now, session)
             return
         if session is None:
-            session = self._new_session(m.session, addr, now)
+            session = self._new_session(m, addr, now)
             if session is None:
                 self._reply(addr, m, proto.F_REFUSED, cur)
                 return
@@ -343,6 +385,9 @@ class OutsideCore:
                    now: float) -> None:
         """An authentic, fresh keepalive from an address that proved itself (its cookie)."""
         if m.flags & proto.F_CLOSING:
+            self.closed[m.tunnel] = now
+            if len(self.closed) > CLOSED:
+                self.closed.popitem(last=False)
             if t is not None:
                 self._remove(t, "closed by the inside agent")
             return
@@ -399,29 +444,55 @@ class OutsideCore:
             return None
         return m
 
-    def _fresh(self, m: Control, session: Session | None, t: Tunnel | None) -> bool:
+    def _fresh(self, m: Control, session: Session | None, t: Tunnel | None, now: float) -> bool:
         """Each keepalive counts once, also after its tunnel is gone; checked before any
-        answer, so replays of captured keepalives cost one MAC and get nothing back."""
+        answer, so replays of captured keepalives cost one MAC and get nothing back. A new
+        tunnel's first keepalive is among its session's newest, and a tunnel the inside
+        closed stays closed."""
         if t is not None and t.session.sid != m.session:
             self.stats["drop_session"] += 1
             return False
-        if session is not None and not session.window.fresh(m.counter) \
-                or t is not None and m.counter <= t.counter:
+        if t is None and self._was_closed(m.tunnel, now):
+            self.stats["drop_closed_tunnel"] += 1
+            return False
+        if session is not None:
+            stale = t is None and m.counter + NEAR < session.window.top
+            if stale or not session.window.fresh(m.counter):
+                self.stats["drop_replay"] += 1
+                return False
+        if t is not None and m.counter <= t.counter:
             self.stats["drop_replay"] += 1
             return False
         return True
 
-    def _challenge(self, m: Control, addr: tuple, cookie: bytes, now: float) -> None:
-        """Prove you receive at `addr`: the cookie goes there, no state is kept."""
+    def _was_closed(self, tid: int, now: float) -> bool:
+        when = self.closed.get(tid)
+        return when is not None and now - when < 2 * self.cookie_slot
+
+    def _challenge(self, m: Control, addr: tuple, cookie: bytes, now: float, session: Session | None) -> None:
+        """Prove you receive at `addr`: the cookie goes there, no state is kept. Within budgets:
+        a known session's fresh counter (its new tunnel, or a tunnel's new NAT mapping) has its
+        own; an address where a tunnel registered before has its own; strangers share the rest,
+        and each counter of a session not known here is challenged once."""
         if m.flags & proto.F_CLOSING:
             return
-        if not self.admission.may_challenge(addr, now):
+        if session is None and not self.strangers.first(m.session, m.counter):
+            self.stats["drop_replay"] += 1
+            return
+        if session is not None:
+            ok = session.challenges.take(now)
+        elif addr in self.proven:
+            ok = self.proven_challenges.take(now)
+        else:
+            ok = self.admission.may_challenge(addr, now)
+        if not ok:
             self.stats["drop_rate"] += 1
             return
         self.stats["challenges"] += 1
         self._reply(addr, m, 0, cookie)
 
-    def _new_session(self, sid: int, addr: tuple, now: float) -> Session | None:
+    def _new_session(self, m: Control, addr: tuple, now: float) -> Session | None:
+        sid = m.session
         if len(self.sessions) >= SESSIONS:
             # forget one with no tunnel left whose cookies have died; never one that could
             # still replay (its window would be lost)
@@ -432,7 +503,9 @@ class OutsideCore:
                 self.log.limited("sessions", f"{SESSIONS} inside agent sessions known: refusing another")
                 return None
             del self.sessions[dead.sid]
-        s = self.sessions[sid] = Session(sid, now, source_key(addr))
+        s = self.sessions[sid] = Session(sid, now, source_key(addr), self.strangers.known(sid),
+                                         float(self.max_tunnels))
+        s.window.fresh(m.counter)  # the keepalive that made it counts once too
         if self.recovering:  # an inside agent restarted here: don't wait for its old session
             for old in self.sessions.values():
                 if old.src == s.src and old is not s:
@@ -534,6 +607,7 @@ class OutsideCore:
                 addr = ("::ffff:" + addr[0], addr[1], 0, 0)
             elif self.family == socket.AF_INET and ":" in addr[0]:
                 continue
+            self._prove(addr)
             m = Control(proto.REPLY, proto.F_HELLO, self.session, tid, 0)
             self.out.append(Datagram(self.keys.codec.encode(m), addr))
             self.stats["hellos"] += 1
