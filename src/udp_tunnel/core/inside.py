@@ -593,7 +593,6 @@ class InsideCore:
                 "uptime": now - self.started, "clients": active, "spares": spare,
                 "keepalive": {**self.learner.snapshot(), "interval": self.interval(), "upper": self.keepalive},
                 "demand": self.demand.snapshot(),
-                "demand": self.demand.snapshot(),
                 "outside_answering": self.legacy or (self.answering and self.last_reply is not None
                                                      and now - self.last_reply <= self.dead_after()),
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels}
