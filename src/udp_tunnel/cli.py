@@ -296,6 +296,20 @@ def state_path(given: str | None, name: str) -> str | None:
     return agent_path(given, name, "STATE_DIRECTORY", "outside.state", ".state")
 
 
+def status_main(argv: list[str]) -> int:
+    """udp-tunnel status [NAME] [--control PATH] [--json]"""
+    from udp_tunnel.ops import status
+
+    p = Parser(prog="udp-tunnel status", description="Show running agents and their tunnels.")
+    p.add_argument("name", metavar="NAME", nargs="?", help="only the agent of this name")
+    p.add_argument("--control", metavar="PATH", help="only the agent serving this control socket")
+    p.add_argument("--json", action="store_true", help="print the raw JSON document")
+    a = p.parse_args(argv)
+    if a.name and a.control:
+        raise UsageError("status: give NAME or --control PATH, not both")
+    return status.show(name=a.name, control=a.control, as_json=a.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -303,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             from udp_tunnel.demo import demo
             return demo(argv[1:])
         if argv[:1] == ["status"]:
-            from udp_tunnel.ops.status import status_command
-            return status_command(argv[1:])
+            return status_main(argv[1:])
         return run(build_parser().parse_args(join_negative(argv)))
     except (StartError, ResolveError) as e:
         print(f"udp-tunnel: {e}", file=sys.stderr)
