@@ -8,6 +8,8 @@ import socket
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agents import ROOT, command, env
 from udp_tunnel import cli, config
@@ -318,6 +320,13 @@ def test_a_file_that_is_not_utf8_names_its_line(tmp_path, capsys):
         2, "", f"udp-tunnel: {path}:11: not UTF-8 text (byte 0xe9 at column 6): save the file as UTF-8\n")
 
 
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a=" * 2000 + "1" + "}" * 2000])
+def test_values_nested_too_deep_are_one_line_not_a_traceback(tmp_path, capsys, value):
+    path = write(tmp_path, f"[outside]\nlisten = \"9\"\nx = {value}\n")
+    assert main(capsys, "--check-config", "--config", path) == (
+        2, "", f"udp-tunnel: {path}:3: lists or tables nested too deep\n")
+
+
 def test_lines_are_found_past_multi_line_strings_arrays_and_inline_tables(tmp_path, capsys):
     text = edit(OUTSIDE, 'key = "home"\n', 'key = "home"\nwireguard_key = [\n  "' + WG + '",  # first\n'
                 '  # a comment ] with a bracket\n]\n')
@@ -370,3 +379,37 @@ def test_install_facts_say_the_role_key_files_descriptors_and_capability(capsys)
                           os.path.join(EXAMPLES, "inside.toml"))
     assert out == ("role=inside\nkey_file=home.key\nnofile=2068\ncaps=\n"
                    "description=wireguard, game via vps.example.com:9999\n")
+
+
+def test_the_readme_s_config_examples_pass_check_config_alone_and_together(tmp_path, capsys):
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## Config file"):readme.index("## How it behaves")]
+    blocks = [b.split("```", 1)[0] for b in section.split("```toml\n")[1:]]
+    assert len(blocks) == 2 and "[outside]" in blocks[0] and "[inside]" in blocks[1]
+    outside, inside = write(tmp_path, blocks[0], "outside.toml"), write(tmp_path, blocks[1], "inside.toml")
+    assert main(capsys, "--check-config", "--config", outside, "--config", inside) == (0, "", "")
+    wrong = write(tmp_path, blocks[0].replace('listen = "51820"', 'listen = "27000-27015"'), "wrong.toml")
+    line = next(x for x in section.splitlines() if x.startswith("udp-tunnel: /etc/udp-tunnel/outside.toml:"))
+    assert main(capsys, "--check-config", "--config", wrong) == (
+        2, "", line.replace("/etc/udp-tunnel/outside.toml", wrong) + "\n")  # the error the README shows
+
+
+EXAMPLE_BYTES = [open(os.path.join(EXAMPLES, f), "rb").read() for f in ("outside.toml", "inside.toml")]
+
+
+@settings(max_examples=400, derandomize=True, deadline=None)
+@given(which=st.sampled_from([0, 1]), edits=st.lists(
+    st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 40),
+              st.binary(max_size=6) | st.sampled_from([b"[", b"]", b"{", b'"', b"'''", b"=", b"\n", b"-", b"\xff"])),
+    min_size=1, max_size=5))
+def test_any_mangled_file_is_a_configuration_or_one_line_naming_the_file_never_a_traceback(which, edits):
+    text = bytearray(EXAMPLE_BYTES[which])
+    for where, cut, insert in edits:  # cut some bytes somewhere and put others in their place
+        i = int(where * len(text))
+        text[i:i + cut] = insert
+    try:
+        c = config.parse(bytes(text), "mangled.toml")
+    except config.ConfigError as e:
+        assert str(e).startswith("mangled.toml") and "\n" not in str(e) and e.status == 2
+    else:
+        assert c.role in ("outside", "inside") and c.services

@@ -260,7 +260,7 @@ class _Locator:
         self.lines: dict[tuple[str, ...], int] = {}
         try:
             self._document()
-        except (IndexError, ValueError):  # not expected of a text tomllib read; keep what was found
+        except (IndexError, ValueError, RecursionError):  # not expected of a text tomllib read; keep what was found
             pass
 
     def line_at(self, i: int) -> int:
@@ -697,6 +697,16 @@ _TOML_ERROR = re.compile(r"(.*) \(at line (\d+), column (\d+)\)$", re.DOTALL)
 _TWICE = re.compile(r"Cannot declare \((.*)\) twice$")
 
 
+def _deepest(text: str, limit: int = 100) -> int:
+    """The line where brackets first nest deeper than limit (strings and comments counted too: a guess)."""
+    depth = 0
+    for i, c in enumerate(text):
+        depth += (c in "[{") - (c in "]}")
+        if depth > limit:
+            return text.count("\n", 0, i) + 1
+    return 1
+
+
 def parse(data: bytes, path: str) -> Config:
     """The configuration in data (the bytes of the file at path); ConfigError when it is wrong."""
     import tomllib
@@ -713,6 +723,8 @@ def parse(data: bytes, path: str) -> Config:
     text = text.removeprefix("\ufeff")
     try:
         doc = tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError("lists or tables nested too deep", path, _deepest(text)) from None
     except tomllib.TOMLDecodeError as e:
         m = _TOML_ERROR.match(str(e))
         if not m:
