@@ -159,7 +159,10 @@ class MetricsServer:
                     elif key.data == "wake":
                         return
                     else:
-                        self._on_conn(key.data)
+                        try:
+                            self._on_conn(key.data)
+                        except Exception:  # a bug must cost one connection, not the metrics of the agent
+                            self._close(key.data)
                 now = time.monotonic()
                 for c in [c for c in self.conns.values() if now >= c.deadline]:
                     self._close(c)  # too slow to ask, or to take the answer
