@@ -413,3 +413,21 @@ def test_any_mangled_file_is_a_configuration_or_one_line_naming_the_file_never_a
         assert str(e).startswith("mangled.toml") and "\n" not in str(e) and e.status == 2
     else:
         assert c.role in ("outside", "inside") and c.services
+
+
+def test_changes_say_which_services_keys_and_settings_a_reload_adds_removes_or_changes(tmp_path):
+    old = config.parse(OUTSIDE.encode(), str(tmp_path / "a.toml"))
+    assert not config.changes(old, config.parse(("# a comment moves it all\n" + OUTSIDE).encode(),
+                                                str(tmp_path / "b.toml")))
+    text = edit(OUTSIDE, '[services.wireguard]\nlisten = "51820"\nkey = "home"\n\n', "")  # removed
+    text = edit(text, 'listen = "27015-27020"', 'listen = "27015-27021"')  # changed
+    text = edit(text, 'listen = "9999"\n', 'listen = "9999"\nkeepalive = 20\n')
+    text = edit(text, 'file = "home.key"\n', 'file = "home.key"\nmax_clients = 50\n')
+    text += '\n[services.dns]\nlisten = "53"\n'  # added
+    assert config.changes(old, config.parse(text.encode(), str(tmp_path / "a.toml"))) == config.Changes(
+        added=("dns",), removed=("wireguard",), changed=("game",), keys=("home",), settings=("keepalive",))
+    inside = config.parse(INSIDE.encode(), "i.toml")
+    with pytest.raises(ValueError, match="a reload cannot turn an outside agent into an inside agent"):
+        config.changes(old, inside)
+    moved = config.parse(edit(INSIDE, 'key_file = "home.key"', 'key_file = "other.key"').encode(), "i.toml")
+    assert config.changes(inside, moved) == config.Changes(keys=("default",))

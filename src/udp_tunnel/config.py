@@ -784,6 +784,39 @@ def check_pair(outside: OutsideConfig, inside: InsideConfig) -> None:
                               f"{str(o.legacy).lower()} at the outside agent ({o.where})", inside.source, line)
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What a reload changes, by name: services added, removed, changed; keys (outside) added,
+    removed or changed (file or limit); the agent's own settings that differ (field names)."""
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed or self.keys or self.settings)
+
+
+def changes(old: Config, new: Config) -> Changes:
+    """From old to new (one role; where a setting is written does not count)."""
+    if old.role != new.role:
+        raise ValueError(f"a reload cannot turn an {old.role} agent into an {new.role} agent")
+    before, after = {s.name: s for s in old.services}, {s.name: s for s in new.services}
+    keys: tuple[str, ...] = ()
+    if isinstance(old, OutsideConfig) and isinstance(new, OutsideConfig):
+        kb, ka = {k.name: k for k in old.keys}, {k.name: k for k in new.keys}
+        keys = tuple(n for n in dict.fromkeys([*kb, *ka]) if kb.get(n) != ka.get(n))
+    elif isinstance(old, InsideConfig) and isinstance(new, InsideConfig) and old.key != new.key:
+        keys = (old.key.name,)
+    skip = {"source", "services", "keys", "key"}
+    settings = tuple(f for f in old.__dataclass_fields__ if f not in skip and getattr(old, f) != getattr(new, f))
+    return Changes(added=tuple(n for n in after if n not in before),
+                   removed=tuple(n for n in before if n not in after),
+                   changed=tuple(n for n in after if n in before and before[n] != after[n]),
+                   keys=keys, settings=settings)
+
+
 def install_facts(cfg: Config) -> list[tuple[str, str]]:
     """What `make install-*` needs to know of a file, as (name, value) pairs: its role, each key
     file it names (key_file, once per file), the descriptors the agent may need (nofile, for
