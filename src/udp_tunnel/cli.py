@@ -124,7 +124,8 @@ def build_parser() -> Parser:
     g.add_argument("--check-config", action="store_true",
                    help="check the command line or --config file and exit (0: fine)")
     g.add_argument("--print-install-facts", action="store_true", help=argparse.SUPPRESS)  # for make install-*
-    g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
+    g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here (no "
+                   "authentication: bind it to localhost or a private address)")
     g.add_argument("--state-file", metavar="PATH",
                    help="outside: remember where the tunnels are, so that after a restart they register "
                         "again at once (default: NAME.state beside the control socket, "
