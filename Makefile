@@ -14,12 +14,17 @@ keepalive   ?= 25
 max_clients ?= 1000
 # install-outside: the WireGuard server's public key(s), comma-separated (`wg show wg0 public-key`)
 wireguard_key ?=
+# install-outside / install-inside config=FILE: the agent's settings and services in a TOML file
+# (examples/), installed as $(CONFDIR)/outside.toml or inside.toml; the variables above are then unused
+config ?=
+# config=: the group that may read the configuration and key files (the units run with it)
+GROUP ?= udp-tunnel
 
 SOURCES := $(wildcard src/udp_tunnel/*.py src/udp_tunnel/*/*.py)
 UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
 
-.PHONY: all check test lint bench flood demo install install-outside install-inside uninstall clean key \
-        check-outside-args check-inside-args
+.PHONY: all check test lint bench flood demo install install-outside install-inside uninstall clean key deb \
+        check-outside-args check-inside-args check-outside-config check-inside-config deb-units
 
 all: udp-tunnel
 
@@ -70,13 +75,22 @@ key:
 	  echo "made a new key in $(CONFDIR)/key: copy this file to the other end's $(CONFDIR)/key"; \
 	else echo "keeping the key in $(CONFDIR)/key (it must be the same on both ends)"; fi
 
+# A unit from its template: $(1) the unit, $(2) capabilities, $(3) the header comment, $(4) description,
+# $(5) ExecStart, $(6) how the agent reads its key, $(7) LimitNOFILE, $(8) where to write it.
+# The arguments may name shell variables of the recipe ("$$desc").
+define unit_from_template
+	sed -e "s|@HEADER@|$(3)|" -e "s|@DESCRIPTION@|$(4)|" -e "s|@EXECSTART@|$(5)|" -e "s|@KEYACCESS@|$(6)|" \
+	    -e "s|@NOFILE@|$(7)|" -e "s|@CAPS@|$(2)|g" systemd/$(1).in > $(8).tmp && \
+	chmod 644 $(8).tmp && mv $(8).tmp $(8)
+endef
+
+# The units of the command-line way: the options are on the ExecStart line, the key a credential.
+is_outside = $(filter %outside.service,$(1))
+args_header = Installed by \`make $(if $(is_outside),install-outside,install-inside)\`; edit the Makefile variables, not this copy.
+args_exec = $(BINDIR)/udp-tunnel $(if $(is_outside),-l $(listen),-s $(service) -o $(outside)) -t $(keepalive) \
+            --max-clients $(max_clients)$(if $(wireguard_key), --wireguard-key $(wireguard_key),) --key-file %d/key
 define render_unit
-	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@CONFDIR@|$(CONFDIR)|g' -e 's|@KEEPALIVE@|$(keepalive)|g' \
-	    -e 's|@MAXCLIENTS@|$(max_clients)|g' -e 's|@LISTEN@|$(listen)|g' -e 's|@SERVICE@|$(service)|g' \
-	    -e 's|@WIREGUARD@|$(if $(wireguard_key), --wireguard-key $(wireguard_key),)|g' \
-	    -e 's|@OUTSIDE@|$(outside)|g' -e 's|@NOFILE@|$(shell echo $$(( 2 * $(max_clients) + 64 )))|g' \
-	    -e 's|@CAPS@|$(2)|g' systemd/$(1).in > $(DESTDIR)$(UNITDIR)/$(1).tmp
-	chmod 644 $(DESTDIR)$(UNITDIR)/$(1).tmp && mv $(DESTDIR)$(UNITDIR)/$(1).tmp $(DESTDIR)$(UNITDIR)/$(1)
+	$(call unit_from_template,$(1),$(2),$(args_header),$(if $(is_outside),relay on $(listen),$(service) via $(outside)),$(args_exec),LoadCredential=key:$(CONFDIR)/key,$(shell echo $$(( 2 * $(max_clients) + 64 ))),$(DESTDIR)$(UNITDIR)/$(1))
 endef
 
 # The arguments are checked by the program itself (udp-tunnel --check-config: the same checks
@@ -94,6 +108,7 @@ check-inside-args: udp-tunnel
 	@$(PYTHON) ./udp-tunnel --check-config -s $(call q,$(service)) -o $(call q,$(outside)) \
 	  -t $(call q,$(keepalive)) --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key)
 
+ifeq ($(config),)
 install-outside: check-outside-args install key
 	install -d $(DESTDIR)$(UNITDIR)
 	$(call render_unit,udp-tunnel-outside.service,$(shell port=$$(echo '$(listen)' | sed 's/.*://'); \
@@ -106,6 +121,54 @@ install-inside: check-inside-args install key
 	$(call render_unit,udp-tunnel-inside.service,)
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 	  $(SYSTEMCTL) daemon-reload && $(SYSTEMCTL) enable --now udp-tunnel-inside.service; fi
+else
+install-outside: check-outside-config install
+	$(call install_config,outside)
+
+install-inside: check-inside-config install
+	$(call install_config,inside)
+endif
+
+# The config-file way. The file is checked by the program first (a bad one installs nothing), then
+# installed as $(CONFDIR)/ROLE.toml with the key files it names (a random key is made for each one
+# missing: a relative name is beside the file), readable by the group $(GROUP) only; the unit runs
+# `udp-tunnel --config $(CONFDIR)/ROLE.toml` with that group, so that `systemctl reload` (SIGHUP)
+# reads the file and the keys again. The group is made on a real install (no DESTDIR, under systemd).
+check-outside-config check-inside-config: udp-tunnel
+	@[ -r $(call q,$(config)) ] || { echo "make install-$(word 2,$(subst -, ,$@)): cannot read config=$(config)" >&2; exit 2; }
+	@$(PYTHON) ./udp-tunnel --check-config --config $(call q,$(config))
+	@role=$$($(PYTHON) ./udp-tunnel --check-config --print-install-facts --config $(call q,$(config)) | sed -n 's/^role=//p'); \
+	  [ "$$role" = $(word 2,$(subst -, ,$@)) ] || { echo "make install-$(word 2,$(subst -, ,$@)): $(config) is an $$role \
+	agent's file (make install-$$role config=$(config))" >&2; exit 2; }
+
+config_header = Installed by \`make install-$(1) config=FILE\`: the settings are in $(CONFDIR)/$(1).toml (systemctl reload udp-tunnel-$(1) reads it again).
+config_exec = $(BINDIR)/udp-tunnel --config $(CONFDIR)/$(1).toml
+define install_config
+	@facts=$$($(PYTHON) ./udp-tunnel --check-config --print-install-facts --config $(call q,$(config))) || exit 2; \
+	fact() { printf '%s\n' "$$facts" | sed -n "s/^$$1=//p"; }; \
+	conf="$(DESTDIR)$(CONFDIR)"; unit="$(DESTDIR)$(UNITDIR)/udp-tunnel-$(1).service"; group=; \
+	if getent group $(GROUP) >/dev/null 2>&1; then group=$(GROUP); \
+	elif [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then groupadd --system $(GROUP) && group=$(GROUP); fi; \
+	set -e; install -d "$$conf" "$(DESTDIR)$(UNITDIR)"; chmod 750 "$$conf"; [ -z "$$group" ] || chgrp "$$group" "$$conf"; \
+	fact key_file | while IFS= read -r f; do \
+	  case "$$f" in /*) k="$(DESTDIR)$$f";; *) k="$$conf/$$f";; esac; \
+	  if [ ! -s "$$k" ]; then \
+	    mkdir -p "$$(dirname "$$k")"; \
+	    (umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > "$$k"); \
+	    echo "made a new key in $${k#$(DESTDIR)}: the other agent needs the same file ($$f)"; \
+	  else echo "keeping the key in $${k#$(DESTDIR)}"; fi; \
+	  chmod 640 "$$k"; [ -z "$$group" ] || chgrp "$$group" "$$k"; \
+	done; \
+	install -m 640 $(call q,$(config)) "$$conf/$(1).toml.tmp"; [ -z "$$group" ] || chgrp "$$group" "$$conf/$(1).toml.tmp"; \
+	mv "$$conf/$(1).toml.tmp" "$$conf/$(1).toml"; \
+	nofile=$$(fact nofile); [ "$$nofile" -ge 65536 ] || nofile=65536; caps=$$(fact caps); desc=$$(fact description); \
+	before=$$([ ! -f "$$unit" ] || cksum < "$$unit"); \
+	$(call unit_from_template,udp-tunnel-$(1).service,$$caps,$(config_header),$$desc,$(config_exec),SupplementaryGroups=$(GROUP),$$nofile,$$unit); \
+	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+	  $(SYSTEMCTL) daemon-reload && $(SYSTEMCTL) enable udp-tunnel-$(1).service && \
+	  if [ "$$before" = "$$(cksum < "$$unit")" ]; then $(SYSTEMCTL) reload-or-restart udp-tunnel-$(1).service; \
+	  else $(SYSTEMCTL) restart udp-tunnel-$(1).service; fi; fi
+endef
 
 uninstall:
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
@@ -113,6 +176,33 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS)) $(DESTDIR)$(BINDIR)/udp-tunnel
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then $(SYSTEMCTL) daemon-reload; fi
 	@echo "the key in $(CONFDIR)/key was kept; remove it by hand if you no longer need it"
+
+# A Debian package (dpkg-deb, no debhelper): the program in /usr/bin, the units of the config-file
+# way in /lib/systemd/system (they run /etc/udp-tunnel/ROLE.toml; the outside may bind ports below
+# 1024), the examples in /usr/share/doc/udp-tunnel/examples. Its maintainer scripts (deb/) make the
+# group udp-tunnel and never enable or start a unit.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' src/udp_tunnel/__init__.py)
+DEB := build/udp-tunnel_$(VERSION)_all.deb
+
+deb: $(DEB)
+
+$(DEB): udp-tunnel $(wildcard systemd/*.in examples/*.toml deb/*) Makefile
+	rm -rf build/deb && mkdir -p build/deb/DEBIAN build/deb/lib/systemd/system build/deb/usr/share/doc/udp-tunnel/examples
+	install -D -m 755 udp-tunnel build/deb/usr/bin/udp-tunnel
+	$(MAKE) -s --no-print-directory deb-units BINDIR=/usr/bin CONFDIR=/etc/udp-tunnel UNITDIR=/lib/systemd/system \
+	  DESTDIR=$(CURDIR)/build/deb
+	install -m 644 examples/outside.toml examples/inside.toml build/deb/usr/share/doc/udp-tunnel/examples/
+	install -m 644 deb/copyright build/deb/usr/share/doc/udp-tunnel/copyright
+	install -m 755 deb/postinst deb/prerm deb/postrm build/deb/DEBIAN/
+	sed -e 's|@VERSION@|$(VERSION)|' -e "s|@SIZE@|$$(du -sk --exclude=DEBIAN build/deb | cut -f1)|" deb/control.in \
+	  > build/deb/DEBIAN/control
+	dpkg-deb --root-owner-group -Zxz --build build/deb $@.tmp >/dev/null && mv $@.tmp $@
+	@echo "built $@"
+
+deb_header = Installed by the udp-tunnel package: the settings are in $(CONFDIR)/$(1).toml (examples in /usr/share/doc/udp-tunnel/examples; systemctl reload udp-tunnel-$(1) reads it again).
+deb-units:
+	$(call unit_from_template,udp-tunnel-outside.service,CAP_NET_BIND_SERVICE,$(call deb_header,outside),$(CONFDIR)/outside.toml,$(call config_exec,outside),SupplementaryGroups=$(GROUP),65536,$(DESTDIR)$(UNITDIR)/udp-tunnel-outside.service)
+	$(call unit_from_template,udp-tunnel-inside.service,,$(call deb_header,inside),$(CONFDIR)/inside.toml,$(call config_exec,inside),SupplementaryGroups=$(GROUP),65536,$(DESTDIR)$(UNITDIR)/udp-tunnel-inside.service)
 
 clean:
 	rm -rf build udp-tunnel udp-tunnel.tmp

@@ -111,3 +111,183 @@ def test_install_outside_with_a_wireguard_key_puts_it_in_the_unit_and_refuses_a_
              f"UNITDIR={tmp_path}/u2", f"CONFDIR={tmp_path}/c2", check=False)
     assert r.returncode != 0 and "not a WireGuard public key" in r.stderr
     assert not (tmp_path / "u2").exists() and not (tmp_path / "p2").exists()
+
+
+# --- the config-file way: make install-outside config=FILE (issue 21) ---
+
+EXAMPLES = os.path.join(ROOT, "examples")
+HARDENING = ("Type=notify", "DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
+             "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "WatchdogSec=30", "UMask=0077")
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("role, keys, caps", [
+    ("outside", ["home.key", "friend.key"], "CAP_NET_BIND_SERVICE"),  # the example has DNS on port 53
+    ("inside", ["home.key"], ""),
+])
+def test_install_with_a_config_file_installs_it_its_keys_and_a_unit_that_runs_it(tmp_path, role, keys, caps):
+    example = os.path.join(EXAMPLES, f"{role}.toml")
+    r = make(f"install-{role}", f"config={example}", *dirs(tmp_path))
+    conf, exe = tmp_path / "conf", tmp_path / "prefix/bin/udp-tunnel"
+    assert r.stdout == "".join(f"made a new key in {conf}/{k}: the other agent needs the same file ({k})\n"
+                               for k in keys)
+    assert (conf / f"{role}.toml").read_bytes() == open(example, "rb").read()
+    assert sorted(os.listdir(conf)) == sorted([*keys, f"{role}.toml"])
+    assert mode(conf) == 0o750 and mode(conf / f"{role}.toml") == 0o640
+    for k in keys:
+        assert mode(conf / k) == 0o640 and len((conf / k).read_text().strip()) >= 32
+    unit = (tmp_path / f"units/udp-tunnel-{role}.service").read_text()
+    assert unit.startswith(f"# Installed by `make install-{role} config=FILE`: the settings are in "
+                           f"{conf}/{role}.toml (systemctl reload udp-tunnel-{role} reads it again).\n")
+    assert f"\nExecStart={exe} --config {conf}/{role}.toml\n" in unit
+    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in unit and "\nSupplementaryGroups=udp-tunnel\n" in unit
+    assert "LoadCredential" not in unit and "--key-file" not in unit
+    assert f"\nCapabilityBoundingSet={caps}\n" in unit and f"\nAmbientCapabilities={caps}\n" in unit
+    assert "\nLimitNOFILE=65536\n" in unit
+    for line in HARDENING:
+        assert f"\n{line}\n" in unit
+    assert re.search(r"@[A-Z]+@", unit) is None
+    # the installed program reads the installed file (its keys beside it)
+    r2 = subprocess.run([str(exe), "--check-config", "--config", str(conf / f"{role}.toml")], capture_output=True,
+                        text=True, timeout=30)
+    assert (r2.returncode, r2.stderr) == (0, "")
+    first = {k: (conf / k).read_text() for k in keys}
+    r = make(f"install-{role}", f"config={example}", *dirs(tmp_path))  # again: the keys stay
+    assert r.stdout == "".join(f"keeping the key in {conf}/{k}\n" for k in keys)
+    assert {k: (conf / k).read_text() for k in keys} == first
+    make("uninstall", *dirs(tmp_path))
+    assert not exe.exists() and not (tmp_path / f"units/udp-tunnel-{role}.service").exists()
+    assert sorted(os.listdir(conf)) == sorted([*keys, f"{role}.toml"])  # configuration and keys are kept
+
+
+@pytest.mark.parametrize("target, text, needle", [
+    ("install-outside", '[outside]\nlisten = "70000"\n', ":2: outside.listen: bad port '70000' (1-65535)"),
+    ("install-outside", '[outside\nlisten = "9999"\n', ":1: not TOML: "),
+    ("install-outside", '[inside]\noutside = "h:1"\nkey_file = "k"\n[services.a]\nservice = "h:2"\n',
+     "is an inside agent's file (make install-inside config="),
+    ("install-inside", '[outside]\nlisten = "9"\n[keys.a]\nfile = "k"\n[services.a]\nlisten = "9"\n',
+     "is an outside agent's file (make install-outside config="),
+    ("install-inside", None, "make install-inside: cannot read config="),
+])
+def test_install_with_a_bad_config_file_says_why_in_one_line_and_installs_nothing(tmp_path, target, text, needle):
+    path = tmp_path / "agent.toml"
+    if text is not None:
+        path.write_text(text)
+    r = make(target, f"config={path}", *dirs(tmp_path), check=False)
+    assert r.returncode != 0 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if not line.startswith("make: ***")] == [
+        next(line for line in r.stderr.splitlines() if needle in line)]
+    assert not (tmp_path / "prefix").exists() and not (tmp_path / "conf").exists()
+    assert not (tmp_path / "units").exists()
+
+
+def test_install_with_a_config_file_honours_destdir_also_for_a_key_file_named_by_its_full_path(tmp_path):
+    text = open(os.path.join(EXAMPLES, "outside.toml")).read().replace(
+        'file = "friend.key"', 'file = "/etc/udp-tunnel-test-friend/friend.key"')
+    (tmp_path / "outside.toml").write_text(text)
+    assert not os.path.exists("/etc/udp-tunnel-test-friend")
+    dest = tmp_path / "dest"
+    make("install-outside", f"config={tmp_path}/outside.toml", f"DESTDIR={dest}")
+    assert not os.path.exists("/etc/udp-tunnel-test-friend")  # nothing outside DESTDIR
+    assert (dest / "etc/udp-tunnel-test-friend/friend.key").exists() and (dest / "etc/udp-tunnel/home.key").exists()
+    assert (dest / "etc/udp-tunnel/outside.toml").read_text() == text
+    assert "\nExecStart=/usr/local/bin/udp-tunnel --config /etc/udp-tunnel/outside.toml\n" in (
+        dest / "etc/systemd/system/udp-tunnel-outside.service").read_text()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_config_file_units_pass_systemd_analyze_verify(tmp_path):
+    for role in ("outside", "inside"):
+        make(f"install-{role}", f"config={EXAMPLES}/{role}.toml", *dirs(tmp_path))
+        unit = tmp_path / "units" / f"udp-tunnel-{role}.service"
+        r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and unit.name not in r.stderr, r.stderr
+
+
+# --- make deb ---
+
+NEEDS_DPKG = pytest.mark.skipif(shutil.which("dpkg-deb") is None or shutil.which("dpkg") is None,
+                                reason="dpkg and dpkg-deb are not installed (Debian's dpkg package)")
+
+
+@pytest.fixture(scope="module")
+def deb() -> str:
+    from udp_tunnel import __version__
+    make("deb")
+    path = os.path.join(ROOT, "build", f"udp-tunnel_{__version__}_all.deb")
+    assert os.path.exists(path)
+    return path
+
+
+def dpkg_deb(*args: str) -> str:
+    return subprocess.run(["dpkg-deb", *args], capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+@NEEDS_DPKG
+def test_make_deb_builds_a_package_of_this_version_with_the_program_units_examples_and_copyright(deb):
+    from udp_tunnel import __version__
+    fields = {f: dpkg_deb("-f", deb, f).strip() for f in ("Package", "Version", "Architecture", "Depends")}
+    assert fields == {"Package": "udp-tunnel", "Version": __version__, "Architecture": "all",
+                      "Depends": "python3 (>= 3.11)"}
+    files = {}
+    for line in dpkg_deb("-c", deb).splitlines():
+        perms, owner, *_, name = line.split()
+        if not perms.startswith("d"):
+            files[name] = (perms, owner)
+    assert files == {
+        "./usr/bin/udp-tunnel": ("-rwxr-xr-x", "root/root"),
+        "./lib/systemd/system/udp-tunnel-outside.service": ("-rw-r--r--", "root/root"),
+        "./lib/systemd/system/udp-tunnel-inside.service": ("-rw-r--r--", "root/root"),
+        "./usr/share/doc/udp-tunnel/copyright": ("-rw-r--r--", "root/root"),
+        "./usr/share/doc/udp-tunnel/examples/outside.toml": ("-rw-r--r--", "root/root"),
+        "./usr/share/doc/udp-tunnel/examples/inside.toml": ("-rw-r--r--", "root/root"),
+    }
+
+
+@NEEDS_DPKG
+def test_the_package_s_maintainer_scripts_never_enable_start_or_restart_a_unit(deb, tmp_path):
+    dpkg_deb("-e", deb, str(tmp_path / "control"))
+    scripts = sorted(f for f in os.listdir(tmp_path / "control") if f != "control")
+    assert scripts == ["postinst", "postrm", "prerm"]
+    for name in scripts:
+        path = tmp_path / "control" / name
+        assert mode(path) == 0o755 and subprocess.run(["sh", "-n", str(path)]).returncode == 0
+        code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+        calls = re.findall(r"\bsystemctl\s+([a-z][a-z-]*)", code)
+        assert set(calls) <= {"daemon-reload", "stop"}, (name, calls)
+        assert code.count("systemctl") == len(calls) + code.count("command -v systemctl")  # no other use of it
+        assert "deb-systemd-invoke" not in path.read_text() and "invoke-rc.d" not in path.read_text()
+    prerm = (tmp_path / "control/prerm").read_text()
+    assert 'if [ "$1" = remove ]' in prerm  # stops the agents when removed, not when upgraded
+
+
+@NEEDS_DPKG
+@pytest.mark.skipif(os.geteuid() != 0, reason="dpkg --root installs as root")
+def test_the_package_installs_into_a_scratch_root_and_runs_from_there(deb, tmp_path):
+    # dpkg --unpack, the installer itself (its database, its checks of the archive), into a scratch
+    # root; configure (postinst) is not run: dpkg would run it chrooted there, where there is no shell.
+    root = tmp_path / "root"
+    for d in ("info", "updates", "triggers"):
+        (root / "var/lib/dpkg" / d).mkdir(parents=True)
+    (root / "var/lib/dpkg/status").touch()
+    (root / "var/lib/dpkg/available").touch()
+    subprocess.run(["dpkg", f"--root={root}", "--unpack", deb], capture_output=True, text=True, timeout=120,
+                   check=True)
+    status = subprocess.run(["dpkg", f"--root={root}", "-s", "udp-tunnel"], capture_output=True, text=True,
+                            timeout=60).stdout
+    assert "Status: install ok unpacked\n" in status
+    from udp_tunnel import __version__
+    exe = str(root / "usr/bin/udp-tunnel")
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stdout) == (0, f"udp-tunnel {__version__}\n")
+    examples = root / "usr/share/doc/udp-tunnel/examples"
+    for files in (["outside.toml"], ["inside.toml"], ["outside.toml", "inside.toml"]):
+        args = [a for f in files for a in ("--config", str(examples / f))]
+        r = subprocess.run([exe, "--check-config", *args], capture_output=True, text=True, timeout=30)
+        assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+    unit = (root / "lib/systemd/system/udp-tunnel-outside.service").read_text()
+    assert "\nExecStart=/usr/bin/udp-tunnel --config /etc/udp-tunnel/outside.toml\n" in unit
+    assert "\nSupplementaryGroups=udp-tunnel\n" in unit and re.search(r"@[A-Z]+@", unit) is None

@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 
-from udp_tunnel import __version__
+from udp_tunnel import __version__, config
 from udp_tunnel.addr import AddrError, ResolveError, parse_listen, resolve, show, split_hostport
 from udp_tunnel.ops.log import DEBUG, INFO, WARNING, Log
 from udp_tunnel.wire.proto import key_list
@@ -19,6 +19,7 @@ from udp_tunnel.wire.proto import key_list
 USAGE = """\
 udp-tunnel -s HOST:PORT -o HOST:PORT [options]   inside agent, next to the service
 udp-tunnel -l [HOST:]PORT [options]              outside agent, on the public host
+udp-tunnel --config FILE [--check-config]        either agent, with its services in a TOML file
 udp-tunnel status [NAME] [--control PATH] [--json]   show running agents and their tunnels
 udp-tunnel demo                                  run both agents on loopback and show them work"""
 
@@ -116,8 +117,15 @@ def build_parser() -> Parser:
                    help="serve 'udp-tunnel status' on this Unix socket, 'none' for no socket "
                         "(default: NAME.sock in $XDG_RUNTIME_DIR/udp-tunnel, else /run/udp-tunnel as root, "
                         "else /tmp/udp-tunnel-UID; under systemd $RUNTIME_DIRECTORY/control.sock)")
-    g.add_argument("--check-config", action="store_true", help=argparse.SUPPRESS)  # for make install-*
-    g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
+    g.add_argument("--config", metavar="PATH", action="append",
+                   help="read the agent's settings and services from this TOML file (see examples/); "
+                        "with --check-config only check it (twice: an outside and an inside file, against "
+                        "each other)")
+    g.add_argument("--check-config", action="store_true",
+                   help="check the command line or --config file and exit (0: fine)")
+    g.add_argument("--print-install-facts", action="store_true", help=argparse.SUPPRESS)  # for make install-*
+    g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here (no "
+                   "authentication: bind it to localhost or a private address)")
     g.add_argument("--state-file", metavar="PATH",
                    help="outside: remember where the tunnels are, so that after a restart they register "
                         "again at once (default: NAME.state beside the control socket, "
@@ -312,6 +320,20 @@ def remember(core, path: str | None, log: Log, now: float) -> None:
         core.remembered(entries, now)
 
 
+def status_main(argv: list[str]) -> int:
+    """udp-tunnel status [NAME] [--control PATH] [--json]"""
+    from udp_tunnel.ops import status
+
+    p = Parser(prog="udp-tunnel status", description="Show running agents and their tunnels.")
+    p.add_argument("name", metavar="NAME", nargs="?", help="only the agent of this name")
+    p.add_argument("--control", metavar="PATH", help="only the agent serving this control socket")
+    p.add_argument("--json", action="store_true", help="print the raw JSON document")
+    a = p.parse_args(argv)
+    if a.name and a.control:
+        raise UsageError("status: give NAME or --control PATH, not both")
+    return status.show(name=a.name, control=a.control, as_json=a.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -319,12 +341,14 @@ def main(argv: list[str] | None = None) -> int:
             from udp_tunnel.demo import demo
             return demo(argv[1:])
         if argv[:1] == ["status"]:
-            from udp_tunnel.ops.status import status_command
-            return status_command(argv[1:])
+            return status_main(argv[1:])
         return run(build_parser().parse_args(join_negative(argv)))
     except (StartError, ResolveError) as e:
         print(f"udp-tunnel: {e}", file=sys.stderr)
         return 1
+    except config.ConfigError as e:
+        print(f"udp-tunnel: {e}", file=sys.stderr)
+        return e.status
     except (UsageError, AddrError) as e:
         print(f"udp-tunnel: {e} (see udp-tunnel --help)", file=sys.stderr)
         return 2
@@ -335,6 +359,42 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+CONFIG_ONLY = {"config", "check_config", "print_install_facts"}
+
+
+def config_command(a: argparse.Namespace) -> int:
+    """--config PATH [--check-config]: the settings come from the file, none from the command line."""
+    parser = build_parser()
+    for action in parser._actions:
+        if action.dest in CONFIG_ONLY or action.default == argparse.SUPPRESS:
+            continue
+        if getattr(a, action.dest, None) != action.default:
+            raise UsageError(f"--config: {action.option_strings[0]} goes in the file, not on the command line "
+                             "(with --config, only --check-config)")
+    if len(a.config) > 2 or (len(a.config) == 2 and not a.check_config):
+        raise UsageError("--config: give one file (two only with --check-config: an outside agent's and an "
+                         "inside agent's, checked against each other)")
+    cfgs = [config.load(path) for path in a.config]
+    if len(cfgs) == 2:
+        roles = {c.role: c for c in cfgs}
+        if len(roles) != 2:
+            raise UsageError(f"--config twice: one outside agent's file and one inside agent's, not two "
+                             f"{cfgs[0].role} files")
+        config.check_pair(roles["outside"], roles["inside"])
+    if a.print_install_facts:
+        for name, value in config.install_facts(cfgs[0]):
+            print(f"{name}={value}")
+    if a.check_config:
+        return 0
+    return run_config(cfgs[0])
+
+
+def run_config(cfg: config.Config) -> int:
+    """Run an agent from a configuration file: the cores learn several services first."""
+    raise StartError(f"--config: running an agent from a configuration file is not wired yet "
+                     f"({cfg.source} is valid; run the agent with command-line options for now)")
+
+
 def run(a: argparse.Namespace) -> int:
     from udp_tunnel.core.inside import InsideCore
     from udp_tunnel.core.outside import OutsideCore
@@ -342,8 +402,13 @@ def run(a: argparse.Namespace) -> int:
     from udp_tunnel.io.outside import outside_loop
     from udp_tunnel.ops import metrics, status
 
+    if a.config is not None:
+        return config_command(a)
+    if a.print_install_facts:
+        raise UsageError("--print-install-facts goes with --config")
     role = check(a)
     if a.check_config:
+        config.from_args(a)  # the same model as a file's
         return 0
     secret, key_from = load_key(a)
     raise_fd_limit(2 * a.max_clients + 2 * a.spares + 64)

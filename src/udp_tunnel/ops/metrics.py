@@ -1,14 +1,18 @@
 """Prometheus metrics (text exposition format 0.0.4) over HTTP.
 
 The text is made here from the published snapshot, so the agent needs no
-third-party package; the tests check it with prometheus_client's parser.
+third-party package; the tests check it with prometheus_client's parser. The
+HTTP server is a small one of its own (MetricsServer): one thread, a bounded
+number of connections and deadlines, so that idle or slow clients cannot
+take threads or descriptors from the agent.
 """
 
 from __future__ import annotations
 
+import selectors
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 
 from udp_tunnel.core import counters
 
@@ -120,34 +124,176 @@ def _inside(out: list[str], s: dict) -> None:
                 [({}, k.get("lapses", 0))])
 
 
+# The HTTP server is one thread with a fixed number of descriptors, whatever its clients do:
+# at most MAX_CONNECTIONS open at once (a new one closes the oldest still being read), each
+# must send its request head (at most MAX_REQUEST bytes) within REQUEST_TIMEOUT seconds and
+# take the answer within SEND_TIMEOUT seconds. One request per connection (Connection: close).
+# There is no authentication: bind it to localhost or a private address (README).
+MAX_CONNECTIONS = 16
+REQUEST_TIMEOUT = 5.0
+SEND_TIMEOUT = 10.0
+MAX_REQUEST = 8192
+
+
+class _Conn:
+    __slots__ = ("sock", "data", "out", "deadline", "since")
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.data = bytearray()
+        self.out: memoryview | None = None  # the answer being sent; None while reading
+        self.deadline = now + REQUEST_TIMEOUT
+        self.since = now
+
+
+def _answer(code: int, reason: str, body: bytes, ctype: str = "text/plain; charset=utf-8",
+            extra: str = "") -> bytes:
+    return (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            f"{extra}Connection: close\r\n\r\n").encode() + body
+
+
 class MetricsServer:
+    """Prometheus metrics at http://ADDR/metrics (and /), served by one thread."""
+
     def __init__(self, addr: tuple[str, int], loop) -> None:
-        snapshot = loop.snapshot_lock, lambda: loop.snapshot
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                if self.path.split("?")[0] not in ("/metrics", "/"):
-                    self.send_error(404)
-                    return
-                with snapshot[0]:
-                    body = render(snapshot[1]()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-            daemon_threads = True
-
-        self.httpd = Server(addr, Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self.loop = loop
+        fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self.sock = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(addr)
+            self.sock.listen(128)  # waiting in the kernel's queue costs the agent nothing
+            self.sock.setblocking(False)
+            self._wake_r, self._wake_w = socket.socketpair()
+        except BaseException:
+            self.sock.close()
+            raise
+        self._wake_r.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.sock, selectors.EVENT_READ, None)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.conns: dict[int, _Conn] = {}
+        self.accept_paused_until = 0.0
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
         self.thread.start()
 
+    # --- the thread ---
+
+    def _serve(self) -> None:
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                wait = 1.0
+                if self.conns:
+                    wait = max(0.0, min(wait, min(c.deadline for c in self.conns.values()) - now))
+                if self.accept_paused_until:
+                    wait = max(0.0, min(wait, self.accept_paused_until - now))
+                for key, _ in self.sel.select(wait):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data == "wake":
+                        return
+                    else:
+                        try:
+                            self._on_conn(key.data)
+                        except Exception:  # a bug must cost one connection, not the metrics of the agent
+                            self._close(key.data)
+                now = time.monotonic()
+                for c in [c for c in self.conns.values() if now >= c.deadline]:
+                    self._close(c)  # too slow to ask, or to take the answer
+                if self.accept_paused_until and now >= self.accept_paused_until:
+                    self.accept_paused_until = 0.0
+                    self.sel.register(self.sock, selectors.EVENT_READ, None)
+        except OSError:  # the selector itself failed: metrics stop, the agent goes on
+            pass
+        finally:
+            for c in list(self.conns.values()):
+                self._close(c)
+
+    def _accept(self) -> None:
+        for _ in range(MAX_CONNECTIONS):
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of descriptors (EMFILE) or the like: stop accepting for a moment
+                self.sel.unregister(self.sock)
+                self.accept_paused_until = time.monotonic() + 0.2
+                return
+            now = time.monotonic()
+            if len(self.conns) >= MAX_CONNECTIONS:
+                reading = [c for c in self.conns.values() if c.out is None] or list(self.conns.values())
+                self._close(min(reading, key=lambda c: c.since))
+            sock.setblocking(False)
+            c = _Conn(sock, now)
+            self.conns[sock.fileno()] = c
+            self.sel.register(sock, selectors.EVENT_READ, c)
+
+    def _close(self, c: _Conn) -> None:
+        fd = c.sock.fileno()
+        if self.conns.pop(fd, None) is not None:
+            try:
+                self.sel.unregister(c.sock)
+            except (KeyError, ValueError):
+                pass
+        c.sock.close()
+
+    def _on_conn(self, c: _Conn) -> None:
+        try:
+            if c.out is None:
+                got = c.sock.recv(4096)
+                if not got:
+                    self._close(c)
+                    return
+                c.data += got
+                end = c.data.find(b"\r\n\r\n")
+                if end < 0:
+                    end = c.data.find(b"\n\n")
+                if end < 0:
+                    if len(c.data) > MAX_REQUEST:
+                        self._reply(c, _answer(431, "Request Header Fields Too Large", b"request too large\n"))
+                    return
+                self._reply(c, self._respond(bytes(c.data[:end])))
+            if c.out is not None:
+                sent = c.sock.send(c.out)
+                c.out = c.out[sent:]
+                if not c.out:
+                    self._close(c)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(c)
+
+    def _reply(self, c: _Conn, data: bytes) -> None:
+        c.out = memoryview(data)
+        c.deadline = time.monotonic() + SEND_TIMEOUT
+        self.sel.modify(c.sock, selectors.EVENT_WRITE, c)
+
+    def _respond(self, head: bytes) -> bytes:
+        parts = head.split(b"\n", 1)[0].strip().split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return _answer(400, "Bad Request", b"bad request\n")
+        method, target = parts[0], parts[1]
+        if method != b"GET":
+            return _answer(405, "Method Not Allowed", b"only GET\n", extra="Allow: GET\r\n")
+        if target.split(b"?")[0] not in (b"/metrics", b"/"):
+            return _answer(404, "Not Found", b"not found: try /metrics\n")
+        try:
+            with self.loop.snapshot_lock:
+                body = render(self.loop.snapshot).encode()
+        except Exception:  # a snapshot this version cannot render: say so, keep serving
+            return _answer(500, "Internal Server Error", b"cannot render the metrics\n")
+        return _answer(200, "OK", body, "text/plain; version=0.0.4; charset=utf-8")
+
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.stopping = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        self.thread.join(2.0)
+        self.sel.close()
+        self.sock.close()
+        self._wake_r.close()
+        self._wake_w.close()

@@ -8,11 +8,15 @@ Where the sockets are: under systemd `$RUNTIME_DIRECTORY/control.sock` (the
 units' /run/udp-tunnel-outside, /run/udp-tunnel-inside); otherwise
 `NAME.sock` in runtime_dir(): `$XDG_RUNTIME_DIR/udp-tunnel`, else
 /run/udp-tunnel as root, else /tmp/udp-tunnel-UID; each a 0700 directory
-of its user. `udp-tunnel status` looks in all of them.
+of its user. `udp-tunnel status` looks in all of them, and asks the sockets of
+its own user, root's and the units' (run as root, not every user's: see
+find_sockets). It prints what the agents answer with every control character
+escaped, and bounds what it spends on them: DEADLINE, PER_SOCKET, MAX_ANSWER.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import glob
 import json
@@ -22,6 +26,7 @@ import stat
 import sys
 import threading
 import time
+from typing import TextIO
 
 UNIT_GLOB = "/run/udp-tunnel*/control.sock"
 ROOT_DIR = "/run/udp-tunnel"
@@ -181,17 +186,99 @@ class ControlServer:
             pass
 
 
-def query(path: str, timeout: float = 3.0) -> dict:
+# What `udp-tunnel status` spends on the agents it asks: each answer must come whole within
+# PER_SOCKET seconds and MAX_ANSWER bytes, and the whole command ends within DEADLINE seconds
+# (the sockets are asked side by side), so a socket that trickles or floods cannot hold it.
+DEADLINE = 3.0
+PER_SOCKET = 2.0
+MAX_ANSWER = 16 << 20  # an agent's answer takes 0.33 KiB per spare tunnel, about 0.4 per active one
+PARALLEL = 8
+
+
+class AnswerError(ValueError):
+    """An answer refused for what it is (too big, not JSON, not an agent's)."""
+
+
+def query(path: str, timeout: float = PER_SOCKET, limit: int = MAX_ANSWER) -> dict:
+    """The JSON document the agent at path answers; the whole answer must arrive within timeout
+    seconds (TimeoutError) and limit bytes (AnswerError), whatever pace it comes at."""
+    end = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        chunks = []
+        chunks, got = [], 0
         while True:
-            b = s.recv(65536)
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(0, f"no complete answer within {round(timeout, 1):g} s")
+            s.settimeout(left)
+            try:
+                b = s.recv(min(65536, limit + 1 - got))
+            except TimeoutError:
+                continue  # given up above, once the time is really spent
             if not b:
                 break
+            got += len(b)
+            if got > limit:
+                raise AnswerError(f"the answer is larger than {limit >> 20} MiB: refused" if limit % (1 << 20) == 0
+                                  else f"the answer is larger than {limit} bytes: refused")
             chunks.append(b)
-    return json.loads(b"".join(chunks))
+    try:
+        return json.loads(b"".join(chunks))
+    except RecursionError:
+        raise AnswerError("the answer is not JSON: nested too deep") from None
+    except ValueError as e:  # also UnicodeDecodeError
+        raise AnswerError(f"the answer is not JSON: {e}") from None
+
+
+def query_many(paths: list[str], deadline: float | None = None, per_socket: float | None = None,
+               limit: int | None = None) -> list[tuple[str, dict | Exception]]:
+    """Ask every socket, a few side by side; each gets per_socket seconds (PER_SOCKET), none
+    beyond the deadline (DEADLINE). Returns (path, document or the exception) in the order of paths."""
+    deadline = DEADLINE if deadline is None else deadline
+    per_socket = PER_SOCKET if per_socket is None else per_socket
+    limit = MAX_ANSWER if limit is None else limit
+    end = time.monotonic() + deadline
+
+    def ask(path: str) -> dict | Exception:
+        left = min(per_socket, end - time.monotonic())
+        if left <= 0:
+            return TimeoutError(0, f"not asked: {deadline:g} s were spent on the other agents")
+        try:
+            return query(path, left, limit)
+        except (OSError, ValueError) as e:
+            return e
+
+    if len(paths) <= 1:
+        return [(p, ask(p)) for p in paths]
+    with concurrent.futures.ThreadPoolExecutor(min(PARALLEL, len(paths))) as pool:
+        return list(zip(paths, pool.map(ask, paths), strict=True))
+
+
+def escape(text: str) -> str:
+    """text with every character that is not printable (control characters: escape sequences,
+    line breaks, bidi overrides...) written as a Python escape, so it cannot reach a terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        if c.isprintable():
+            out.append(c)
+        else:
+            n = ord(c)
+            out.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}")
+    return "".join(out)
+
+
+def clean(value):
+    """An agent's answer with every string in it (keys too) escaped for a terminal."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    if isinstance(value, dict):
+        return {escape(k) if isinstance(k, str) else k: clean(v) for k, v in value.items()}
+    return value
 
 
 def ago(seconds: float | None) -> str:
@@ -298,25 +385,49 @@ def search_dirs() -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
-def find_sockets() -> list[str]:
-    """Every control socket in the places agents use, each once."""
+def unit_socket(path: str) -> bool:
+    """A socket of a unit's RuntimeDirectory: /run/udp-tunnel*/control.sock in a real directory
+    of /run, which only root (systemd) makes; the unit's dynamic user owns it."""
+    d = os.path.dirname(path)
+    try:
+        top, here = os.lstat(os.path.dirname(d)), os.lstat(d)
+    except OSError:
+        return False
+    return (os.path.dirname(d) == os.path.dirname(os.path.dirname(UNIT_GLOB)) and top.st_uid == 0
+            and not top.st_mode & 0o022 and stat.S_ISDIR(here.st_mode))
+
+
+def find_sockets() -> tuple[list[str], list[str]]:
+    """Every control socket in the places agents use, each once: those this user may ask (its
+    own, root's, the units'), and those it does not ask (another user's: run as root, a status
+    command that connects to any user's socket is theirs to stall or to fool)."""
     found = []
     for d in search_dirs():
         try:
             st = os.lstat(d)
         except OSError:
             continue
-        # not a directory someone else made under /tmp for us (root reads every user's)
+        # not a directory someone else made under /tmp for us (root looks in every user's)
         if stat.S_ISDIR(st.st_mode) and (st.st_uid in (os.geteuid(), 0) or os.geteuid() == 0):
             found += sorted(glob.glob(os.path.join(glob.escape(d), "*.sock")))
-    found += sorted(glob.glob(UNIT_GLOB))
-    seen, out = set(), []
-    for path in found:
+    units = sorted(glob.glob(UNIT_GLOB))
+    seen, ask, others = set(), [], []
+    for path in found + units:
         real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            out.append(path)
-    return out
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISSOCK(st.st_mode):
+            continue
+        if st.st_uid in (os.geteuid(), 0) or (path in units and unit_socket(path)):
+            ask.append(path)
+        else:
+            others.append(path)
+    return ask, others
 
 
 def remove_if_stale(path: str) -> None:
@@ -329,59 +440,70 @@ def remove_if_stale(path: str) -> None:
         pass
 
 
-def status_command(argv: list[str]) -> int:
-    from udp_tunnel.cli import Parser, UsageError
+def problem(e: Exception) -> str:
+    return escape(str(getattr(e, "strerror", None) or e))
 
-    p = Parser(prog="udp-tunnel status", description="Show running agents and their tunnels.")
-    p.add_argument("name", metavar="NAME", nargs="?", help="only the agent of this name")
-    p.add_argument("--control", metavar="PATH", help="only the agent serving this control socket")
-    p.add_argument("--json", action="store_true", help="print the raw JSON document")
-    a = p.parse_args(argv)
-    if a.name and a.control:
-        raise UsageError("status: give NAME or --control PATH, not both")
+
+def show(name: str | None = None, control: str | None = None, as_json: bool = False,
+         out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """`udp-tunnel status [NAME] [--control PATH] [--json]` (cli.py reads the command line):
+    print the agents found (or the one at control, or the one called name); 0, or 1 with one
+    line on err when there is none to show. Every string an agent sends is escaped."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     docs = []
-    if a.control:
-        try:
-            docs.append(query(a.control))
-        except ConnectionRefusedError:
-            print(f"udp-tunnel: no agent is serving {a.control} (a stale socket?)", file=sys.stderr)
+    if control:
+        [(_, got)] = query_many([control])
+        if isinstance(got, ConnectionRefusedError):
+            print(f"udp-tunnel: no agent is serving {escape(control)} (a stale socket?)", file=err)
             return 1
-        except (OSError, ValueError) as e:
-            print(f"udp-tunnel: cannot ask the agent at {a.control}: {getattr(e, 'strerror', None) or e}",
-                  file=sys.stderr)
+        if isinstance(got, Exception):
+            print(f"udp-tunnel: cannot ask the agent at {escape(control)}: {problem(got)}", file=err)
             return 1
+        docs.append(got)
     else:
         problems = []
-        for path in find_sockets():
-            try:
-                doc = query(path)
-            except ConnectionRefusedError:
+        paths, others = find_sockets()
+        for path, got in query_many(paths):
+            if isinstance(got, ConnectionRefusedError):
                 remove_if_stale(path)
                 continue
-            except FileNotFoundError:
+            if isinstance(got, FileNotFoundError):
                 continue
-            except (OSError, ValueError) as e:
-                problems.append(f"{path}: {getattr(e, 'strerror', None) or e}")
+            if isinstance(got, Exception):
+                problems.append(f"{escape(path)}: {problem(got)}")
                 continue
-            if not isinstance(doc, dict) or "role" not in doc:
-                problems.append(f"{path}: not an agent's answer")
+            if not isinstance(got, dict) or "role" not in got:
+                problems.append(f"{escape(path)}: not an agent's answer")
                 continue
-            doc.setdefault("name", os.path.basename(path).removesuffix(".sock"))
-            docs.append(doc)
-        if a.name:
-            names = [d["name"] for d in docs]
-            docs = [d for d in docs if d["name"] == a.name]
+            got.setdefault("name", os.path.basename(path).removesuffix(".sock"))
+            docs.append(got)
+        if others:
+            problems.append(f"not asked (sockets of other users; --control PATH asks one): "
+                            f"{', '.join(escape(p) for p in others)}")
+        if name:
+            names = [escape(str(d["name"])) for d in docs]
+            docs = [d for d in docs if d["name"] == name]
             if not docs:
-                print(f"udp-tunnel: no running agent named {a.name!r} (running: "
-                      f"{', '.join(names) or 'none'})", file=sys.stderr)
+                print(f"udp-tunnel: no running agent named {name!r} (running: "
+                      f"{', '.join(names) or 'none'})", file=err)
                 return 1
         if not docs:
             where = ", ".join(search_dirs()[:2] + [UNIT_GLOB])
             more = f"; could not ask {'; '.join(problems)}" if problems else ""
-            print(f"udp-tunnel: no running agent found in {where} (give --control PATH){more}", file=sys.stderr)
+            print(f"udp-tunnel: no running agent found in {where} (give --control PATH){more}", file=err)
             return 1
-    if a.json:
-        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2))
-    else:
-        print("\n\n".join(render(d) for d in docs))
+        for p in problems:
+            print(f"udp-tunnel: {p}", file=err)
+    if as_json:  # json.dumps writes every control character as an escape (ensure_ascii)
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2), file=out)
+        return 0
+    texts = []
+    for d in docs:
+        try:
+            texts.append(render(clean(d)))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+            texts.append(f"agent: ? (an answer this version cannot show: {escape(type(e).__name__)} "
+                         f"{problem(e)}; --json prints it)")
+    print("\n\n".join(texts), file=out)
     return 0

@@ -4,36 +4,103 @@ A small JSON file, written atomically (a temporary file, then rename) and
 owner-only. It only says where to send a HELLO after a restart, so that the
 inside agents register again at once instead of at their next keepalive:
 nothing read from it is trusted, registration stays authenticated.
+
+It is read strictly: a file that is not exactly what `dump` writes (a port
+out of 1-65535, a host that is not an IPv4 or IPv6 literal of a unicast
+address, a tunnel id that is not 16 hex digits, too many entries, too big)
+is refused as a whole with ValueError, whose text says what is wrong in one
+line. The agent then warns and starts without it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import tempfile
 
 VERSION = 1
+# The most tunnels an outside agent holds: --max-clients (at most 1 000 000) + 64 spares.
+MAX_ENTRIES = 1_000_064
+MAX_HOST = 64  # an IPv6 literal is at most 45 characters; the rest for a %scope
+# An entry as dump writes it is at most 16 + 64 + 5 characters of values and 15 of JSON around them.
+MAX_BYTES = MAX_ENTRIES * 104 + 4096
+TID = re.compile(r"[0-9a-f]{16}")
+
+
+def _show(value: object) -> str:
+    """A value from the file for a message: repr (control characters escaped), cut short."""
+    text = repr(value)
+    return text if len(text) <= 50 else text[:40] + "..." + text[-5:]
+
+
+def _address(host: object, port: object) -> tuple[str, int]:
+    """A tunnel's address from the file, or ValueError."""
+    if not isinstance(host, str) or not 2 <= len(host) <= MAX_HOST or not host.isascii() \
+            or not host.isprintable():
+        raise ValueError(f"host {_show(host)} is not an IP address")
+    try:
+        ip = ipaddress.ip_address(host)  # literals only: never a name to resolve; IPv6 may carry a %scope
+    except ValueError:
+        raise ValueError(f"host {_show(host)} is not an IP address") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_unspecified or ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(f"host {_show(host)} is not a unicast address")
+    if type(port) is not int or not 1 <= port <= 65535:  # not bool, not float
+        raise ValueError(f"port {_show(port)} is not in 1-65535")
+    return host, port
+
+
+def parse(data: bytes, path: str = "state file") -> list[tuple[int, tuple]]:
+    """(tunnel id, address) pairs from the file's bytes; ValueError (one line) when the file is not
+    exactly one this version wrote."""
+    where = f"the state file {path}"
+    if len(data) > MAX_BYTES:
+        raise ValueError(f"{where} is too big ({len(data)} bytes, at most {MAX_BYTES})")
+    if b"\0" in data:
+        raise ValueError(f"{where} holds a NUL byte")
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError(f"{where} is not JSON: nested too deep") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{where} is not JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("tunnels"), list):
+        raise ValueError(f"{where} is not one this version wrote")
+    tunnels = doc["tunnels"]
+    if len(tunnels) > MAX_ENTRIES:
+        raise ValueError(f"{where} lists {len(tunnels)} tunnels, more than an agent holds ({MAX_ENTRIES})")
+    out = []
+    for i, entry in enumerate(tunnels):
+        try:
+            if not isinstance(entry, list) or len(entry) != 3:
+                raise ValueError("not [tunnel id, host, port]")
+            tid, host, port = entry
+            if not isinstance(tid, str) or not TID.fullmatch(tid):
+                raise ValueError(f"tunnel id {_show(tid)} is not 16 hex digits")
+            out.append((int(tid, 16), _address(host, port)))
+        except ValueError as e:
+            raise ValueError(f"{where}: tunnel {i + 1}: {e}") from None
+    return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
 
 
 def load(path: str) -> list[tuple[int, tuple]]:
-    """(tunnel id, address) pairs; [] when there is no file. Raises ValueError when unreadable."""
+    """(tunnel id, address) pairs; [] when there is no file. Raises ValueError (one line) when the
+    file cannot be read or is not exactly one this version wrote."""
     try:
         with open(path, "rb") as f:
-            doc = json.loads(f.read(1 << 24))
+            data = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read the state file {path}: {e}") from None
-    if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("tunnels"), list):
-        raise ValueError(f"the state file {path} is not one this version wrote")
-    out = []
-    for entry in doc["tunnels"]:
-        try:
-            tid, host, port = entry
-            out.append((int(tid, 16), (str(host), int(port))))
-        except (TypeError, ValueError):
-            continue
-    return out
+    except OSError as e:
+        raise ValueError(f"cannot read the state file {path}: {e.strerror or e}") from None
+    return parse(data, path)
 
 
 def dump(entries: list[tuple[int, tuple]]) -> bytes:
