@@ -120,3 +120,95 @@ def test_a_sessions_first_keepalive_replayed_after_its_tunnel_closed_makes_no_gh
     sim.send(b"next client", v6("198.51.100.50", 5000))
     sim.advance(1)
     assert sim.service_rx[-1][1] == b"next client"
+
+
+CLIENT = v6("198.51.100.10", 5000)
+
+
+def test_spoofed_data_on_a_spare_never_reaches_the_service_only_announced_clients_do():
+    """Finding 12: data spoofed from the outside's address reached the service once through a
+    registered spare. Now the outside announces each client (authenticated) before its first
+    datagram, and the inside lets nothing else through."""
+    sim = Sim(keepalive=25)
+    spare = next(iter(sim.outside.spares))
+    sim.deliver_to_inside(spare, b"spoofed")
+    sim.advance(5)
+    assert sim.service_rx == [] and sim.inside.stats["drop_unannounced"] == 1
+    sim.send(b"hello", CLIENT)
+    tid = sim.outside.clients[CLIENT].tid
+    assert sim.service_rx == [(tid, b"hello")]
+    assert sim.inside.tunnels[tid].peer == proto.pack_peer(CLIENT)
+
+
+def test_a_lost_announce_is_sent_again_and_the_held_first_datagram_then_reaches_the_service():
+    sim = Sim(keepalive=25)
+    lost = []
+    real = sim.deliver_to_inside
+
+    def lose_announces(tid, data):
+        if proto.is_control(data) and proto.Codec(b"secret").decode(data).type == proto.ANNOUNCE and not lost:
+            lost.append(data)  # the first ANNOUNCE is lost on the way
+            return
+        real(tid, data)
+
+    sim.deliver_to_inside = lose_announces
+    sim.send(b"first", CLIENT)
+    assert lost and sim.service_rx == []  # held at the inside, waiting for its ANNOUNCE
+    sim.advance(0.2)  # the outside sends it again
+    tid = sim.outside.clients[CLIENT].tid
+    assert sim.service_rx == [(tid, b"first")] and sim.outside.clients[CLIENT].confirmed
+    real(tid, lost[0])  # the lost one, late (or replayed): believed once only
+    assert sim.inside.stats["drop_replay"] == 1
+
+
+def test_every_encrypted_message_has_a_nonce_of_its_own():
+    """Finding 13: challenges to unknown sessions and replies to replays repeated their nonce
+    (only the seen field differed)."""
+    sim = Sim(keepalive=5)
+    replays = []
+    for i in range(3):
+        sim.send(b"c%d" % i, v6("198.51.100.70", 5000 + i))
+    sim.advance(20)
+    replays = captured_keepalives(sim)
+    sim.restart_outside()
+    for d in replays[:20] * 3:  # the same keepalives, again and again, from elsewhere
+        sim.send(d, v6("192.0.2.66", 6666))
+    sim.advance(20)
+    codec = proto.Codec(b"secret")
+    seen = [(codec.decode(d).session, d[:proto.NONCE_END]) for d, _, _ in sim.wire if proto.is_control(d)]
+    assert len(seen) > 100
+    assert len(set(seen)) == len(seen)
+
+
+def test_a_replayed_hello_of_an_old_outside_session_is_believed_once():
+    """Finding 11: a spoofed HELLO made every tunnel register again, once a second, forever."""
+    sim = Sim(keepalive=25)
+    sim.send(b"a", CLIENT)
+    sim.advance(1)
+    sim.restart_outside(remember=True)
+    hello = next(d for d, _, w in sim.wire if w == "down" and proto.is_control(d)
+                 and proto.Codec(b"secret").decode(d).flags & proto.F_HELLO)
+    sim.restart_outside()  # another restart: the captured HELLO is of an old outside session now
+    sim.advance(2)
+    tid = next(iter(sim.inside.tunnels))
+    before = sim.inside.stats["hellos"]
+    for _ in range(10):
+        sim.deliver_to_inside(tid, hello)
+        sim.pump()
+        sim.advance(1.5)
+    assert sim.inside.stats["hellos"] - before == 0  # that outside session's HELLO was believed already
+
+
+def test_a_tunnel_closed_while_it_registers_again_still_tells_the_outside():
+    """Finding 11: while unregistered (after a HELLO), close() skipped the CLOSING keepalive."""
+    sim = Sim(keepalive=25, timeout=30)
+    sim.send(b"a", CLIENT)
+    tid = sim.outside.clients[CLIENT].tid
+    sim.up = False  # the answers to its registration are lost
+    sim.inside._register_all_again(sim.now)
+    sim.pump()
+    sim.up = True
+    assert not sim.inside.tunnels[tid].registered
+    sim.inside.close(tid, sim.now, "test")
+    sim.pump()
+    assert tid not in sim.outside.tunnels and sim.outside.closed.get(tid) == sim.now

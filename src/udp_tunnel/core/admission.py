@@ -208,7 +208,7 @@ class Admission:
         idle_since = (t.up_act.last or t.created) if t.up.pkts == t.up_act.seen else None
         if self.wg.may_move(t.tid, t.up.pkts, idle_since, now):
             old = t.client
-            core.move_client(t, addr, self.source(addr, now))
+            core.move_client(t, addr, self.source(addr, now), now)
             self.wg.moved(t.tid)
             core.stats["wg_roams"] += 1
             core.log.info(f"WireGuard client of tunnel {t.tid:016x} roamed from {show(old)} to {show(addr)}")

@@ -35,6 +35,8 @@ DROPS: dict[str, tuple[str, str]] = {
     "wg_unknown_session": (OUTSIDE, "WireGuard mode: transport data of no known session"),
     "wg_replay": (OUTSIDE, "WireGuard mode: a copy of an initiation already admitted"),
     "unregistered_spare": (INSIDE, "data on a spare the outside never registered (spoofed)"),
+    "unannounced": (INSIDE, "data on a spare whose client the outside never announced (spoofed)"),
+    "unknown_service": (INSIDE, "a client announced for a service this agent does not serve"),
 }
 
 # event -> (the agents that count it, what it counts)
@@ -50,6 +52,8 @@ EVENTS: dict[str, tuple[str, str]] = {
     "mappings_changed": (INSIDE, "NAT mappings seen to change"),
     "stall_keepalives": (INSIDE, "keepalives sent early because a client seemed silent"),
     "socket_errors": (INSIDE, "tunnels dropped because no socket could be opened"),
+    "client_moves": (INSIDE, "clients announced again at a new address (WireGuard roaming)"),
+    "announces": (OUTSIDE, "clients announced down their tunnel (and announced again)"),
 }
 
 # Where the I/O layer meets network errors: error_<site>_<ERRNO>.

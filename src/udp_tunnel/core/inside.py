@@ -42,6 +42,13 @@ TICK = 1.0
 STALL = 2.0  # an active tunnel sending without hearing anything back for this long: keepalive now
 RETRY = 0.25  # first wait for an answer to a registration; doubles up to the keepalive interval
 LEGACY_RESOLVE = 300.0  # legacy mode has no replies: look the name up again this often
+# Data on a spare before the outside announced its client (reordered, or the ANNOUNCE lost) waits
+# for the ANNOUNCE (the outside sends it again) within these bounds; data never announced is
+# not the outside's (spoofed) and never reaches the service.
+HELLO_SESSIONS = 64  # outside sessions whose HELLO is remembered
+HELD_DATAGRAMS = 16
+HELD_BYTES = 64 * 1024
+ANNOUNCE_WAIT = 3.0
 
 
 class OpenTunnel(NamedTuple):
@@ -52,8 +59,20 @@ class OpenTunnel(NamedTuple):
 
 
 class OpenService(NamedTuple):
-    """Open the service socket of tunnel tid."""
+    """Open the service socket of tunnel tid, for a client of `service` (its port at `offset` in the
+    service's range), the client at `client` (a socket address; None when unknown: legacy), which
+    sent to `reached` at the outside (None when not known)."""
     tid: int
+    service: str = "default"
+    offset: int = 0
+    client: tuple | None = None
+    reached: tuple | None = None
+
+
+class MoveService(NamedTuple):
+    """Tunnel tid's client now sends from `client` (WireGuard roaming): the service sees the new address."""
+    tid: int
+    client: tuple
 
 
 class Send(NamedTuple):
@@ -89,6 +108,7 @@ class Tunnel:
                  "cookie", "peer", "sent", "sent_at", "acked", "rtt", "registrations",
                  "registered_at", "next_ka", "retry", "answers", "known_by", "key",
                  "seen", "prev_sent_at", "probe_idle", "probe_seen", "probe_counter",
+                 "service", "announced", "held", "held_bytes", "held_since",
                  "rx", "tx", "rx_act", "tx_act")
 
     def __init__(self, tid: int, now: float) -> None:
@@ -115,6 +135,11 @@ class Tunnel:
         self.probe_idle = 0.0  # while it probes: how long it idles
         self.probe_seen = proto.NO_PEER  # ... and where it was seen before
         self.probe_counter = 0  # the keepalive after the idle, whose answer tells
+        self.service: str | None = None  # the service of its client, as the outside announced it
+        self.announced = 0  # the counter of the last ANNOUNCE believed
+        self.held: list[bytes] = []  # data that came before its ANNOUNCE
+        self.held_bytes = 0
+        self.held_since = 0.0
         self.rx = Meter()  # from the outside, to the service (counted by the loop)
         self.tx = Meter()  # from the service, to the outside
         self.rx_act = Activity()
@@ -124,8 +149,9 @@ class Tunnel:
 class InsideCore:
     def __init__(self, *, secret: bytes, keepalive: float, timeout: float, spares: int,
                  max_clients: int, now: float, log: Logger, legacy: bool = False,
-                 random_bytes=os.urandom, wall=time.time) -> None:
+                 random_bytes=os.urandom, wall=time.time, services: tuple[str, ...] = ("default",)) -> None:
         self.legacy = legacy
+        self.services = {proto.service_id(name): name for name in services}  # what the outside may announce
         self.keys = KeySet(secret)
         self.rule = inside_rule(legacy)
         self.random_bytes = random_bytes
@@ -155,6 +181,7 @@ class InsideCore:
         self.demand = Demand()  # clients' arrivals and registration times: the spares they need
         self.waiting = 0  # clients held at the outside for want of a spare (it says so)
         self.last_hello = -1e9
+        self.hellos: dict[int, None] = {}  # outside sessions whose HELLO was believed (oldest first)
 
     # --- tunnels ---
 
@@ -202,16 +229,20 @@ class InsideCore:
         for t in sorted(spares, key=lambda t: t.created)[:extra]:
             self.close(t.tid, now, "spare no longer needed")
 
-    def _activate(self, t: Tunnel, now: float) -> None:
+    def _activate(self, t: Tunnel, now: float, service: str = "default", offset: int = 0,
+                  reached: tuple | None = None) -> None:
         if self.probe is t:  # in use now: no figure from it
             self.probe = None
         t.state = ACTIVE
+        t.service = service
         self.active += 1
         t.activated = now
         t.rx_act.last = now
         self.demand.arrived(now)
-        self.actions.append(OpenService(t.tid))
-        self.log.info(f"tunnel {t.tid:016x} now carries a client")
+        client = proto.unpack_peer(t.peer, socket.AF_INET6)
+        self.actions.append(OpenService(t.tid, service, offset, client, reached))
+        self.log.info(f"tunnel {t.tid:016x} now carries a client"
+                      + (f" of {service}, {show(client)}" if client is not None else ""))
         if not self.legacy:
             self._send_keepalive(t, now)  # says "active" at once and learns the client address
         self._replenish(now)
@@ -228,7 +259,7 @@ class InsideCore:
         t = self._drop(tid)
         self.retired.update(datagrams_in=t.rx.pkts, bytes_in=t.rx.bytes,
                             datagrams_out=t.tx.pkts, bytes_out=t.tx.bytes)
-        if not self.legacy and t.registered:
+        if not self.legacy and t.registrations:  # (also while it registers again: the outside knew it)
             self.counter += 1
             self.actions.append(Send(tid, self._keepalive(t, self.counter, proto.F_CLOSING)))
         self.actions.append(Close(tid))
@@ -258,7 +289,7 @@ class InsideCore:
         if t.state is ACTIVE:
             flags |= proto.F_ACTIVE
         return self.keys.codec.encode(Control(proto.KEEPALIVE, flags, self.session, t.tid, counter, t.cookie,
-                                         t.peer, self.active, t.key, interval=round(interval)))
+                                              t.peer, self.active, t.key, interval=round(interval), nonce=counter))
 
     def _send_keepalive(self, t: Tunnel, now: float, probe: float = 0.0) -> None:
         """Send a keepalive on t now; with `probe`, t then idles that long on purpose."""
@@ -349,6 +380,9 @@ class InsideCore:
         m = self._verify(t, data)
         if m is None:
             return
+        if m.type == proto.ANNOUNCE:
+            self._announce(t, m.peer, m.service, m.interval, proto.unpack_peer(m.seen, socket.AF_INET6), now)
+            return
         if m.flags & proto.F_HELLO:
             self._hello(m, now)
             return
@@ -378,9 +412,15 @@ class InsideCore:
                              + ("authentication failed (is the key the same on both ends?)"
                                 if e.args[0] == "auth" else "malformed"))
             return None
-        if m.type != proto.REPLY or m.tunnel != t.tid:
+        if m.type == proto.KEEPALIVE or m.tunnel != t.tid:
             self.stats["drop_malformed"] += 1
             return None
+        if m.type == proto.ANNOUNCE:  # from the outside session that registered the tunnel, each once
+            if m.session != t.known_by or m.counter <= t.announced:
+                self.stats["drop_replay"] += 1
+                return None
+            t.announced = m.counter
+            return m
         if m.flags & proto.F_HELLO and m.counter == 0:
             return m
         if not t.acked < m.counter <= t.sent:
@@ -388,12 +428,41 @@ class InsideCore:
             return None
         return m
 
+    def _announce(self, t: Tunnel, peer: bytes, sid: bytes, offset: int, reached: tuple | None,
+                  now: float) -> None:
+        """The outside gives tunnel t to the client at `peer`, of the service `sid` names (an
+        ANNOUNCE, or a REPLY that says BOUND): its data may reach the service now; a new
+        address of the client it carries is the client moving."""
+        service = self.services.get(sid)
+        if service is None:
+            self.stats["drop_unknown_service"] += 1
+            self.log.limited("service", "the outside agent gave a tunnel to a client of a service this agent "
+                             "does not serve (are the services the same at both ends?)")
+            if t.state is SPARE:
+                self.close(t.tid, now, "its client's service is not served here")
+            return
+        if t.state is SPARE:
+            t.peer = peer
+            self._activate(t, now, service, offset, reached)
+            held, t.held, t.held_bytes = t.held, [], 0
+            for data in held:  # what came before the announcement, in order
+                self._to_service(t, data)
+        elif peer != t.peer and peer != proto.NO_PEER and service == t.service:
+            t.peer = peer
+            client = proto.unpack_peer(peer, socket.AF_INET6)
+            self.actions.append(MoveService(t.tid, client))
+            self.stats["client_moves"] += 1
+            self.log.info(f"the client of tunnel {t.tid:016x} moved to {show(client)}")
+
     def _hello(self, m: Control, now: float) -> None:
         """An outside agent that just started found us in its state file: register every
         tunnel again now, without waiting for the next keepalive. Believed for nothing else."""
-        if m.session == self.outside_session or now - self.last_hello < 1.0:
-            return
+        if m.session == self.outside_session or m.session in self.hellos or now - self.last_hello < 1.0:
+            return  # one HELLO per outside session is believed: a replayed one costs nothing more
         self.last_hello = now
+        self.hellos[m.session] = None
+        if len(self.hellos) > HELLO_SESSIONS:
+            del self.hellos[next(iter(self.hellos))]
         self.stats["hellos"] += 1
         self.log.info("the outside agent says it restarted: registering tunnels again")
         self._register_all_again(now)
@@ -423,10 +492,8 @@ class InsideCore:
             t.answers = 0
             self.stats["registrations"] += 1
             self.log.debug(f"tunnel {t.tid:016x} registered")
-        if m.flags & proto.F_BOUND:
-            t.peer = m.peer
-            if t.state is SPARE:  # the outside gave it to a client whose datagram got lost
-                self._activate(t, now)
+        if m.flags & proto.F_BOUND:  # the outside gave it to this client (its ANNOUNCE may have got lost)
+            self._announce(t, m.peer, m.service, m.interval, None, now)
         self._replenish(now)
 
     def _refused(self, t: Tunnel, now: float) -> None:
@@ -464,10 +531,25 @@ class InsideCore:
                 self.stats["drop_limit"] += 1
                 self.log.limited("limit", f"client limit ({self.max_clients}) reached: dropping a new client")
                 return
-            self._activate(t, now)
-        self.actions.append(ToService(tid, data))
+            if not self.legacy:  # wait for the outside's ANNOUNCE of its client
+                self._hold(t, data, now)
+                return
+            self._activate(t, now, next(iter(self.services.values())))
+        self._to_service(t, data)
+
+    def _to_service(self, t: Tunnel, data: bytes) -> None:
+        self.actions.append(ToService(t.tid, data))
         t.rx.pkts += 1
         t.rx.bytes += len(data)
+
+    def _hold(self, t: Tunnel, data: bytes, now: float) -> None:
+        if not t.held:
+            t.held_since = now
+        if len(t.held) >= HELD_DATAGRAMS or t.held_bytes + len(data) > HELD_BYTES:
+            self.stats["drop_unannounced"] += 1
+            return
+        t.held.append(data)
+        t.held_bytes += len(data)
 
     def has_output(self) -> bool:
         return bool(self.actions)
@@ -519,6 +601,10 @@ class InsideCore:
 
     def _tick(self, now: float) -> None:
         """Once a second: the active tunnels' activity, and the pool of spares."""
+        for t in self.tunnels.values():
+            if t.held and now - t.held_since > ANNOUNCE_WAIT:  # never announced: not the outside's
+                self.stats["drop_unannounced"] += len(t.held)
+                t.held, t.held_bytes = [], 0
         for t in [t for t in self.tunnels.values() if t.state is ACTIVE]:
             t.rx_act.sample(t.rx, now)
             moved = t.tx_act.sample(t.tx, now)

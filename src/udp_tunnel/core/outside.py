@@ -47,6 +47,9 @@ from udp_tunnel.wire import proto
 from udp_tunnel.wire.proto import Control, ControlError
 
 SESSIONS = 256  # inside sessions remembered
+ANNOUNCE_AGAIN = 0.1  # s until an unconfirmed ANNOUNCE is sent again, doubling
+ANNOUNCE_TRIES = 5  # then the keepalives' replies (BOUND) announce it
+INF = float("inf")
 STRANGERS = 4096  # sessions not (yet) known whose challenged keepalive counters are remembered
 CLOSED = 16384  # tunnel ids the inside closed, remembered for a cookie's life
 PROVEN = 8192  # addresses where a tunnel registered, remembered
@@ -99,7 +102,8 @@ class Strangers:
 
 class Tunnel:
     __slots__ = ("tid", "session", "addr", "state", "client", "src", "created", "last_ka", "key",
-                 "interval", "probe", "ready_at",
+                 "interval", "probe", "ready_at", "service", "offset", "confirmed", "announce_at",
+                 "announce_tries",
                  "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
 
     def __init__(self, tid: int, session: Session, addr: tuple, now: float) -> None:
@@ -115,6 +119,11 @@ class Tunnel:
         self.interval = 25.0  # seconds to its next keepalive, as its last one said
         self.probe = False  # it idles on purpose: never handed out
         self.ready_at = 0.0  # not handed out before (legacy: the next millisecond of its keepalive)
+        self.service = ""  # BOUND: the service of its client, and the port's offset in its range
+        self.offset = 0
+        self.confirmed = False  # BOUND: the inside said ACTIVE for its client (the ANNOUNCE arrived)
+        self.announce_at = INF  # BOUND, not confirmed: when to send the ANNOUNCE again
+        self.announce_tries = 0
         self.rebinds = 0
         self.up: Flow | None = None  # client -> inside
         self.down: Flow | None = None  # inside -> client
@@ -157,6 +166,10 @@ class OutsideCore:
         self.out: list[Datagram] = []
         self.stats: Counter[str] = Counter()
         self.retired: Counter[str] = Counter()  # traffic of tunnels gone, for totals that never drop
+        self.sent = 0  # messages sent: each one's number
+        self.announce_due = INF  # the earliest ANNOUNCE to send again
+        self.service = "default"  # the service of every client (one service, as the command line)
+        self.reached: tuple | None = None  # where clients send (the listen address, when it is one)
         self.legacy_nonce = 0
         self.legacy_session = Session(0, now)
         self.legacy_ids = 0
@@ -264,6 +277,10 @@ class OutsideCore:
         t.up, t.down = self.routes.bind(client, t.addr)
         t.up_act, t.down_act = Activity(now), Activity()
         src.take(t)
+        t.service, t.offset = self.service, 0
+        t.confirmed, t.announce_tries = False, 0
+        if not self.legacy:
+            self._announce(t, now)  # before its first datagram
         if self.wg is not None:
             self.wg.admitted(t.tid)
         self.log.info(f"client {show(client)} takes tunnel {t.tid:016x} at {show(t.addr)}"
@@ -316,8 +333,9 @@ class OutsideCore:
         self.retired.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
                             datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
 
-    def move_client(self, t: Tunnel, addr: tuple, src: Source) -> None:
-        """BOUND t's client now sends from `addr` (a WireGuard client roaming), of source `src`."""
+    def move_client(self, t: Tunnel, addr: tuple, src: Source, now: float) -> None:
+        """BOUND t's client now sends from `addr` (a WireGuard client roaming), of source `src`;
+        the inside is told (its service may see the client's address)."""
         old = t.client
         del self.clients[old]
         t.client = addr
@@ -326,6 +344,8 @@ class OutsideCore:
         t.src.leave(t)
         t.src = src
         src.bound += 1
+        t.confirmed, t.announce_tries = False, 0
+        self._announce(t, now, proto.F_MOVED)
 
     def _claim(self, addr: tuple, t: Tunnel | None) -> None:
         """`t` (or a new tunnel) has proved it receives at `addr`: whatever else sat there goes."""
@@ -416,7 +436,9 @@ class OutsideCore:
         self._refresh(t, m, now)
         flags = proto.F_REGISTERED | (proto.F_REKEY if m.key else 0)
         if t.state is State.BOUND:
-            self._reply(addr, m, flags | proto.F_BOUND, cur, proto.pack_peer(t.client))
+            if m.flags & proto.F_ACTIVE and m.peer == proto.pack_peer(t.client):
+                t.confirmed, t.announce_at = True, INF  # the inside has its client
+            self._reply(addr, m, flags | proto.F_BOUND, cur, t)
         else:
             self._reply(addr, m, flags, cur)
         self.admission.serve(now)
@@ -556,11 +578,34 @@ class OutsideCore:
             self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered without its client")
         return t
 
-    def _reply(self, addr: tuple, m: Control, flags: int, cookie: bytes, peer: bytes = proto.NO_PEER) -> None:
+    def _reply(self, addr: tuple, m: Control, flags: int, cookie: bytes, t: Tunnel | None = None) -> None:
+        """Answer keepalive m at addr; BOUND: with its client (t's), which it announces too."""
         waiting = min(len(self.admission.pending), 0xFFFF) if flags & proto.F_REGISTERED else 0
-        r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, peer, waiting, m.key,
+        r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, proto.NO_PEER, waiting, m.key,
                     proto.pack_peer(addr))
-        self.out.append(Datagram(self.keys.codec.encode(r), addr))
+        if t is not None:
+            r.peer, r.service, r.interval = proto.pack_peer(t.client), proto.service_id(t.service), t.offset
+        self.out.append(Datagram(self._encode(r), addr))
+
+    def _encode(self, m: Control) -> bytes:
+        """Every message this agent sends has a number of its own (its keystream's nonce)."""
+        self.sent += 1
+        m.nonce = self.sent
+        return self.keys.codec.encode(m)
+
+    def _announce(self, t: Tunnel, now: float, flags: int = 0) -> None:
+        """Tell the inside, down tunnel t, which client it now carries (before its first datagram),
+        until the inside says ACTIVE for it."""
+        self.sent += 1
+        m = Control(proto.ANNOUNCE, flags, self.session, t.tid, self.sent, peer=proto.pack_peer(t.client),
+                    key=max(t.key, 0), seen=proto.pack_peer(self.reached) if self.reached else proto.NO_PEER,
+                    interval=t.offset, nonce=self.sent, service=proto.service_id(t.service))
+        self.out.append(Datagram(self.keys.codec.encode(m), t.addr))
+        self.stats["announces"] += 1
+        t.announce_tries += 1
+        t.announce_at = now + ANNOUNCE_AGAIN * 2 ** (t.announce_tries - 1) \
+            if t.announce_tries < ANNOUNCE_TRIES else INF
+        self.announce_due = min(self.announce_due, t.announce_at)
 
     # --- legacy keepalives ---
 
@@ -609,16 +654,18 @@ class OutsideCore:
                 continue
             self._prove(addr)
             m = Control(proto.REPLY, proto.F_HELLO, self.session, tid, 0)
-            self.out.append(Datagram(self.keys.codec.encode(m), addr))
+            self.out.append(Datagram(self._encode(m), addr))
             self.stats["hellos"] += 1
 
     # --- time ---
 
     def next_timer(self) -> float:
-        return min(self.next_tick, self.admission.poll_at, self.keys.forget_at)
+        return min(self.next_tick, self.admission.poll_at, self.keys.forget_at, self.announce_due)
 
     def on_timer(self, now: float) -> None:
         self.admission.serve(now)
+        if now >= self.announce_due:
+            self._announce_again(now)
         if self.keys.expire(now):
             self.log.info("the old key is no longer accepted")
         if now < self.next_tick:
@@ -633,6 +680,15 @@ class OutsideCore:
         for s in [s for s in self.sessions.values() if s.active == 0 and now - s.last > 2 * self.cookie_slot]:
             if not self._has_tunnels(s):
                 del self.sessions[s.sid]
+
+    def _announce_again(self, now: float) -> None:
+        """ANNOUNCEs the inside has not confirmed yet (lost, or their tunnel's NAT mapping moved)."""
+        self.announce_due = INF
+        for t in self.clients.values():
+            if not t.confirmed and t.announce_at <= now:
+                self._announce(t, now, proto.F_MOVED if t.announce_tries and t.up.pkts > 1 else 0)
+            elif not t.confirmed:
+                self.announce_due = min(self.announce_due, t.announce_at)
 
     # --- checks and what the operator sees ---
 

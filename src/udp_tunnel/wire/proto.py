@@ -15,10 +15,11 @@ import struct
 from dataclasses import dataclass
 
 MAGIC = b"UDPT"
-VERSION = 2
+VERSION = 3
 
 KEEPALIVE = 1  # inside -> outside
 REPLY = 2  # outside -> inside
+ANNOUNCE = 3  # outside -> inside, down a tunnel: the client it now carries, before its first datagram
 
 # Keepalive flags
 F_ACTIVE = 0x01  # this tunnel carries a client; never hand it out as a spare
@@ -30,13 +31,18 @@ F_BOUND = 0x02  # the tunnel is bound to the client in the peer field
 F_REFUSED = 0x04  # the outside is at its tunnel limit and did not register it
 F_REKEY = 0x08  # the keepalive was made with an old key: send the next one with the current key
 F_HELLO = 0x10  # unasked, from an outside agent that just started: register again now
+# Announce flags
+F_MOVED = 0x01  # the tunnel's client now sends from a new address (WireGuard roaming)
 
-_BODY = struct.Struct("!4sBBBxQQQ16s16sHH16sHH")
-BODY_LEN = _BODY.size  # 88
+_BODY = struct.Struct("!4sBBBBQQQQ16s16sHH16sHH16s")
+BODY_LEN = _BODY.size  # 112
 TAG_LEN = 32
-CTRL_LEN = BODY_LEN + TAG_LEN  # 120
+CTRL_LEN = BODY_LEN + TAG_LEN  # 144
+NONCE_END = 40  # bytes 0..39 (magic to the message number) are the keystream's nonce
 COOKIE_LEN = 16
 NO_PEER = bytes(18)
+SERVICE_LEN = 16
+NO_SERVICE = bytes(SERVICE_LEN)
 
 LEGACY_LEN = 40
 _LE64 = struct.Struct("<Q")
@@ -57,15 +63,27 @@ class Control:
     peer: bytes = NO_PEER  # client address, 16-byte IPv6 (v4-mapped) + 2-byte port
     active: int = 0  # keepalive: active tunnels the inside has; reply: clients waiting for a spare
     key: int = 0  # which of the codec's keys made (encode) or verified (decode) the tag
-    seen: bytes = NO_PEER  # reply: the address the outside sees the tunnel at (as peer)
-    interval: int = 0  # keepalive: seconds until this tunnel's next keepalive
+    seen: bytes = NO_PEER  # reply: where the outside sees the tunnel; announce: where the client sent to
+    interval: int = 0  # keepalive: seconds until its next keepalive; announce: the port's offset in the service
+    nonce: int = 0  # the sender's message number: never the same twice in one session under one key
+    service: bytes = NO_SERVICE  # announce, reply BOUND: service_id() of the client's service
 
 
 # The key is stretched with scrypt (memory-hard: 32 MiB and about 0.1 s per guess), so a
 # captured control message does not let anyone test guesses of a weak key quickly.
 KDF_SALT = b"udp-tunnel control v2"
 KDF_N, KDF_R, KDF_P = 1 << 15, 8, 1
-SECRET_FIELDS = slice(48, 88)  # peer, count, seen address, interval: encrypted
+SECRET_FIELDS = slice(56, 112)  # peer, count, seen address, interval, service: encrypted
+
+
+def service_id(name: str) -> bytes:
+    """How control messages name a service: 16 bytes of BLAKE2s of its name."""
+    return hashlib.blake2s(name.encode(), digest_size=SERVICE_LEN).digest()
+
+
+def key_id(mac_key: bytes) -> int:
+    """A byte that tells which key made a message (a hint: the tag decides)."""
+    return hmac.new(mac_key, b"udp-tunnel key id", hashlib.sha256).digest()[0]
 
 
 def key_list(secret: bytes) -> list[bytes]:
@@ -88,8 +106,9 @@ def is_control(data: bytes | memoryview) -> bool:
 
 def _xor(data: bytes, enc_key: bytes, nonce: bytes) -> bytes:
     """Encrypt or decrypt the secret fields: XOR with HMAC(enc_key, nonce), a PRF keystream.
-    The nonce (magic..counter of the same message) is never reused under one key: a
-    keepalive's counter is used once per inside session, a reply answers one keepalive."""
+    The nonce (magic to the message number of the same message) is never reused under one
+    key: the sender's session is drawn at random at each start and its message number
+    counts every message it sends."""
     stream = b"".join(hmac.new(enc_key, bytes(nonce) + bytes([i]), hashlib.sha256).digest()
                       for i in range((len(data) + 31) // 32))
     return bytes(a ^ b for a, b in zip(data, stream, strict=False))
@@ -100,25 +119,30 @@ class Codec:
     the client address and counts encrypted. Several keys while a key is rotated:
     the first encodes, every one verifies."""
 
-    __slots__ = ("_keys",)
+    __slots__ = ("_keys", "ids")
 
     def __init__(self, *secrets: bytes) -> None:
         self._keys = [derive_keys(s) for s in secrets]
+        self.ids = [key_id(mac) for mac, _ in self._keys]
 
     def encode(self, m: Control) -> bytes:
         mac_key, enc_key = self._keys[m.key]
         body = bytearray(_BODY.pack(
-            MAGIC, VERSION, m.type, m.flags, m.session, m.tunnel, m.counter,
+            MAGIC, VERSION, m.type, m.flags, self.ids[m.key], m.session, m.tunnel, m.counter, m.nonce,
             m.cookie, m.peer[:16], int.from_bytes(m.peer[16:18], "big"), min(m.active, 0xFFFF),
-            m.seen[:16], int.from_bytes(m.seen[16:18], "big"), min(m.interval, 0xFFFF),
+            m.seen[:16], int.from_bytes(m.seen[16:18], "big"), min(m.interval, 0xFFFF), m.service,
         ))
-        body[SECRET_FIELDS] = _xor(body[SECRET_FIELDS], enc_key, body[:32])
+        body[SECRET_FIELDS] = _xor(body[SECRET_FIELDS], enc_key, body[:NONCE_END])
         return bytes(body) + hmac.new(mac_key, body, hashlib.sha256).digest()
 
+    def knows(self, data: bytes) -> bool:
+        """The key-id byte names one of this codec's keys (a hint, checked before any MAC)."""
+        return data[7] in self.ids
+
     def _verify(self, body: bytes, tag: bytes) -> int:
-        """The index of the key that made `tag`."""
+        """The index of the key that made `tag` (only keys whose id the message names are tried)."""
         for i, (mac_key, _) in enumerate(self._keys):
-            if hmac.compare_digest(hmac.new(mac_key, body, hashlib.sha256).digest(), tag):
+            if self.ids[i] == body[7] and hmac.compare_digest(hmac.new(mac_key, body, hashlib.sha256).digest(), tag):
                 return i
         raise ControlError("auth")
 
@@ -128,13 +152,13 @@ class Codec:
             raise ControlError("malformed")
         body = data[:BODY_LEN]
         i = self._verify(body, data[BODY_LEN:])
-        body = body[:48] + _xor(body[SECRET_FIELDS], self._keys[i][1], body[:32])
-        (_, ver, typ, flags, session, tunnel, counter, cookie, paddr, pport, active,
-         saddr, sport, interval) = _BODY.unpack(body)
-        if ver != VERSION or typ not in (KEEPALIVE, REPLY):
+        body = body[:SECRET_FIELDS.start] + _xor(body[SECRET_FIELDS], self._keys[i][1], body[:NONCE_END])
+        (_, ver, typ, flags, _, session, tunnel, counter, nonce, cookie, paddr, pport, active,
+         saddr, sport, interval, service) = _BODY.unpack(body)
+        if ver != VERSION or typ not in (KEEPALIVE, REPLY, ANNOUNCE):
             raise ControlError("malformed")
         return Control(typ, flags, session, tunnel, counter, cookie, paddr + pport.to_bytes(2, "big"), active, i,
-                       saddr + sport.to_bytes(2, "big"), interval)
+                       saddr + sport.to_bytes(2, "big"), interval, nonce, service)
 
 
 def pack_peer(addr: tuple) -> bytes:
