@@ -18,27 +18,37 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 from udp_tunnel.addr import AddrError, resolve, show
-from udp_tunnel.core.inside import Close, InsideCore, OpenService, OpenTunnel, Resolve, Send, ToService
+from udp_tunnel.core.inside import Close, InsideCore, MoveService, OpenService, OpenTunnel, Resolve, Send, ToService
 from udp_tunnel.io import fastio
 from udp_tunnel.io.loop import BATCH, Loop, bufsizes
+from udp_tunnel.io.services import ServiceError, ServiceTarget
 from udp_tunnel.ops.log import Log
 
 # Where an action's socket error is counted (counters.ERROR_SITES).
-ACTION_SITE = {Send: "tunnel", ToService: "service", OpenTunnel: "open_tunnel", OpenService: "open_service"}
+ACTION_SITE = {Send: "tunnel", ToService: "service", OpenTunnel: "open_tunnel", OpenService: "open_service",
+               MoveService: "open_service"}
+DRAIN = 2.0  # s a client's old service socket (it moved) still takes the service's answers to it
 
 
 class Pipe:
     """The sockets of one inside tunnel, and the meters the data paths count into."""
 
-    __slots__ = ("tid", "rx", "tx", "tsock", "ssock", "t_switch", "t_wake", "s_switch", "s_wake")
+    __slots__ = ("tid", "rx", "tx", "tsock", "ssock", "t_switch", "t_wake", "s_switch", "s_wake",
+                 "target", "conn", "client", "framing", "retired")
 
     def __init__(self, a: OpenTunnel, tsock: socket.socket) -> None:
         self.tid, self.rx, self.tx, self.tsock = a.tid, a.rx, a.tx, tsock
         self.ssock: socket.socket | None = None
+        self.target: ServiceTarget | None = None  # its client's service, once announced
+        self.conn = None  # services.Conn: the service socket and its PROXY v2 framing
+        self.client: tuple | None = None
+        self.framing = None  # PROXY v2: a header before (some of) what goes to the service
+        self.retired: list[socket.socket] = []  # service sockets of the client's old address, draining
         # the fast path: read the tunnel / service socket in batches or not, and the wakeup that
         # last found it readable
         self.t_switch = fastio.Switch(*fastio.INSIDE_SWITCH)
@@ -50,11 +60,16 @@ class InsideLoop(Loop):
     """What both inside paths share: the pipes, the core's actions, looking the outside up again."""
 
     def __init__(self, core: InsideCore, outside: tuple[str, int], outside_addr: tuple[int, tuple],
-                 service: tuple[int, tuple], log: Log, family: int = socket.AF_UNSPEC, **kw) -> None:
+                 services: dict[str, ServiceTarget] | tuple[int, tuple], log: Log, family: int = socket.AF_UNSPEC,
+                 **kw) -> None:
         super().__init__(core, log, **kw)
         self.outside_name = outside
         self.outside_family, self.outside_addr = outside_addr
-        self.service_family, self.service_addr = service
+        if isinstance(services, tuple):  # one service, as the command line's: (family, address)
+            fam, addr = services
+            services = {"default": ServiceTarget("default", fam, addr[0], addr[1])}
+        self.services = services
+        self.draining: dict[int, tuple[socket.socket, float]] = {}  # fd -> (old PROXY v2 socket, until)
         self.family = family
         self.rule = core.rule
         self.pipes: dict[int, Pipe] = {}
@@ -65,6 +80,7 @@ class InsideLoop(Loop):
         if self.resolving is not None and self.resolving.done():
             self._resolved(now)
         super().tick(now)
+        self._drained(now)
 
     def after_core(self, now: float) -> None:
         while self.core.has_output():
@@ -91,14 +107,17 @@ class InsideLoop(Loop):
                     p.tsock.send(a.data)
             elif kind is ToService:
                 if p is not None and p.ssock is not None:
-                    p.ssock.send(a.data)
+                    self.to_service(p, a.data)
             elif kind is OpenTunnel:
                 s = self.tunnel_socket()
                 p = self.pipes[a.tid] = Pipe(a, s)
                 self.watch(s.fileno(), partial(self.on_tunnel, p))
             elif kind is OpenService:
                 if p is not None:
-                    self._open_service(p)
+                    self._open_service(p, a)
+            elif kind is MoveService:
+                if p is not None and p.conn is not None:
+                    self._move_service(p, a.client)
             elif kind is Close:
                 if p is not None:
                     self._close_pipe(p)
@@ -111,13 +130,76 @@ class InsideLoop(Loop):
             if kind in (OpenTunnel, OpenService):
                 self._lost_socket(a.tid)
 
-    def _open_service(self, p: Pipe) -> None:
-        s = socket.socket(self.service_family, socket.SOCK_DGRAM)
-        p.ssock = s
-        s.setblocking(False)
-        bufsizes(s)
-        s.connect(self.service_addr)
-        self.watch(s.fileno(), partial(self.on_service, p))
+    def _open_service(self, p: Pipe, a: OpenService) -> None:
+        target = self.services.get(a.service)
+        if target is None:
+            raise OSError(0, f"no service {a.service!r} here")
+        try:
+            p.conn = target.open(a.offset, a.client, a.reached)
+        except ServiceError as e:
+            raise OSError(0, str(e)) from None
+        p.target, p.client, p.ssock, p.framing = target, a.client, p.conn.sock, p.conn.framing
+        bufsizes(p.ssock)
+        self.watch(p.ssock.fileno(), partial(self.on_service, p))
+
+    def _move_service(self, p: Pipe, client: tuple) -> None:
+        """The client moved: the service sees its new address (a new socket where the mode needs
+        one; the old one still takes answers for a while, going up the same tunnel)."""
+        now = time.monotonic()
+        new = p.target.move(p.conn, p.client, client, now)
+        p.client = client
+        if new is None:
+            return
+        old = p.ssock
+        self.unwatch(old.fileno())
+        self.watch(old.fileno(), partial(self._on_old_service, p, old))
+        p.retired.append(old)
+        if p.framing is not None:
+            self.draining[old.fileno()] = (old, now + DRAIN)
+        bufsizes(new)
+        p.ssock = p.conn.sock = new
+        self.watch(new.fileno(), partial(self.on_service, p))
+
+    def _on_old_service(self, p: Pipe, s: socket.socket, now: float) -> None:
+        """An answer to the client's old address: up the same tunnel."""
+        try:
+            data = s.recv(65536)
+        except OSError:
+            return
+        if s.fileno() in self.draining:
+            self.draining[s.fileno()] = (s, now + DRAIN)
+        else:
+            p.target.seen(s.fileno(), now)
+        self.plain_send(p.tsock, data, "tunnel")
+        p.tx.pkts += 1
+        p.tx.bytes += len(data)
+
+    def _drained(self, now: float) -> None:
+        """Old service sockets that have been quiet long enough: closed."""
+        done = [s for s, until in self.draining.values() if now >= until]
+        for t in self.services.values():
+            done += t.expired(now)
+        for s in done:
+            self.draining.pop(s.fileno(), None)
+            for p in self.pipes.values():
+                if s in p.retired:
+                    p.retired.remove(s)
+            self._close_socket(s)
+
+    def _close_socket(self, s: socket.socket) -> None:
+        if s.fileno() >= 0:
+            self.unwatch(s.fileno())
+            s.close()
+
+    def to_service(self, p: Pipe, data: bytes | memoryview) -> None:
+        """A datagram to the service (with its PROXY v2 header, when the service has one)."""
+        try:
+            if p.framing is None:
+                p.ssock.send(data)
+            else:
+                p.ssock.sendmsg(p.framing.frame(data))
+        except OSError as e:
+            self.net_error("service", e)
 
     def _lost_socket(self, tid: int) -> None:
         """No socket for tunnel tid (EMFILE, no route...): the core forgets it, the pool refills later."""
@@ -128,11 +210,12 @@ class InsideLoop(Loop):
 
     def _close_pipe(self, p: Pipe) -> None:
         del self.pipes[p.tid]
-        for s in (p.tsock, p.ssock):
-            if s is not None and s.fileno() >= 0:
-                self.unwatch(s.fileno())
-                s.close()
+        for s in (p.tsock, p.ssock, *p.retired):
+            if s is not None:
+                self.draining.pop(s.fileno(), None)
+                self._close_socket(s)
         p.ssock = None
+        p.retired.clear()
 
     def _resolved(self, now: float) -> None:
         fut, self.resolving = self.resolving, None
@@ -186,6 +269,12 @@ class InsideLoop(Loop):
     def close(self) -> None:
         for p in list(self.pipes.values()):
             self._close_pipe(p)
+        for t in self.services.values():
+            socks, said = t.stop()
+            for s in socks:
+                s.close()
+            for line in said:
+                self.log.info(line)
         self.resolver.shutdown(wait=False, cancel_futures=True)
         super().close()
 
@@ -207,10 +296,13 @@ class PlainInsideLoop(InsideLoop):
                 if not self.to_core(p, bytes(mv[:n]), now):
                     return
                 continue
-            try:
-                p.ssock.send(mv[:n])
-            except OSError as e:
-                self.net_error("service", e)
+            if p.framing is None:
+                try:
+                    p.ssock.send(mv[:n])
+                except OSError as e:
+                    self.net_error("service", e)
+            else:
+                self.to_service(p, mv[:n])
             m.pkts += 1
             m.bytes += n
 
@@ -271,13 +363,19 @@ class FastInsideLoop(InsideLoop):
                 if not self.to_core(p, bytes(v), now):
                     return
             else:
-                self.plain_send(p.ssock, v, "service")
+                self.to_service(p, v)
                 p.rx.pkts += 1
                 p.rx.bytes += len(v)
 
     def _to_service_run(self, p: Pipe, n: int, seg: int) -> None:
         """A datagram, or a GRO run of data in seg-byte segments, to the service (runs as GSO)."""
         mv = self.mv
+        if p.framing is not None:  # a header before each datagram: one by one
+            for v in fastio.segments(mv, n, seg):
+                self.to_service(p, v)
+            p.rx.pkts += -(-n // seg) if seg else 1
+            p.rx.bytes += n
+            return
         try:
             if seg and seg < n:
                 p.ssock.sendmsg([mv[:n]], fastio.gso_ancillary(seg))
@@ -311,7 +409,7 @@ class FastInsideLoop(InsideLoop):
                 data = not run_may_hold(ln, seg)
             else:
                 data = ln not in lengths or not core_sees(views[i][:ln])
-            if data and p.ssock is not None:
+            if data and p.ssock is not None and p.framing is None:
                 add(ring, i, ln, seg, None)
                 pkts += -(-ln // seg) if seg else 1
                 nbytes += ln
@@ -328,7 +426,7 @@ class FastInsideLoop(InsideLoop):
                         batch.clear()
                         return
                 else:
-                    self.plain_send(p.ssock, v, "service")
+                    self.to_service(p, v)
                     m.pkts += 1
                     m.bytes += len(v)
         if batch.nmsg:
