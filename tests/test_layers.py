@@ -18,7 +18,8 @@ LAYERS = {
     "core": {"wire", "addr"},
     "ops": {"core", "wire", "addr"},
     "io": {"ops", "core", "wire", "addr"},
-    "cli": {"io", "ops", "core", "wire", "addr", "config", "demo", "version"},
+    "cli": {"agent", "ops", "core", "wire", "addr", "config", "demo", "version"},
+    "agent": {"io", "ops", "core", "wire", "addr", "config", "version"},
     "demo": {"cli", "version"},
     "config": {"core", "wire", "addr", "cli", "ops"},
     "version": set(),  # the package's __init__ (its version)

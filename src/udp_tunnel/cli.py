@@ -6,15 +6,11 @@ import argparse
 import math
 import os
 import re
-import resource
 import socket
 import sys
-import time
 
 from udp_tunnel import __version__, config
-from udp_tunnel.addr import AddrError, ResolveError, parse_listen, resolve, show, split_hostport
-from udp_tunnel.ops.log import DEBUG, INFO, WARNING, Log
-from udp_tunnel.wire.proto import key_list
+from udp_tunnel.addr import AddrError, ResolveError, parse_listen, split_hostport
 
 USAGE = """\
 udp-tunnel -s HOST:PORT -o HOST:PORT [options]   inside agent, next to the service
@@ -137,35 +133,6 @@ def build_parser() -> Parser:
     return p
 
 
-def read_key_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        key = f.read().rstrip(b"\r\n")
-    if not key:
-        raise ValueError(f"key file {path} is empty")
-    return key
-
-
-def load_key(a: argparse.Namespace) -> tuple[bytes, str]:
-    """The secret and where it came from ('' when there is none). A key is bytes: from
-    -k or UDP_TUNNEL_KEY the very bytes given (os.fsencode), as from a key file."""
-    if a.key_file is not None:
-        try:
-            return read_key_file(a.key_file), "key file"
-        except OSError as e:
-            raise StartError(f"cannot read key file {a.key_file}: {e.strerror}") from None
-        except ValueError as e:
-            raise StartError(str(e)) from None
-    if a.key is not None:
-        return os.fsencode(a.key), "command line"
-    env = os.environb.get(b"UDP_TUNNEL_KEY")
-    if env:
-        return env, "UDP_TUNNEL_KEY"
-    return b"", ""
-
-
-MIN_KEY = 16  # a shorter key gets a warning
-
-
 class StartError(Exception):
     pass
 
@@ -239,87 +206,6 @@ def check(a: argparse.Namespace) -> str:
     return "inside" if inside else "outside"
 
 
-def raise_fd_limit(want: int) -> None:
-    """The inside agent holds two sockets per client: lift the soft limit as far as allowed."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def bind_listen(text: str, family: int | None) -> socket.socket:
-    host, port = parse_listen(text)
-    if host is None:
-        fam = family or socket.AF_INET6
-        host = "::" if fam == socket.AF_INET6 else "0.0.0.0"
-    else:
-        fam, sockaddr = resolve(host, port, "--listen", family or socket.AF_UNSPEC)
-        host = sockaddr[0]
-    try:
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-    except OSError:
-        if family is None and fam == socket.AF_INET6 and host == "::":  # no IPv6 on this host
-            return bind_listen(f"0.0.0.0:{port}", socket.AF_INET)
-        raise
-    if fam == socket.AF_INET6 and host == "::":
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if family == socket.AF_INET6 else 0)
-    try:
-        s.bind((host, port))
-    except OSError as e:
-        s.close()
-        raise StartError(f"cannot listen on {show((host, port))}: {e.strerror}") from None
-    return s
-
-
-def default_name(role: str, a: argparse.Namespace) -> str:
-    """outside-9999, outside-192.0.2.1_9999, inside-localhost_51820-vps.example.com_9999."""
-    def tidy(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
-    name = f"outside-{tidy(a.listen)}" if role == "outside" else f"inside-{tidy(a.service)}-{tidy(a.outside)}"
-    return name[:64]
-
-
-def agent_path(given: str | None, name: str, unit_dir: str, unit_file: str, suffix: str) -> str | None:
-    """--control / --state-file: PATH, 'none', or by default the unit's directory ($unit_dir) under
-    systemd, else NAME+suffix in this user's private runtime directory (made here if needed)."""
-    from udp_tunnel.ops import status
-
-    if given == "none":
-        return None
-    if given:
-        return given
-    if os.environ.get(unit_dir):
-        return os.path.join(os.environ[unit_dir].split(":")[0], unit_file)
-    return os.path.join(status.private_dir(status.runtime_dir()), f"{name}{suffix}")
-
-
-def control_path(given: str | None, name: str) -> str | None:
-    return agent_path(given, name, "RUNTIME_DIRECTORY", "control.sock", ".sock")
-
-
-def state_path(given: str | None, name: str) -> str | None:
-    return agent_path(given, name, "STATE_DIRECTORY", "outside.state", ".state")
-
-
-def remember(core, path: str | None, log: Log, now: float) -> None:
-    """The outside agent starts: the tunnels its previous run knew (the state file) are asked
-    to register again at once."""
-    if not path:
-        return
-    from udp_tunnel.wire import statefile
-    try:
-        entries = statefile.load(path)
-    except ValueError as e:
-        log.warning(f"{e}: tunnels register again at their next keepalive")
-        return
-    if entries:
-        log.info(f"asking the {len(entries)} tunnel(s) of the previous run to register again")
-        core.remembered(entries, now)
-
-
 def status_main(argv: list[str]) -> int:
     """udp-tunnel status [NAME] [--control PATH] [--json]"""
     from udp_tunnel.ops import status
@@ -390,105 +276,21 @@ def config_command(a: argparse.Namespace) -> int:
 
 
 def run_config(cfg: config.Config) -> int:
-    """Run an agent from a configuration file: the cores learn several services first."""
-    raise StartError(f"--config: running an agent from a configuration file is not wired yet "
-                     f"({cfg.source} is valid; run the agent with command-line options for now)")
+    """Run an agent from its configuration (a file's, or the command line's)."""
+    from udp_tunnel import agent
+    try:
+        return agent.run(cfg)
+    except agent.StartError as e:
+        raise StartError(str(e)) from None
 
 
 def run(a: argparse.Namespace) -> int:
-    from udp_tunnel.core.inside import InsideCore
-    from udp_tunnel.core.outside import OutsideCore
-    from udp_tunnel.io.inside import inside_loop
-    from udp_tunnel.io.outside import outside_loop
-    from udp_tunnel.ops import metrics, status
-
     if a.config is not None:
         return config_command(a)
     if a.print_install_facts:
         raise UsageError("--print-install-facts goes with --config")
-    role = check(a)
+    check(a)
+    cfg = config.from_args(a)  # the same model as a file's
     if a.check_config:
-        config.from_args(a)  # the same model as a file's
         return 0
-    secret, key_from = load_key(a)
-    raise_fd_limit(2 * a.max_clients + 2 * a.spares + 64)
-    log = Log(WARNING if a.quiet else DEBUG if a.verbose else INFO)
-    reload_key = (lambda: read_key_file(a.key_file)) if a.key_file else None
-    now = time.monotonic()
-    protocol = "legacy (C udp-tunnel 1.x)" if a.legacy else "v2"
-    name = a.name or default_name(role, a)
-    metrics_addr = split_hostport(a.metrics, "--metrics") if a.metrics else None
-
-    if role == "outside":
-        sock = bind_listen(a.listen, a.family)
-        fam = sock.family
-        gate = None
-        if a.wireguard_key is not None:  # WireGuard mode (issue 9)
-            from udp_tunnel.core.wireguard import Gate
-            gate = Gate(a.wireguard_keys)
-        core = OutsideCore(secret=secret, keepalive=a.keepalive, max_clients=a.max_clients, family=fam,
-                           now=now, log=log, legacy=a.legacy, max_skew=a.max_clock_skew, wireguard=gate,
-                           max_per_source=a.max_clients_per_source)
-        try:
-            state = state_path(a.state_file, name)
-        except OSError as e:
-            sock.close()
-            raise StartError(f"{e.strerror or e} (or --state-file PATH)") from None
-        remember(core, state, log, now)
-        loop = outside_loop(core, sock, log, state_path=state, reload_key=reload_key)
-        where = show(sock.getsockname())
-        if fam == socket.AF_INET6 and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
-            where += " (IPv4 and IPv6)"
-        desc = f"outside agent listening on {where}"
-        if gate is not None:
-            n = len(a.wireguard_keys)
-            desc += f", admitting only WireGuard handshakes for {n} server key{'s' if n > 1 else ''}"
-        info = {"listen": where}
-    else:
-        host, port = split_hostport(a.outside, "--outside")
-        outside_addr = resolve(host, port, "--outside", a.family or socket.AF_UNSPEC)
-        shost, sport = split_hostport(a.service, "--service")
-        service_addr = resolve(shost, sport, "--service", prefer_v4=True)
-        core = InsideCore(secret=secret, keepalive=a.keepalive, timeout=a.timeout, spares=a.spares,
-                          max_clients=a.max_clients, now=now, log=log, legacy=a.legacy)
-        core.start(now)
-        loop = inside_loop(core, (host, port), outside_addr, service_addr, log,
-                           family=a.family or socket.AF_UNSPEC, reload_key=reload_key)
-        resolved = show(outside_addr[1])
-        info = {"service": show(service_addr[1]),
-                "outside": resolved if resolved == a.outside else f"{a.outside} ({resolved})"}
-        desc = f"inside agent for service {info['service']} via outside agent {info['outside']}"
-    loop.info = {"version": __version__, "pid": os.getpid(), "key": bool(secret), "name": name, **info}
-    servers = []
-    control, what = None, "status"
-    try:
-        control = control_path(a.control, name)
-        if control:
-            servers.append(status.ControlServer(control, loop))
-        what = "metrics"
-        if metrics_addr:
-            servers.append(metrics.MetricsServer(metrics_addr, loop))
-    except OSError as e:
-        for s in servers:
-            s.close()
-        loop.close()
-        raise StartError(f"cannot serve {what}: {e.strerror or e}") from None
-    log.info(f"udp-tunnel {__version__}: {desc}, protocol {protocol}, "
-             f"key {'set from ' + key_from if secret else 'NOT set'}, keepalive {a.keepalive:g} s"
-             + (f", status on {control}" if control else "")
-             + (f", metrics on http://{show(metrics_addr)}/metrics" if metrics_addr else ""))
-    if not secret:
-        log.warning("--insecure-no-key: keepalives are NOT authenticated; "
-                    "anyone who can send UDP to the outside agent can take over tunnels and "
-                    "receive your clients' datagrams")
-    elif key_from == "command line":
-        log.warning("the key was given with -k and is visible to every local user in the "
-                    "process list: prefer --key-file or UDP_TUNNEL_KEY")
-    if secret and min(len(k) for k in key_list(secret)) < MIN_KEY:
-        log.warning(f"the key is short (under {MIN_KEY} characters): whoever captures one keepalive can "
-                    "try guesses offline; use a long random key (make install-* makes one)")
-    try:
-        return loop.run()
-    finally:
-        for s in servers:
-            s.close()
+    return run_config(cfg)
