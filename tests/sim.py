@@ -48,7 +48,7 @@ class Sim:
         self.service_rx: list[tuple[int, bytes]] = []
         self.received: dict[tuple, list[bytes]] = {}  # datagrams from the outside core, by address
         self.wire: list[tuple[bytes, tuple, str]] = []  # (data, address, "up"|"down")
-        self.forwarded: list[tuple[bytes, tuple]] = []  # what the outside loop forwarded itself
+        self.forwarded: list[tuple[bytes, tuple, int]] = []  # what the outside loop forwarded itself
         self.checks = True  # check both cores' invariants after every step (off only for long soaks)
         self.resolves = 0  # times the inside asked to look the outside's name up again
         self.up = True  # False: the network between the agents drops everything
@@ -107,7 +107,7 @@ class Sim:
     def _check_route_version(self) -> None:
         """The loop caches routes until their version moves: any change must move it."""
         o = self.outside
-        fp = {a: (id(f), f.dst) for a, f in o.routes.items()}
+        fp = {(v, a): (id(f), f.dst, f.via) for v, a, f in o.routes.items()}
         core, seen, old = self.route_seen
         if core is o and fp != old and o.routes.version == seen:
             raise AssertionError("routes changed without a new version")
@@ -139,7 +139,7 @@ class Sim:
                 self.outside.check_invariants()
                 self.inside.check_invariants(self.service_socket)
                 self._check_route_version()
-            for data, addr in out + self.forwarded:
+            for data, addr, _ in out + self.forwarded:
                 self._down(data, addr)
             self.forwarded.clear()
         raise AssertionError("the cores keep talking without end")
@@ -165,7 +165,7 @@ class Sim:
         if f is not None and not o.rule.core_sees(data):
             f.pkts += 1
             f.bytes += len(data)
-            self.forwarded.append((data, f.dst))
+            self.forwarded.append((data, f.dst, f.via))
         else:
             o.receive(data, src, self.now)
 
@@ -219,7 +219,7 @@ def register_tunnel(outside: OutsideCore, addr: tuple, now: float, key: bytes = 
                 tid = a.tid
             elif type(a) is Send and a.tid == tid:
                 outside.receive(a.data, addr, now)
-        for data, dst in outside.take():
+        for data, dst, _ in outside.take():
             if dst == addr:
                 inside.receive(tid, data, now)
         if inside.tunnels[tid].registered:

@@ -28,10 +28,11 @@ class Logger(Protocol):
 
 
 class Datagram(NamedTuple):
-    """Send `data` to `addr` (outside agent: from its one socket)."""
+    """Send `data` to `addr` (outside agent: from endpoint `via`, the tunnel port by default)."""
 
     data: bytes
     addr: tuple
+    via: int = 0
 
 
 class Meter:
@@ -45,13 +46,15 @@ class Meter:
 
 
 class Flow(Meter):
-    """One direction of a bound tunnel at the outside: where datagrams from a source go."""
+    """One direction of a bound tunnel at the outside: where datagrams from a source go, and
+    from which endpoint (the local port, by index: 0 when there is one)."""
 
-    __slots__ = ("dst",)
+    __slots__ = ("dst", "via")
 
-    def __init__(self, dst: tuple) -> None:
+    def __init__(self, dst: tuple, via: int = 0) -> None:
         super().__init__()
         self.dst = dst
+        self.via = via
 
 
 class Activity:

@@ -1,9 +1,13 @@
-"""The outside agent's route table: source address -> Flow, for both directions of
-every bound tunnel.
+"""The outside agent's route table: per endpoint (the local port a datagram arrived on,
+by index), source address -> Flow, for both directions of every bound tunnel.
 
-The core changes it only through the methods below, and each moves `version`;
-the I/O layer reads it (`get`, `version`) and may cache what it read until the
-version moves: a cache can't go stale by a forgotten bump. A `listener`, when
+A client's datagrams arrive on its service's endpoint and go up from the tunnel endpoint;
+the tunnel's come back on the tunnel endpoint and go to the client from the client's
+endpoint (`Flow.via`). With one port for everything (`-l PORT`) both are endpoint 0.
+
+The core changes the table only through the methods below, and each moves `version`;
+the I/O layer reads it (`get` for endpoint 0, `gets[via]`, `version`) and may cache what it
+read until the version moves: a cache can't go stale by a forgotten bump. A `listener`, when
 set (the kernel data path), is told of every change at the same point.
 """
 
@@ -16,28 +20,34 @@ from udp_tunnel.core.common import Flow
 
 class RouteListener(Protocol):
     def routed(self, client: tuple, tunnel: tuple, up: Flow, down: Flow) -> None: ...
-    def unrouted(self, client: tuple, tunnel: tuple) -> None: ...
+    def unrouted(self, client: tuple, tunnel: tuple, up: Flow, down: Flow) -> None: ...
 
 
 class RouteTable:
-    __slots__ = ("_flows", "get", "version", "listener")
+    __slots__ = ("_flows", "gets", "get", "version", "listener")
 
-    def __init__(self) -> None:
-        self._flows: dict[tuple, Flow] = {}
-        self.get = self._flows.get  # the fast paths' one lookup
+    def __init__(self, endpoints: int = 1) -> None:
+        self._flows: list[dict[tuple, Flow]] = [{} for _ in range(endpoints)]
+        self.gets = [f.get for f in self._flows]  # the fast paths' one lookup, per endpoint
+        self.get = self.gets[0]
         self.version = 0
         self.listener: RouteListener | None = None
 
     def __len__(self) -> int:
-        return len(self._flows)
+        return sum(len(f) for f in self._flows)
 
-    def __contains__(self, addr: tuple) -> bool:
-        return addr in self._flows
+    def items(self, via: int | None = None):
+        """(address, flow) of one endpoint, or (via, address, flow) of all."""
+        if via is not None:
+            return self._flows[via].items()
+        return [(v, a, f) for v, flows in enumerate(self._flows) for a, f in flows.items()]
 
-    def items(self):
-        return self._flows.items()
+    def add_endpoint(self) -> int:
+        self._flows.append({})
+        self.gets.append(self._flows[-1].get)
+        return len(self._flows) - 1
 
-    def _changed(self, gone: tuple[tuple, tuple] | None, new: tuple[tuple, tuple, Flow, Flow] | None) -> None:
+    def _changed(self, gone: tuple | None, new: tuple | None) -> None:
         self.version += 1
         if self.listener is not None:
             if gone is not None:
@@ -45,28 +55,31 @@ class RouteTable:
             if new is not None:
                 self.listener.routed(*new)
 
-    def bind(self, client: tuple, tunnel: tuple) -> tuple[Flow, Flow]:
-        """Route client -> tunnel and back: the two new flows (up, down)."""
-        up = self._flows[client] = Flow(tunnel)
-        down = self._flows[tunnel] = Flow(client)
+    def bind(self, client: tuple, tunnel: tuple, cvia: int = 0, tvia: int = 0) -> tuple[Flow, Flow]:
+        """Route client (arriving on endpoint cvia) to tunnel (on endpoint tvia) and back: the two
+        new flows (up, down)."""
+        up = self._flows[cvia][client] = Flow(tunnel, tvia)
+        down = self._flows[tvia][tunnel] = Flow(client, cvia)
         self._changed(None, (client, tunnel, up, down))
         return up, down
 
-    def unbind(self, client: tuple, tunnel: tuple) -> None:
-        del self._flows[client]
-        del self._flows[tunnel]
-        self._changed((client, tunnel), None)
+    def unbind(self, client: tuple, tunnel: tuple, cvia: int = 0, tvia: int = 0) -> None:
+        up = self._flows[cvia].pop(client)
+        down = self._flows[tvia].pop(tunnel)
+        self._changed((client, tunnel, up, down), None)
 
-    def move_tunnel(self, client: tuple, old: tuple, new: tuple) -> None:
+    def move_tunnel(self, client: tuple, old: tuple, new: tuple, cvia: int = 0, tvia: int = 0) -> None:
         """The tunnel of `client` now receives at `new` (NAT rebinding); its flows go on."""
-        up, down = self._flows[client], self._flows.pop(old)
-        self._flows[new] = down
+        up, down = self._flows[cvia][client], self._flows[tvia].pop(old)
+        self._changed((client, old, up, down), None)
+        self._flows[tvia][new] = down
         up.dst = new
-        self._changed((client, old), (client, new, up, down))
+        self._changed(None, (client, new, up, down))
 
-    def move_client(self, tunnel: tuple, old: tuple, new: tuple) -> None:
+    def move_client(self, tunnel: tuple, old: tuple, new: tuple, cvia: int = 0, tvia: int = 0) -> None:
         """The client of the tunnel at `tunnel` now sends from `new` (a WireGuard client roaming)."""
-        up, down = self._flows.pop(old), self._flows[tunnel]
-        self._flows[new] = up
+        up, down = self._flows[cvia].pop(old), self._flows[tvia][tunnel]
+        self._changed((old, tunnel, up, down), None)
+        self._flows[cvia][new] = up
         down.dst = new
-        self._changed((old, tunnel), (new, tunnel, up, down))
+        self._changed(None, (new, tunnel, up, down))

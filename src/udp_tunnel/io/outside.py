@@ -69,7 +69,7 @@ class OutsideLoop(Loop):
 
     def flush(self) -> None:
         send = self.sock.sendto
-        for data, addr in self.core.take():
+        for data, addr, _ in self.core.take():
             try:
                 send(data, addr)
             except OSError as e:
