@@ -139,6 +139,7 @@ class OutsideCore:
         self.legacy = legacy
         self.keys = KeySet(secret)
         self.rule = outside_rule(legacy, wireguard is not None)
+        self.rules = [self.rule]  # per endpoint: which datagrams of known flows are the core's
         self.random_bytes = random_bytes
         self.cookie_secret = random_bytes(32)  # new each start: old cookies die with the process
         self.session = int.from_bytes(random_bytes(8), "big")
@@ -187,7 +188,7 @@ class OutsideCore:
 
     # --- datagrams in ---
 
-    def receive(self, data: bytes, addr: tuple, now: float) -> None:
+    def receive(self, data: bytes, addr: tuple, now: float, via: int = 0) -> None:
         kind = self.rule.kind(data)
         if kind is Kind.CONTROL:
             if not self.legacy:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
+from functools import partial
 
 from udp_tunnel.core.outside import OutsideCore
 from udp_tunnel.io import fastio
@@ -32,13 +33,16 @@ NAME = fastio.NAME
 
 
 class OutsideLoop(Loop):
-    """What both outside paths share: sending the core's output, the state file."""
+    """What both outside paths share: sending the core's output, the state file. `socks`: one
+    socket per endpoint of the core, the tunnel port first."""
 
-    def __init__(self, core: OutsideCore, sock: socket.socket, log: Log, state_path: str | None = None,
-                 **kw) -> None:
+    def __init__(self, core: OutsideCore, socks: list[socket.socket] | socket.socket, log: Log,
+                 state_path: str | None = None, **kw) -> None:
         super().__init__(core, log, **kw)
-        self.sock = sock
-        bufsizes(sock)
+        self.socks = [socks] if isinstance(socks, socket.socket) else list(socks)
+        self.sock = self.socks[0]
+        for s in self.socks:
+            bufsizes(s)
         self.rule = core.rule
         self.routes = core.routes
         self.state_path = state_path
@@ -68,34 +72,40 @@ class OutsideLoop(Loop):
             self.save_state()
 
     def flush(self) -> None:
-        send = self.sock.sendto
-        for data, addr, _ in self.core.take():
+        socks = self.socks
+        for data, addr, via in self.core.take():
             try:
-                send(data, addr)
+                socks[via].sendto(data, addr)
             except OSError as e:
                 self.net_error("send", e)
 
-    def to_core(self, data: bytes, addr: tuple, now: float) -> None:
-        self.core.receive(data, addr, now)
+    def to_core(self, data: bytes, addr: tuple, now: float, via: int = 0) -> None:
+        self.core.receive(data, addr, now, via)
         if self.core.has_output():
             self.flush()
 
     def close(self) -> None:
         super().close()
-        self.sock.close()
+        for s in self.socks:
+            s.close()
 
 
 class PlainOutsideLoop(OutsideLoop):
-    def __init__(self, core: OutsideCore, sock: socket.socket, log: Log, **kw) -> None:
-        super().__init__(core, sock, log, **kw)
-        sock.setblocking(False)
-        self.watch(sock.fileno(), self._on_udp)
+    """epoll over the endpoints' sockets, Python's own socket calls: any system, any number of
+    endpoints."""
 
-    def _on_udp(self, now: float) -> None:
-        recv, send = self.sock.recvfrom_into, self.sock.sendto
-        buf, mv = self.buf, self.mv
-        lengths, rule = self.rule.lengths, self.rule
-        route_get = self.routes.get
+    def __init__(self, core: OutsideCore, socks: list[socket.socket] | socket.socket, log: Log, **kw) -> None:
+        super().__init__(core, socks, log, **kw)
+        for via, s in enumerate(self.socks):
+            s.setblocking(False)
+            self.watch(s.fileno(), partial(self._on_udp, via))
+
+    def _on_udp(self, via: int, now: float) -> None:
+        recv = self.socks[via].recvfrom_into
+        socks, buf, mv = self.socks, self.buf, self.mv
+        rule = self.core.rules[via]
+        lengths = rule.lengths
+        route_get = self.routes.gets[via]
         for _ in range(BATCH):
             try:
                 n, addr = recv(buf)
@@ -107,13 +117,13 @@ class PlainOutsideLoop(OutsideLoop):
             f = route_get(addr)
             if f is not None and (n not in lengths or not rule.core_sees(mv[:n])):
                 try:
-                    send(mv[:n], f.dst)
+                    socks[f.via].sendto(mv[:n], f.dst)
                 except OSError as e:
                     self.net_error("send", e)
                 f.pkts += 1
                 f.bytes += n
             else:
-                self.to_core(bytes(mv[:n]), addr, now)
+                self.to_core(bytes(mv[:n]), addr, now, via)
 
 
 class FastOutsideLoop(OutsideLoop):
@@ -360,9 +370,12 @@ class FastOutsideLoop(OutsideLoop):
         return addr
 
 
-def outside_loop(core: OutsideCore, sock: socket.socket, log: Log, plain: bool = False, **kw) -> OutsideLoop:
-    """The fast path where fastio works, else the plain one."""
-    lib = None if plain else fastio.load()
+def outside_loop(core: OutsideCore, socks: list[socket.socket] | socket.socket, log: Log, plain: bool = False,
+                 **kw) -> OutsideLoop:
+    """The fast path where fastio works and there is one socket (clients and tunnels on one port,
+    as -l PORT), else the plain one."""
+    socks = [socks] if isinstance(socks, socket.socket) else socks
+    lib = None if plain or len(socks) > 1 else fastio.load()
     if lib is None:
-        return PlainOutsideLoop(core, sock, log, **kw)
-    return FastOutsideLoop(core, sock, log, lib, **kw)
+        return PlainOutsideLoop(core, socks, log, **kw)
+    return FastOutsideLoop(core, socks[0], log, lib, **kw)
