@@ -55,9 +55,11 @@ from flood import ECHO, cpu_seconds, rss_kb  # noqa: E402
 CLIENT_HOST = "127.0.3.1"
 ROUND_TRIPS = 3
 RESEND = 0.5  # s before a round trip is sent again
-TRIES = 4  # per round trip: a client gives up after TRIES * RESEND s without an answer
+TRIES = 6  # per round trip: a client gives up after TRIES * RESEND = 3 s without an answer (one keepalive
+# interval of the agents, and as long as our outside holds a new client's datagrams)
 SIZE = 64
-MAX_OPEN = 4096  # client sockets open at once, at most
+MAX_OPEN = 6000  # client sockets open at once, at most
+BUCKET = 5.0  # s of arrivals per entry of the timeline
 KEEPALIVE = 3  # -t of both agents
 TIMEOUT = 3  # --timeout of our inside agent
 LIMIT = 20000  # --max-clients (and per source) of our agents
@@ -164,6 +166,10 @@ def generate(target: tuple[str, int], rate: float, seconds: float, sample=None, 
     end_arrivals = t0 + total / rate
     hard_end = end_arrivals + ROUND_TRIPS * TRIES * RESEND + 5.0
 
+    timeline = [[0, 0] for _ in range(int(seconds / BUCKET) + 1)]  # per BUCKET s of arrivals: [complete, planned]
+    for k in range(total):
+        timeline[int(k / rate / BUCKET)][1] += 1
+
     def finish(c: Client, now: float) -> None:
         r["answers"] += c.answers
         ep.unregister(c.sock.fileno())
@@ -171,6 +177,7 @@ def generate(target: tuple[str, int], rate: float, seconds: float, sample=None, 
         c.sock.close()
         if c.answers == ROUND_TRIPS:
             r["complete"] += 1
+            timeline[int(c.k / rate / BUCKET)][0] += 1
             took.append(now - c.start)
             if not c.resent:
                 r["first"] += 1
@@ -276,6 +283,7 @@ def generate(target: tuple[str, int], rate: float, seconds: float, sample=None, 
     r["lag_p99"] = sorted(lags)[int(0.99 * (len(lags) - 1))] if lags else 0.0
     r["took_p50"] = statistics.median(took) if took else None
     r["took_p99"] = sorted(took)[int(0.99 * (len(took) - 1))] if took else None
+    r["timeline"] = [tuple(b) for b in timeline if b[1]]
     r["ports_busy"] = ports.busy
     r["ports_wrapped"] = ports.wrapped
     return r
@@ -544,6 +552,8 @@ def run_note(r: dict) -> str:
                  f"{r['none']} none, {r['not_started']} not started, {r['wrong']} wrong, {r['dups']} duplicate "
                  f"echoes; generator lag max {1000 * r['lag_max']:.0f} ms (p99 {1000 * r['lag_p99']:.0f} ms), "
                  f"peak {r['peak_open']} sockets" + (", source ports came round again" if r["ports_wrapped"] else ""))
+    lines.append(f"    every answer per {BUCKET:g} s of arrivals, %: "
+                 + " ".join(f"{pct(a, b):.0f}" for a, b in r["timeline"]))
     for name in ("outside", "inside"):
         st = r.get(f"{name}_stats")
         if st:
