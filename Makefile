@@ -58,7 +58,7 @@ bench: udp-tunnel
 # Sustained churn (issue 18): new clients from one address at RATES per second (default 30,200,300,500),
 # SECONDS each (default 40); with C_TOOL=/path the C tool too, alternating. Prints the churn table.
 churn: .venv/.stamp
-	C_TOOL="$(C_TOOL)" RATES="$(RATES)" SECONDS="$(SECONDS)" .venv/bin/python tests/churn.py
+	C_TOOL="$(C_TOOL)" RATES="$(RATES)" SECONDS="$(SECONDS)" MAX_CLIENTS="$(MAX_CLIENTS)" .venv/bin/python tests/churn.py
 
 # The agents under a replay flood and a port spray (issue 7): figures against the targets.
 flood: .venv/.stamp
