@@ -160,7 +160,7 @@ def generate(target: tuple[str, int], rate: float, seconds: float, sample=None, 
     live: dict[int, Client] = {}
     timers: list[tuple[float, int, int]] = []  # (deadline, fd, k)
     r = {"planned": total, "started": 0, "not_started": 0, "complete": 0, "first": 0, "some": 0, "none": 0,
-         "answers": 0, "wrong": 0, "dups": 0, "refused": 0, "lag_max": 0.0, "peak_open": 0}
+         "answers": 0, "wrong": 0, "crossed": 0, "dups": 0, "refused": 0, "lag_max": 0.0, "peak_open": 0}
     lags: list[float] = []
     took: list[float] = []
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -275,7 +275,8 @@ def generate(target: tuple[str, int], rate: float, seconds: float, sample=None, 
                     elif any(data == message(c.k, rt, t) for rt in range(c.rt) for t in range(TRIES)):
                         r["dups"] += 1  # the echo of a resend of a round trip already answered
                     else:
-                        r["wrong"] += 1  # not this client's datagram
+                        r["wrong"] += 1  # not this client's datagram: another client's (crossed), or other bytes
+                        r["crossed"] += data.startswith(b"churn ")
     finally:
         for c in live.values():
             c.sock.close()
@@ -553,7 +554,8 @@ def run_note(r: dict) -> str:
     if "error" in r:
         return lines[0] + f"failed: {r['error']}"
     lines[0] += (f"{r['complete']}/{r['planned']} every answer, {r['first']} first try, {r['some']} some, "
-                 f"{r['none']} none, {r['not_started']} not started, {r['wrong']} wrong, {r['dups']} duplicate "
+                 f"{r['none']} none, {r['not_started']} not started, {r['wrong']} wrong "
+                 f"({r['crossed']} of them another client's), {r['dups']} duplicate "
                  f"echoes; generator lag max {1000 * r['lag_max']:.0f} ms (p99 {1000 * r['lag_p99']:.0f} ms), "
                  f"peak {r['peak_open']} sockets" + (", source ports came round again" if r["ports_wrapped"] else ""))
     lines.append(f"    every answer per {BUCKET:g} s of arrivals, %: "
