@@ -23,7 +23,7 @@ GROUP ?= udp-tunnel
 SOURCES := $(wildcard src/udp_tunnel/*.py src/udp_tunnel/*/*.py)
 UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
 
-.PHONY: all check test lint bench flood demo install install-outside install-inside uninstall clean key deb \
+.PHONY: all check test lint bench churn flood demo install install-outside install-inside uninstall clean key deb \
         check-outside-args check-inside-args check-outside-config check-inside-config deb-units
 
 all: udp-tunnel
@@ -59,6 +59,11 @@ lint:
 # Side by side with the C tool when C_TOOL=/path/to/its/udp-tunnel (harness: ../shared/perf or PERF_DIR)
 bench: udp-tunnel
 	C_TOOL="$(C_TOOL)" $(PYTHON) tests/bench.py
+
+# Sustained churn (issue 18): new clients from one address at RATES per second (default 30,200,300,500),
+# SECONDS each (default 40); with C_TOOL=/path the C tool too, alternating. Prints the churn table.
+churn: .venv/.stamp
+	C_TOOL="$(C_TOOL)" RATES="$(RATES)" SECONDS="$(SECONDS)" MAX_CLIENTS="$(MAX_CLIENTS)" .venv/bin/python tests/churn.py
 
 # The agents under a replay flood and a port spray (issue 7): figures against the targets.
 flood: .venv/.stamp

@@ -5,7 +5,9 @@ time per forwarded datagram of each agent at max load and at 2000 datagrams/s,
 round trips per second, round-trip p50; then a GSO-sending client of 1400-byte
 datagrams (as wireguard-go sends). Prints tables; asserts nothing.
 
-    make bench [C_TOOL=/path/to/udp-tunnel] [REPEAT=3] [CLIENTS=1,100,1000]
+    make bench [C_TOOL=/path/to/udp-tunnel] [REPEAT=3] [CLIENTS=1,100,1000] [CHURN=1]
+
+With CHURN=1 the churn table of tests/churn.py follows (RATES, SECONDS as for `make churn`).
 """
 
 from __future__ import annotations
@@ -179,6 +181,11 @@ def main() -> None:
     if "ctool" in g:
         o, c = g["ours"], g["ctool"]
         print(f"| ours/C | {o[0] / c[0]:.2f}x | {o[1] / c[1]:.2f}x | {o[2] / c[2]:.2f}x |")
+    if os.environ.get("CHURN"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import churn
+        print(flush=True)
+        churn.main([])
 
 
 if __name__ == "__main__":
