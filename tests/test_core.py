@@ -434,16 +434,25 @@ def test_keys_rotated_70_s_apart_lose_no_client_datagram_and_end_all_under_the_n
     assert sim.service_rx[-1][1] == b"c1"
 
 
-def test_a_spare_registered_under_the_old_key_takes_no_client_after_the_rotation():
+@pytest.mark.parametrize("first", ["outside", "inside"])
+def test_keys_rotated_either_end_first_serve_every_new_client(first):
+    """The review (issue 17, finding 4): with the outside reloaded first its spares were dropped
+    and the inside's old-key spares refused until the inside was reloaded too: 0 of 14 new
+    clients served. During the grace the old key keeps spares usable too."""
     sim = Sim(keepalive=25, key=b"old")
-    spares_before = set(sim.outside.spares)
-    sim.outside.reload_keys(b"new", sim.now)
-    assert not set(sim.outside.spares) & spares_before
-    sim.inside.reload_keys(b"new", sim.now)
+    agents = [sim.outside, sim.inside] if first == "outside" else [sim.inside, sim.outside]
+    agents[0].reload_keys(b"new", sim.now)
     sim.pump()
-    sim.send(b"c1", CLIENT_B)
-    tid = sim.service_rx[-1][0]
-    assert sim.outside.tunnels[tid].key == 0
+    for i in range(14):  # new clients while only one end has the new key (within the grace)
+        sim.send(b"c%d" % i, v6("198.51.100.90", 7000 + i))
+        sim.advance(10)
+    assert [d for _, d in sim.service_rx] == [b"c%d" % i for i in range(14)]
+    agents[1].reload_keys(b"new", sim.now)
+    sim.advance(30)
+    assert all(t.key == 0 for t in sim.outside.tunnels.values())  # every tunnel on the new key
+    sim.advance(GRACE)  # the old key is forgotten at both ends
+    sim.send(b"late", v6("198.51.100.91", 7000))
+    assert sim.service_rx[-1][1] == b"late"
 
 
 def test_the_restart_hold_survives_a_datagram_that_arrives_before_the_first_keepalive():

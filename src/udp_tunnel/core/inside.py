@@ -108,7 +108,7 @@ class Tunnel:
                  "cookie", "peer", "sent", "sent_at", "acked", "rtt", "registrations",
                  "registered_at", "next_ka", "retry", "answers", "known_by", "key",
                  "seen", "prev_sent_at", "probe_idle", "probe_seen", "probe_counter",
-                 "service", "announced", "held", "held_bytes", "held_since",
+                 "service", "offset", "announced", "held", "held_bytes", "held_since",
                  "rx", "tx", "rx_act", "tx_act")
 
     def __init__(self, tid: int, now: float) -> None:
@@ -136,6 +136,7 @@ class Tunnel:
         self.probe_seen = proto.NO_PEER  # ... and where it was seen before
         self.probe_counter = 0  # the keepalive after the idle, whose answer tells
         self.service: str | None = None  # the service of its client, as the outside announced it
+        self.offset = 0  # ... and the port's offset in the service's range
         self.announced = 0  # the counter of the last ANNOUNCE believed
         self.held: list[bytes] = []  # data that came before its ANNOUNCE
         self.held_bytes = 0
@@ -234,7 +235,7 @@ class InsideCore:
         if self.probe is t:  # in use now: no figure from it
             self.probe = None
         t.state = ACTIVE
-        t.service = service
+        t.service, t.offset = service, offset
         self.active += 1
         t.activated = now
         t.rx_act.last = now
@@ -286,10 +287,12 @@ class InsideCore:
         if self.legacy:
             self.legacy_nonce = max(self.legacy_nonce + 1, int(self.wall() * 1000))
             return proto.legacy_keepalive(self.keys.current, self.legacy_nonce)
-        if t.state is ACTIVE:
-            flags |= proto.F_ACTIVE
-        return self.keys.codec.encode(Control(proto.KEEPALIVE, flags, self.session, t.tid, counter, t.cookie,
-                                              t.peer, self.active, t.key, interval=round(interval), nonce=counter))
+        m = Control(proto.KEEPALIVE, flags, self.session, t.tid, counter, t.cookie, t.peer, self.active, t.key,
+                    interval=round(interval), nonce=counter)
+        if t.state is ACTIVE:  # it carries this client, of this service (port offset in `seen`'s port)
+            m.flags |= proto.F_ACTIVE
+            m.service, m.seen = proto.service_id(t.service), proto.NO_PEER[:16] + t.offset.to_bytes(2, "big")
+        return self.keys.codec.encode(m)
 
     def _send_keepalive(self, t: Tunnel, now: float, probe: float = 0.0) -> None:
         """Send a keepalive on t now; with `probe`, t then idles that long on purpose."""

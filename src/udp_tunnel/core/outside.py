@@ -35,10 +35,11 @@ import os
 import socket
 import time
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
 from udp_tunnel.addr import show
 from udp_tunnel.core.admission import Admission, Source, source_key
-from udp_tunnel.core.classify import Kind, outside_rule
+from udp_tunnel.core.classify import Classifier, Kind, outside_rule
 from udp_tunnel.core.common import Activity, CoreError, Datagram, Flow, Logger, ReplayWindow, TokenBucket, leg
 from udp_tunnel.core.keys import GRACE, KeySet
 from udp_tunnel.core.routes import RouteTable
@@ -67,11 +68,12 @@ class State(enum.Enum):
 class Session:
     """What this agent knows of one inside agent's session (its random id)."""
 
-    __slots__ = ("sid", "window", "active", "announced", "last", "src", "challenges")
+    __slots__ = ("sid", "keyname", "window", "active", "announced", "last", "src", "challenges")
 
     def __init__(self, sid: int, now: float, src=None, window: ReplayWindow | None = None,
-                 burst: float = 64.0) -> None:
+                 burst: float = 64.0, keyname: str = "default") -> None:
         self.sid = sid
+        self.keyname = keyname  # the key its keepalives are made with (one per inside agent)
         self.src = src  # where it first registered from (its source key)
         self.window = window or ReplayWindow()  # its keepalive counters: each accepted once
         self.active = 0  # ORPHAN and BOUND tunnels here
@@ -100,8 +102,29 @@ class Strangers:
         return self.windows.pop(sid, None)
 
 
+@dataclass(frozen=True)
+class Service:
+    """A service the outside agent serves: whose tunnels carry it (`key`), its limits, and its
+    WireGuard gate (wireguard.Gate, or None: any client)."""
+    name: str = "default"
+    key: str = "default"
+    max_clients: int = 1000
+    max_per_source: int = 0  # 0: a quarter of max_clients, at least 16
+    wireguard: Gate | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A local port the agent receives on (the I/O layer holds its socket), by index: `via`.
+    `service`: whose clients arrive here (None: only tunnels), `offset`: the port's place in the
+    service's range, `tunnels`: the inside agents register here (the tunnel port, endpoint 0)."""
+    service: str | None = "default"
+    offset: int = 0
+    tunnels: bool = True
+
+
 class Tunnel:
-    __slots__ = ("tid", "session", "addr", "state", "client", "src", "created", "last_ka", "key",
+    __slots__ = ("tid", "session", "addr", "state", "client", "via", "src", "created", "last_ka", "key",
                  "interval", "probe", "ready_at", "service", "offset", "confirmed", "announce_at",
                  "announce_tries",
                  "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
@@ -112,6 +135,7 @@ class Tunnel:
         self.addr = addr
         self.state = State.SPARE
         self.client: tuple | None = None
+        self.via = 0  # BOUND: the endpoint its client sends to
         self.src: Source | None = None  # the client's source record
         self.created = self.last_ka = self.registered_at = now
         self.counter = 0
@@ -131,15 +155,50 @@ class Tunnel:
         self.down_act: Activity | None = None
 
 
+class Door:
+    """What the Admission of one endpoint sees of its core: the clients on that port, the limits
+    of its service and of the service's key, the spares of that key. Everything else is the
+    core's own."""
+
+    def __init__(self, core: OutsideCore, via: int, service: Service) -> None:
+        self.core, self.via, self.service = core, via, service
+        self.clients = core.clients_at[via]
+
+    def __getattr__(self, name: str):
+        return getattr(self.core, name)
+
+    @property
+    def max_clients(self) -> int:
+        """len(clients) reaches it when the service, its key or the agent is full."""
+        return len(self.clients) + self.core.room(self.service)
+
+    def ready_spare(self, now: float) -> Tunnel | None:
+        return self.core.ready_spare(now, self.service.key)
+
+    def bind(self, t: Tunnel, client: tuple, src: Source, now: float) -> None:
+        self.core.bind(t, client, src, now, self.via)
+
+    def forward(self, addr: tuple, data: bytes) -> None:
+        self.core.forward(addr, data, self.via)
+
+
 class OutsideCore:
-    def __init__(self, *, secret: bytes, keepalive: float, max_clients: int,
+    def __init__(self, *, secret: bytes = b"", keepalive: float, max_clients: int = 1000,
                  family: int, now: float, log: Logger, legacy: bool = False,
                  max_skew: float = 120.0, max_per_source: int = 0, random_bytes=os.urandom,
-                 wall=time.time, wireguard: Gate | None = None) -> None:
+                 wall=time.time, wireguard: Gate | None = None,
+                 keys: dict[str, tuple[bytes, int]] | None = None, services: list[Service] | None = None,
+                 endpoints: list[Endpoint] | None = None) -> None:
+        """One service on one port (the command line's): secret, max_clients, max_per_source,
+        wireguard; or several: `keys` (name -> (secret, most clients)), `services`, `endpoints`
+        (the tunnel port first)."""
         self.legacy = legacy
-        self.keys = KeySet(secret)
-        self.rule = outside_rule(legacy, wireguard is not None)
-        self.rules = [self.rule]  # per endpoint: which datagrams of known flows are the core's
+        keys = keys or {"default": (secret, max_clients)}
+        self.keyring = {name: KeySet(k) for name, (k, _) in keys.items()}
+        self.key_limit = {name: n for name, (_, n) in keys.items()}
+        self.keys = next(iter(self.keyring.values()))  # the first key (legacy: the only one)
+        self.services = {s.name: s for s in services or [Service("default", next(iter(keys)), max_clients,
+                                                                   max_per_source, wireguard)]}
         self.random_bytes = random_bytes
         self.cookie_secret = random_bytes(32)  # new each start: old cookies die with the process
         self.session = int.from_bytes(random_bytes(8), "big")
@@ -147,49 +206,73 @@ class OutsideCore:
         self.expiry = keepalive + 10 if legacy else 2 * keepalive + 5
         # a cookie lives one to two slots: longer than a keepalive interval and a lost one
         self.cookie_slot = max(60.0, self.expiry)
-        self.max_clients = max_clients
-        self.max_tunnels = max_clients + 64
-        self.family = family
-        self.log = log
-        self.max_skew = max_skew
-        self.wall = wall
-        self.started = now
-        self.routes = RouteTable()
+        self.max_clients = sum(self.key_limit.values())
+        self.max_tunnels = self.max_clients + 64 * len(self.key_limit)
+        self.family, self.log, self.max_skew, self.wall, self.started = family, log, max_skew, wall, now
+        self._tables(now)
+        # Just started: active tunnels of a running inside agent come back with their
+        # clients. Until they have (or the expiry window is over), new clients are held,
+        # so that an old client can't be given a fresh spare instead of its own tunnel.
+        self.recover_until = now if legacy else now + self.expiry
+        self.recovering = not legacy
+        # WireGuard mode (--wireguard-key, per service): admission of new clients and roaming, all
+        # in wireguard.py; None when off. Hooks: receive(), admission, bind(), _remove(), snapshot().
+        self.wg = wireguard if len(self.services) == 1 else None
+        self.endpoints: list[Endpoint] = []
+        for e in endpoints or [Endpoint()]:
+            self.add_endpoint(e, now)
+        self.rule = self.rules[0]
+        self.clients = self.clients_at[0]  # (the command line's one port)
+        self.admission = next((a for a in self.admissions if a is not None), None)
+
+    def _tables(self, now: float) -> None:
+        self.routes = RouteTable(0)
+        self.rules: list[Classifier] = []  # per endpoint: which datagrams of known flows are the core's
+        self.clients_at: list[dict[tuple, Tunnel]] = []  # per endpoint: client address -> its tunnel
+        self.admissions: list[Admission | None] = []  # per endpoint with a service
+        self.reached: list[tuple | None] = []  # per endpoint: where clients send (when known)
         self.tunnels: dict[int, Tunnel] = {}
         self.by_addr: dict[tuple, Tunnel] = {}
-        self.clients: dict[tuple, Tunnel] = {}
+        self.bound: Counter[str] = Counter()  # clients, per service and per "key:NAME"
+        self.key_tunnels: Counter[str] = Counter()  # tunnels per key
         self.spares: dict[int, Tunnel] = {}  # in order of their last keepalive, freshest last
         self.sessions: dict[int, Session] = {}
         self.strangers = Strangers()
         self.closed: OrderedDict[int, float] = OrderedDict()  # tunnel id -> when the inside closed it
         self.proven: OrderedDict[tuple, None] = OrderedDict()  # addresses where a tunnel registered
         self.proven_challenges = TokenBucket(PROVEN_CHALLENGES, float(self.max_tunnels), now)
+        # strangers' challenges (sessions not known here), per key: budgets per source and in all
+        self.strangers_budget = {
+            name: Admission(self, now, float(limit + 64), 16, None) for name, limit in self.key_limit.items()}
         self.out: list[Datagram] = []
         self.stats: Counter[str] = Counter()
         self.retired: Counter[str] = Counter()  # traffic of tunnels gone, for totals that never drop
         self.sent = 0  # messages sent: each one's number
         self.announce_due = INF  # the earliest ANNOUNCE to send again
-        self.service = "default"  # the service of every client (one service, as the command line)
-        self.reached: tuple | None = None  # where clients send (the listen address, when it is one)
         self.legacy_nonce = 0
-        self.legacy_session = Session(0, now)
+        self.legacy_session = Session(0, now, keyname=next(iter(self.keyring)))
         self.legacy_ids = 0
         self.next_tick = now + 1.0
-        # Just started: active tunnels of a running inside agent come back with their
-        # clients. Until they have (or the expiry window is over), new clients are held,
-        # so that an old client can't be given a fresh spare instead of its own tunnel.
-        self.recover_until = now if legacy else now + self.expiry
-        self.recovering = not legacy
-        # WireGuard mode (--wireguard-key): admission of new clients and roaming, all in
-        # wireguard.py; None when off. Hooks: receive(), admission, bind(), _remove(), snapshot().
-        self.wg = wireguard
-        self.admission = Admission(self, now, float(self.max_tunnels),
-                                   max_per_source or max(16, max_clients // 4), wireguard)
+
+    def add_endpoint(self, e: Endpoint, now: float) -> int:
+        """A local port more (the I/O layer opened its socket): its index, `via`."""
+        via = self.routes.add_endpoint()
+        self.endpoints.append(e)
+        wg_any = any(s.wireguard is not None for s in self.services.values())
+        self.rules.append(outside_rule(self.legacy, wg_any) if e.tunnels else Classifier({}))
+        self.clients_at.append({})
+        self.reached.append(None)
+        svc = self.services.get(e.service) if e.service is not None else None
+        self.admissions.append(None if svc is None else Admission(
+            Door(self, via, svc), now, float(self.max_tunnels), svc.max_per_source or max(16, svc.max_clients // 4),
+            svc.wireguard))
+        return via
 
     # --- datagrams in ---
 
     def receive(self, data: bytes, addr: tuple, now: float, via: int = 0) -> None:
-        kind = self.rule.kind(data)
+        """A datagram from addr on endpoint `via` that the loop did not forward itself."""
+        kind = self.rules[via].kind(data)
         if kind is Kind.CONTROL:
             if not self.legacy:
                 self._control(data, addr, now)
@@ -198,19 +281,31 @@ class OutsideCore:
             if nonce is not None:
                 self._legacy_keepalive(nonce, addr, now)
                 return
-        f = self.routes.get(addr)
+        f = self.routes.gets[via](addr)
         if f is not None:
-            self.out.append(Datagram(data, f.dst))
+            self.out.append(Datagram(data, f.dst, f.via))
             f.pkts += 1
             f.bytes += len(data)
             if kind is Kind.HANDSHAKE:  # WireGuard hook: a handshake going back to a client names its session
                 t = self.by_addr.get(addr)
-                if t is not None:
-                    self.wg.observe_down(data, t.tid)
-        elif addr in self.by_addr:
+                gate = self.gate(t)
+                if gate is not None:
+                    gate.observe_down(data, t.tid)
+        elif self.endpoints[via].tunnels and addr in self.by_addr:
             self.stats["drop_unbound_tunnel"] += 1
+        elif self.admissions[via] is not None:
+            self.admissions[via].new_client(data, addr, now)
         else:
-            self.admission.new_client(data, addr, now)
+            self.stats["drop_no_service"] += 1
+
+    def all_clients(self):
+        """Every BOUND tunnel, by its client, on every endpoint."""
+        for clients in self.clients_at:
+            yield from clients.values()
+
+    def gate(self, t: Tunnel | None) -> Gate | None:
+        """The WireGuard gate of t's client's service (None: not WireGuard mode, or no client)."""
+        return None if t is None or not t.service else self.services[t.service].wireguard
 
     def has_output(self) -> bool:
         return bool(self.out)
@@ -220,17 +315,20 @@ class OutsideCore:
         out, self.out = self.out, []
         return out
 
-    def reload_keys(self, secret: bytes, now: float) -> None:
-        """The key file again (SIGHUP): the current key first; the key it replaces is still accepted
-        for keys.GRACE s from tunnels that carry clients, which are asked to move to the current key.
-        Spares must register again."""
-        kept = self.keys.reload(secret, now)
-        self.log.info("SIGHUP: key file read again" + (f"; the old key is accepted for {GRACE:g} s more"
-                                                         if kept else ""))
-        for t in list(self.tunnels.values()):
-            t.key = -1  # registered under a key that is not the current one
-            if t.state is State.SPARE and not self.legacy:
-                self._remove(t, "registered under the old key")
+    def reload_keys(self, secret: bytes, now: float, key: str | None = None) -> None:
+        """A key file again (SIGHUP): the current key first; the key it replaces is still accepted
+        for keys.GRACE s, so that the inside agent can be reloaded later (either end first): its
+        tunnels, spares too, go on meanwhile and are asked to move to the current key."""
+        name = key or next(iter(self.keyring))
+        keys = self.keyring[name]
+        before = list(keys.accepted)
+        kept = keys.reload(secret, now)
+        self.log.info("SIGHUP: key file read again" + (f" ({name})" if len(self.keyring) > 1 else "")
+                      + (f"; the old key is accepted for {GRACE:g} s more" if kept else ""))
+        for t in self.tunnels.values():
+            if t.session.keyname == name and 0 <= t.key < len(before):
+                old = before[t.key]
+                t.key = keys.accepted.index(old) if old in keys.accepted else 0
 
     # --- new clients ---
 
@@ -244,48 +342,63 @@ class OutsideCore:
                 self.recovering = not said or any(s.active < s.announced for s in said)
         return not self.recovering
 
-    def ready_spare(self, now: float) -> Tunnel | None:
-        """The spare with the freshest keepalive, unless even that one missed its last
-        keepalive (its NAT mapping may be gone) or idles on purpose (a probe)."""
+    def ready_spare(self, now: float, key: str | None = None) -> Tunnel | None:
+        """The spare (of `key`'s tunnels) with the freshest keepalive, unless even that one
+        missed its last keepalive (its NAT mapping may be gone) or idles on purpose (a probe)."""
         for tid in reversed(self.spares):
             t = self.spares[tid]
+            if key is not None and t.session.keyname != key:
+                continue
             if now - t.last_ka > 1.2 * t.interval + 1.0:
                 return None  # the rest are older still
             if t.probe:
                 continue
             if now < t.ready_at:
-                self.admission.wake(t.ready_at)
+                for a in self.admissions:
+                    if a is not None:
+                        a.wake(t.ready_at)
                 continue
             return t
         return None
 
-    def forward(self, addr: tuple, data: bytes) -> None:
-        """A datagram of bound client `addr` that the loop did not forward (held, or its first)."""
-        f = self.routes.get(addr)
-        self.out.append(Datagram(data, f.dst))
+    def room(self, service: Service) -> int:
+        """How many more clients the service can take: within its limit, its key's and the agent's."""
+        return max(0, min(service.max_clients - self.bound[service.name],
+                          self.key_limit[service.key] - self.bound["key:" + service.key],
+                          self.max_clients - sum(map(len, self.clients_at))))
+
+    def forward(self, addr: tuple, data: bytes, via: int = 0) -> None:
+        """A datagram of bound client `addr` (on endpoint via) that the loop did not forward
+        (held, or its first)."""
+        f = self.routes.gets[via](addr)
+        self.out.append(Datagram(data, f.dst, f.via))
         f.pkts += 1
         f.bytes += len(data)
 
     # --- table changes: every one goes through these ---
 
-    def bind(self, t: Tunnel, client: tuple, src: Source, now: float) -> None:
+    def bind(self, t: Tunnel, client: tuple, src: Source, now: float, via: int = 0) -> None:
         if t.state is State.SPARE:
             del self.spares[t.tid]
             t.session.active += 1
         t.state = State.BOUND
-        t.client, t.src = client, src
-        self.clients[client] = t
-        t.up, t.down = self.routes.bind(client, t.addr)
+        t.client, t.src, t.via = client, src, via
+        self.clients_at[via][client] = t
+        t.up, t.down = self.routes.bind(client, t.addr, via, 0)
         t.up_act, t.down_act = Activity(now), Activity()
         src.take(t)
-        t.service, t.offset = self.service, 0
+        e = self.endpoints[via]
+        t.service, t.offset = e.service, e.offset
+        self.bound[t.service] += 1
+        self.bound["key:" + t.session.keyname] += 1
         t.confirmed, t.announce_tries = False, 0
         if not self.legacy:
             self._announce(t, now)  # before its first datagram
-        if self.wg is not None:
-            self.wg.admitted(t.tid)
-        self.log.info(f"client {show(client)} takes tunnel {t.tid:016x} at {show(t.addr)}"
-                      + (" (WireGuard handshake)" if self.wg is not None else ""))
+        gate = self.gate(t)
+        if gate is not None:
+            gate.admitted(t.tid)
+        self.log.info(f"client {show(client)} of {t.service} takes tunnel {t.tid:016x} at {show(t.addr)}"
+                      + (" (WireGuard handshake)" if gate is not None else ""))
 
     def _orphan(self, t: Tunnel) -> None:
         """The inside says t carries a client: never hand it out."""
@@ -301,6 +414,7 @@ class OutsideCore:
         self.tunnels[tid] = t
         self.by_addr[addr] = t
         self.spares[tid] = t
+        self.key_tunnels[session.keyname] += 1
         self.stats["registrations"] += 1
         self._prove(addr)
         return t
@@ -315,9 +429,11 @@ class OutsideCore:
     def _remove(self, t: Tunnel, why: str) -> None:
         if self.tunnels.get(t.tid) is not t:
             return
-        if self.wg is not None:  # WireGuard hook: its sessions go with it
-            self.wg.forget(t.tid)
+        gate = self.gate(t)
+        if gate is not None:  # WireGuard hook: its sessions go with it
+            gate.forget(t.tid)
         del self.tunnels[t.tid]
+        self.key_tunnels[t.session.keyname] -= 1
         del self.by_addr[t.addr]
         if t.state is State.SPARE:
             del self.spares[t.tid]
@@ -328,8 +444,10 @@ class OutsideCore:
         self.log.info(f"tunnel {t.tid:016x} at {show(t.addr)} removed: {why}")
 
     def _unroute(self, t: Tunnel) -> None:
-        del self.clients[t.client]
-        self.routes.unbind(t.client, t.addr)
+        del self.clients_at[t.via][t.client]
+        self.routes.unbind(t.client, t.addr, t.via, 0)
+        self.bound[t.service] -= 1
+        self.bound["key:" + t.session.keyname] -= 1
         t.src.leave(t)
         self.retired.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
                             datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
@@ -338,10 +456,11 @@ class OutsideCore:
         """BOUND t's client now sends from `addr` (a WireGuard client roaming), of source `src`;
         the inside is told (its service may see the client's address)."""
         old = t.client
-        del self.clients[old]
+        clients = self.clients_at[t.via]
+        del clients[old]
         t.client = addr
-        self.clients[addr] = t
-        self.routes.move_client(t.addr, old, addr)
+        clients[addr] = t
+        self.routes.move_client(t.addr, old, addr, t.via, 0)
         t.src.leave(t)
         t.src = src
         src.bound += 1
@@ -353,10 +472,11 @@ class OutsideCore:
         other = self.by_addr.get(addr)
         if other is not None and other is not t:
             self._remove(other, "its address was taken over by another tunnel")
-        c = self.clients.get(addr)
+        c = self.clients_at[0].get(addr)  # (tunnels register on endpoint 0)
         if c is not None:
             self._remove(c, "its client address is now a tunnel's")
-        self.admission.release(addr)
+        if self.admissions[0] is not None:
+            self.admissions[0].release(addr)
 
     def _move(self, t: Tunnel, addr: tuple, now: float) -> None:
         self._claim(addr, t)
@@ -368,7 +488,7 @@ class OutsideCore:
         t.addr = addr
         self._prove(addr)
         if t.state is State.BOUND:
-            self.routes.move_tunnel(t.client, old, addr)
+            self.routes.move_tunnel(t.client, old, addr, t.via, 0)
         t.rebinds += 1
         t.registered_at = now
         self.stats["rebinds"] += 1
@@ -380,22 +500,25 @@ class OutsideCore:
         return proto.cookie(self.cookie_secret, slot, m.session, m.tunnel, addr)
 
     def _control(self, data: bytes, addr: tuple, now: float) -> None:
-        m = self._authentic(data, addr)
+        keyname, m = self._authentic(data, addr)
         if m is None:
             return
         session = self.sessions.get(m.session)
         t = self.tunnels.get(m.tunnel)
+        if session is not None and session.keyname != keyname:
+            self.stats["drop_session"] += 1  # a session is one inside agent's, under its key
+            return
         if not self._fresh(m, session, t, now):
             return
         slot = int(now // self.cookie_slot)
         cur = self._cookie(slot, m, addr)
         if m.cookie != cur and m.cookie != self._cookie(slot - 1, m, addr):
-            self._challenge(m, addr, cur, now, session)
+            self._challenge(m, addr, cur, now, session, keyname)
             return
         if session is None:
-            session = self._new_session(m, addr, now)
+            session = self._new_session(m, addr, now, keyname)
             if session is None:
-                self._reply(addr, m, proto.F_REFUSED, cur)
+                self._reply(addr, m, proto.F_REFUSED, cur, keyname=keyname)
                 return
         session.last = now
         if self.recovering:
@@ -412,13 +535,6 @@ class OutsideCore:
             if t is not None:
                 self._remove(t, "closed by the inside agent")
             return
-        if m.key and (t is None or t.state is State.SPARE):
-            # an old key (while keys are rotated) keeps clients' tunnels going, nothing more
-            if t is not None:
-                self._remove(t, "a spare under the old key")
-            self.stats["drop_old_key"] += 1
-            self._reply(addr, m, proto.F_REFUSED, cur)
-            return
         if t is None:
             t = self._register(m, session, addr, now, cur)
             if t is None:
@@ -432,7 +548,7 @@ class OutsideCore:
             # datagrams from someone else (spoofed as coming from us) woke it. It closes it.
             self._remove(t, "activated at the inside without a client from here")
             self.stats["drop_spoofed_activation"] += 1
-            self._reply(addr, m, proto.F_REFUSED, cur)
+            self._reply(addr, m, proto.F_REFUSED, cur, keyname=session.keyname)
             return
         self._refresh(t, m, now)
         flags = proto.F_REGISTERED | (proto.F_REKEY if m.key else 0)
@@ -441,8 +557,14 @@ class OutsideCore:
                 t.confirmed, t.announce_at = True, INF  # the inside has its client
             self._reply(addr, m, flags | proto.F_BOUND, cur, t)
         else:
-            self._reply(addr, m, flags, cur)
-        self.admission.serve(now)
+            self._reply(addr, m, flags, cur, keyname=session.keyname)
+        self._serve(now)
+
+    def _serve(self, now: float) -> None:
+        """A spare may have come up: the held clients of every port."""
+        for a in self.admissions:
+            if a is not None and a.pending:
+                a.serve(now)
 
     def _refresh(self, t: Tunnel, m: Control, now: float) -> None:
         """What tunnel t's keepalive m says: when it sends the next, whether it idles on purpose."""
@@ -454,18 +576,28 @@ class OutsideCore:
         if t.state is State.SPARE:  # freshest keepalive last: the next client takes it
             self.spares[t.tid] = self.spares.pop(t.tid)
 
-    def _authentic(self, data: bytes, addr: tuple) -> Control | None:
-        try:
-            m = self.keys.codec.decode(data)
-        except ControlError as e:
-            self.stats[f"drop_{e.args[0]}"] += 1
-            self.log.limited(f"bad-{e.args[0]}", f"dropped control datagram from {show(addr)}: "
-                             f"{'authentication failed (wrong key?)' if e.args[0] == 'auth' else 'malformed'}")
-            return None
-        if m.type != proto.KEEPALIVE:
-            self.stats["drop_malformed"] += 1
-            return None
-        return m
+    def _authentic(self, data: bytes, addr: tuple) -> tuple[str, Control | None]:
+        """(the name of the key that made it, the keepalive) or ("", None). Only keys whose id the
+        message names are tried: one MAC per key a message can claim."""
+        why = "auth"
+        for name, keys in self.keyring.items():
+            if not keys.codec.knows(data):
+                continue
+            try:
+                m = keys.codec.decode(data)
+            except ControlError as e:
+                why = e.args[0]
+                if why == "malformed":
+                    break
+                continue
+            if m.type != proto.KEEPALIVE:
+                self.stats["drop_malformed"] += 1
+                return "", None
+            return name, m
+        self.stats[f"drop_{why}"] += 1
+        self.log.limited(f"bad-{why}", f"dropped control datagram from {show(addr)}: "
+                         f"{'authentication failed (wrong key?)' if why == 'auth' else 'malformed'}")
+        return "", None
 
     def _fresh(self, m: Control, session: Session | None, t: Tunnel | None, now: float) -> bool:
         """Each keepalive counts once, also after its tunnel is gone; checked before any
@@ -492,7 +624,8 @@ class OutsideCore:
         when = self.closed.get(tid)
         return when is not None and now - when < 2 * self.cookie_slot
 
-    def _challenge(self, m: Control, addr: tuple, cookie: bytes, now: float, session: Session | None) -> None:
+    def _challenge(self, m: Control, addr: tuple, cookie: bytes, now: float, session: Session | None,
+                   keyname: str) -> None:
         """Prove you receive at `addr`: the cookie goes there, no state is kept. Within budgets:
         a known session's fresh counter (its new tunnel, or a tunnel's new NAT mapping) has its
         own; an address where a tunnel registered before has its own; strangers share the rest,
@@ -507,16 +640,16 @@ class OutsideCore:
         elif addr in self.proven:
             ok = self.proven_challenges.take(now)
         else:
-            ok = self.admission.may_challenge(addr, now)
+            ok = self.strangers_budget[keyname].may_challenge(addr, now)
         if not ok:
             self.stats["drop_rate"] += 1
             return
         self.stats["challenges"] += 1
-        self._reply(addr, m, 0, cookie)
+        self._reply(addr, m, 0, cookie, keyname=keyname)
 
-    def _new_session(self, m: Control, addr: tuple, now: float) -> Session | None:
+    def _new_session(self, m: Control, addr: tuple, now: float, keyname: str) -> Session | None:
         sid = m.session
-        if len(self.sessions) >= SESSIONS:
+        if sum(s.keyname == keyname for s in self.sessions.values()) >= SESSIONS:
             # forget one with no tunnel left whose cookies have died; never one that could
             # still replay (its window would be lost)
             dead = next((s for s in self.sessions.values() if s.active == 0 and not self._has_tunnels(s)
@@ -527,7 +660,7 @@ class OutsideCore:
                 return None
             del self.sessions[dead.sid]
         s = self.sessions[sid] = Session(sid, now, source_key(addr), self.strangers.known(sid),
-                                         float(self.max_tunnels))
+                                         float(self.max_tunnels), keyname)
         s.window.fresh(m.counter)  # the keepalive that made it counts once too
         if self.recovering:  # an inside agent restarted here: don't wait for its old session
             for old in self.sessions.values():
@@ -540,10 +673,13 @@ class OutsideCore:
 
     def _register(self, m: Control, session: Session, addr: tuple, now: float, cookie: bytes) -> Tunnel | None:
         """A tunnel this agent does not know proved its address: register it, or refuse."""
-        if len(self.tunnels) >= self.max_tunnels:
+        key = session.keyname
+        if self.key_tunnels[key] >= self.key_limit[key] + 64 or len(self.tunnels) >= self.max_tunnels:
             self.stats["drop_limit"] += 1
-            self.log.limited("tlimit", f"tunnel limit ({self.max_tunnels}) reached: refusing a new tunnel")
-            self._reply(addr, m, proto.F_REFUSED, cookie)
+            whose = f" for key {key}" if len(self.keyring) > 1 else ""
+            self.log.limited("tlimit", f"tunnel limit ({self.key_limit[key] + 64}{whose}) reached: "
+                             "refusing a new tunnel")
+            self._reply(addr, m, proto.F_REFUSED, cookie, keyname=key)
             return None
         if not m.flags & proto.F_ACTIVE:
             t = self._add(m.tunnel, session, addr, now)
@@ -553,55 +689,71 @@ class OutsideCore:
         # restart (then, and only then, with its client), or it was forgotten (refused:
         # the inside closes it, its client gets a fresh tunnel)
         client = proto.unpack_peer(m.peer, self.family)
+        via = self.endpoint_of(m.service, int.from_bytes(m.seen[16:18], "big"))
         if now >= self.recover_until or self.legacy:
             self.stats["drop_stale_tunnel"] += 1
-            self._reply(addr, m, proto.F_REFUSED, cookie)
+            self._reply(addr, m, proto.F_REFUSED, cookie, keyname=key)
             return None
-        if client is not None and (client == addr or client in self.by_addr):
+        if client is not None and via == 0 and (client == addr or client in self.by_addr):
             # its "client" is a tunnel's address (after a NAT rebinding the service's answer
             # can come before the keepalive and look like a new client): refused
             self.stats["drop_stale_client"] += 1
-            self._reply(addr, m, proto.F_REFUSED, cookie)
+            self._reply(addr, m, proto.F_REFUSED, cookie, keyname=key)
             return None
         t = self._add(m.tunnel, session, addr, now)
-        if client is not None and client not in self.clients:
-            self.bind(t, client, self.admission.source(client, now), now)
-            if self.wg is not None:  # WireGuard hook: bound again without a handshake seen here
-                self.wg.admitted(t.tid, "restored")
+        door = self.admissions[via] if via is not None else None
+        if client is not None and door is not None and client not in self.clients_at[via]:
+            self.bind(t, client, door.source(client, now), now, via)
+            gate = self.gate(t)
+            if gate is not None:  # WireGuard hook: bound again without a handshake seen here
+                gate.admitted(t.tid, "restored")
             self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered again, "
                           f"serving client {show(client)} again")
-            p = self.admission.release(client)
+            p = door.release(client)
             if p is not None:  # it spoke before its tunnel was back: what it said goes on now
                 for d in p.datagrams:
-                    self.forward(client, d)
+                    self.forward(client, d, via)
         else:
             self._orphan(t)
             self.log.info(f"active tunnel {t.tid:016x} at {show(addr)} registered without its client")
         return t
 
-    def _reply(self, addr: tuple, m: Control, flags: int, cookie: bytes, t: Tunnel | None = None) -> None:
+    def endpoint_of(self, sid: bytes, offset: int) -> int | None:
+        """The endpoint of the service `sid` names, at `offset` in its range (None: none here)."""
+        for via, e in enumerate(self.endpoints):
+            if e.service is not None and e.offset == offset and proto.service_id(e.service) == sid:
+                return via
+        return None
+
+    def waiting(self, key: str) -> int:
+        """Clients held for want of a spare of `key`."""
+        return sum(len(a.pending) for a in self.admissions if a is not None and a.core.service.key == key)
+
+    def _reply(self, addr: tuple, m: Control, flags: int, cookie: bytes, t: Tunnel | None = None,
+               keyname: str = "") -> None:
         """Answer keepalive m at addr; BOUND: with its client (t's), which it announces too."""
-        waiting = min(len(self.admission.pending), 0xFFFF) if flags & proto.F_REGISTERED else 0
+        key = t.session.keyname if t is not None else keyname
+        waiting = min(self.waiting(key), 0xFFFF) if flags & proto.F_REGISTERED else 0
         r = Control(proto.REPLY, flags, self.session, m.tunnel, m.counter, cookie, proto.NO_PEER, waiting, m.key,
                     proto.pack_peer(addr))
         if t is not None:
             r.peer, r.service, r.interval = proto.pack_peer(t.client), proto.service_id(t.service), t.offset
-        self.out.append(Datagram(self._encode(r), addr))
+        self.out.append(Datagram(self._encode(r, key), addr))
 
-    def _encode(self, m: Control) -> bytes:
+    def _encode(self, m: Control, key: str) -> bytes:
         """Every message this agent sends has a number of its own (its keystream's nonce)."""
         self.sent += 1
         m.nonce = self.sent
-        return self.keys.codec.encode(m)
+        return self.keyring[key].codec.encode(m)
 
     def _announce(self, t: Tunnel, now: float, flags: int = 0) -> None:
         """Tell the inside, down tunnel t, which client it now carries (before its first datagram),
         until the inside says ACTIVE for it."""
-        self.sent += 1
-        m = Control(proto.ANNOUNCE, flags, self.session, t.tid, self.sent, peer=proto.pack_peer(t.client),
-                    key=max(t.key, 0), seen=proto.pack_peer(self.reached) if self.reached else proto.NO_PEER,
-                    interval=t.offset, nonce=self.sent, service=proto.service_id(t.service))
-        self.out.append(Datagram(self.keys.codec.encode(m), t.addr))
+        reached = self.reached[t.via]
+        m = Control(proto.ANNOUNCE, flags, self.session, t.tid, self.sent + 1, peer=proto.pack_peer(t.client),
+                    key=max(t.key, 0), seen=proto.pack_peer(reached) if reached else proto.NO_PEER,
+                    interval=t.offset, service=proto.service_id(t.service))
+        self.out.append(Datagram(self._encode(m, t.session.keyname), t.addr))
         self.stats["announces"] += 1
         t.announce_tries += 1
         t.announce_at = now + ANNOUNCE_AGAIN * 2 ** (t.announce_tries - 1) \
@@ -636,7 +788,7 @@ class OutsideCore:
         t.ready_at = now + LEGACY_TICK
         if t.state is State.SPARE:
             self.spares[t.tid] = self.spares.pop(t.tid)
-        self.admission.serve(now)
+        self._serve(now)
 
     # --- across a restart ---
 
@@ -654,21 +806,26 @@ class OutsideCore:
             elif self.family == socket.AF_INET and ":" in addr[0]:
                 continue
             self._prove(addr)
-            m = Control(proto.REPLY, proto.F_HELLO, self.session, tid, 0)
-            self.out.append(Datagram(self._encode(m), addr))
-            self.stats["hellos"] += 1
+            for key in self.keyring:  # (the file does not say whose: a HELLO under each key)
+                m = Control(proto.REPLY, proto.F_HELLO, self.session, tid, 0)
+                self.out.append(Datagram(self._encode(m, key), addr))
+                self.stats["hellos"] += 1
 
     # --- time ---
 
     def next_timer(self) -> float:
-        return min(self.next_tick, self.admission.poll_at, self.keys.forget_at, self.announce_due)
+        return min(self.next_tick, self.announce_due, *(a.poll_at for a in self.admissions if a is not None),
+                   *(k.forget_at for k in self.keyring.values()))
 
     def on_timer(self, now: float) -> None:
-        self.admission.serve(now)
+        for a in self.admissions:
+            if a is not None:
+                a.serve(now)
         if now >= self.announce_due:
             self._announce_again(now)
-        if self.keys.expire(now):
-            self.log.info("the old key is no longer accepted")
+        for name, keys in self.keyring.items():
+            if keys.expire(now):
+                self.log.info("the old key is no longer accepted" + (f" ({name})" if len(self.keyring) > 1 else ""))
         if now < self.next_tick:
             return
         self.next_tick = now + 1.0
@@ -685,7 +842,7 @@ class OutsideCore:
     def _announce_again(self, now: float) -> None:
         """ANNOUNCEs the inside has not confirmed yet (lost, or their tunnel's NAT mapping moved)."""
         self.announce_due = INF
-        for t in self.clients.values():
+        for t in self.all_clients():
             if not t.confirmed and t.announce_at <= now:
                 self._announce(t, now, proto.F_MOVED if t.announce_tries and t.up.pkts > 1 else 0)
             elif not t.confirmed:
@@ -710,17 +867,27 @@ class OutsideCore:
                 active[t.session.sid] += 1
             if t.state is State.BOUND:
                 bound += 1
-                need(self.clients.get(t.client) is t, f"tunnel {tid:x}: client not in clients")
-                need(self.routes.get(t.client) is t.up and t.up.dst == t.addr, f"tunnel {tid:x}: up route")
-                need(self.routes.get(t.addr) is t.down and t.down.dst == t.client, f"tunnel {tid:x}: down route")
+                need(self.clients_at[t.via].get(t.client) is t, f"tunnel {tid:x}: client not in clients")
+                need(self.routes.gets[t.via](t.client) is t.up and t.up.dst == t.addr and t.up.via == 0,
+                     f"tunnel {tid:x}: up route")
+                need(self.routes.get(t.addr) is t.down and t.down.dst == t.client and t.down.via == t.via,
+                     f"tunnel {tid:x}: down route")
+                need(self.endpoints[t.via].service == t.service, f"tunnel {tid:x}: service")
+        nclients = sum(map(len, self.clients_at))
         need(len(self.spares) == sum(t.state is State.SPARE for t in self.tunnels.values()), "stray spares")
-        need(len(self.clients) == bound and len(self.routes) == 2 * bound, "clients/routes hold stray entries")
-        need(not set(self.clients) & set(self.by_addr), "an address is both a client's and a tunnel's")
-        need(len(self.tunnels) <= self.max_tunnels and len(self.clients) <= self.max_clients, "limits")
+        need(nclients == bound and len(self.routes) == 2 * bound, "clients/routes hold stray entries")
+        need(not set(self.clients_at[0]) & set(self.by_addr), "an address is both a client's and a tunnel's")
+        need(len(self.tunnels) <= self.max_tunnels and nclients <= self.max_clients, "limits")
+        by_key = Counter(t.session.keyname for t in self.tunnels.values())
+        need(all(self.key_tunnels[k] == by_key[k] for k in self.keyring), "tunnels per key")
+        for name, svc in self.services.items():
+            n = sum(t.service == name for t in self.all_clients())
+            need(self.bound[name] == n <= svc.max_clients, f"clients of {name}")
         for s in self.sessions.values():
             need(s.active == active[s.sid], f"session {s.sid:x}: active count {s.active} != {active[s.sid]}")
-        for what in self.admission.check(self):
-            need(False, what)
+        for a in self.admissions:
+            for what in a.check(a.core) if a is not None else ():
+                need(False, what)
 
     def snapshot(self, now: float) -> dict:
         tunnels = []
@@ -733,14 +900,35 @@ class OutsideCore:
                 "to_inside": leg(t.up, t.up_act, now),
                 "to_client": leg(t.down, t.down_act, now),
             })
-            if self.wg is not None:  # WireGuard hook: how its client was admitted, roams
-                tunnels[-1]["wireguard"] = self.wg.describe(t.tid)
+            if t.service:
+                tunnels[-1]["service"] = t.service
+            gate = self.gate(t)
+            if gate is not None:  # WireGuard hook: how its client was admitted, roams
+                tunnels[-1]["wireguard"] = gate.describe(t.tid)
         totals = self.retired.copy()
-        for t in self.clients.values():
+        for t in self.all_clients():
             totals.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
                           datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
-        return {"role": "outside", "protocol": "legacy" if self.legacy else "v2",
-                "uptime": now - self.started, "clients": len(self.clients),
-                "spares": len(self.spares), "waiting": len(self.admission.pending),
+        gates = [s.wireguard for s in self.services.values() if s.wireguard is not None]
+        return {"role": "outside", "protocol": "legacy" if self.legacy else f"v{proto.VERSION}",
+                "uptime": now - self.started, "clients": sum(map(len, self.clients_at)),
+                "spares": len(self.spares),
+                "waiting": sum(len(a.pending) for a in self.admissions if a is not None),
+                "services": {name: {"clients": self.bound[name], "key": svc.key}
+                             for name, svc in self.services.items()},
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels,
-                **({"wireguard": self.wg.summary()} if self.wg is not None else {})}
+                **({"wireguard": merge_summaries([g.summary() for g in gates])} if gates else {})}
+
+
+def merge_summaries(parts: list[dict]) -> dict:
+    """The WireGuard gates of several services as one (status shows the mode once)."""
+    if len(parts) == 1:
+        return parts[0]
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            if isinstance(v, dict):
+                out.setdefault(k, Counter()).update(v)
+            elif isinstance(v, int):
+                out[k] = out.get(k, 0) + v
+    return {k: dict(v) if isinstance(v, Counter) else v for k, v in out.items()}

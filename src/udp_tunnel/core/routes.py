@@ -29,7 +29,7 @@ class RouteTable:
     def __init__(self, endpoints: int = 1) -> None:
         self._flows: list[dict[tuple, Flow]] = [{} for _ in range(endpoints)]
         self.gets = [f.get for f in self._flows]  # the fast paths' one lookup, per endpoint
-        self.get = self.gets[0]
+        self.get = self.gets[0] if self.gets else {}.get  # endpoint 0's
         self.version = 0
         self.listener: RouteListener | None = None
 
@@ -45,6 +45,7 @@ class RouteTable:
     def add_endpoint(self) -> int:
         self._flows.append({})
         self.gets.append(self._flows[-1].get)
+        self.get = self.gets[0]
         return len(self._flows) - 1
 
     def _changed(self, gone: tuple | None, new: tuple | None) -> None:
