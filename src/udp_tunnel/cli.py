@@ -76,17 +76,28 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 def build_parser() -> Parser:
     p = Parser(prog="udp-tunnel", usage=USAGE, add_help=False,
                description="Reverse UDP tunnel: reach a UDP service behind NAT through a public relay.")
-    g = p.add_argument_group("roles")
+    _role_options(p.add_argument_group("roles"))
+    _key_options(p.add_argument_group("key (the same on both ends)"))
+    _tuning_options(p.add_argument_group("tuning"))
+    _operation_options(p.add_argument_group("operation"))
+    return p
+
+
+def _role_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-s", "--service", metavar="HOST:PORT", help="inside: the UDP service to reach")
     g.add_argument("-o", "--outside", metavar="HOST:PORT", help="inside: the outside agent")
     g.add_argument("-l", "--listen", metavar="[HOST:]PORT",
                    help="outside: where clients and tunnels arrive (PORT alone: all IPv4 and IPv6 addresses)")
-    g = p.add_argument_group("key (the same on both ends)")
+
+
+def _key_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-k", "--key", metavar="KEY", help="pre-shared key (visible in the process list: prefer --key-file)")
     g.add_argument("--key-file", metavar="PATH", help="read the key from this file (SIGHUP reads it again)")
     g.add_argument("--insecure-no-key", action="store_true",
                    help="run without a key: anyone can take over tunnels (without a key the agents refuse to start)")
-    g = p.add_argument_group("tuning")
+
+
+def _tuning_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-t", "--keepalive", metavar="SECONDS", type=number, default=25.0,
                    help=f"keepalive interval, the same on both ends (default 25, at most {MAX_KEEPALIVE})")
     g.add_argument("--timeout", metavar="SECONDS", type=number,
@@ -106,7 +117,9 @@ def build_parser() -> Parser:
     fam = g.add_mutually_exclusive_group()
     fam.add_argument("-4", dest="family", action="store_const", const=socket.AF_INET, help="IPv4 only")
     fam.add_argument("-6", dest="family", action="store_const", const=socket.AF_INET6, help="IPv6 only")
-    g = p.add_argument_group("operation")
+
+
+def _operation_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--name", metavar="NAME", help="what 'udp-tunnel status NAME' calls this agent "
                                                   "(default: outside-PORT, inside-SERVICE-OUTSIDE)")
     g.add_argument("--control", metavar="PATH",
@@ -130,7 +143,6 @@ def build_parser() -> Parser:
     g.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     g.add_argument("-V", "--version", action="version", version=f"udp-tunnel {__version__}")
     g.add_argument("-h", "-?", "--help", action="help", help="show this help")
-    return p
 
 
 class StartError(Exception):
@@ -139,7 +151,20 @@ class StartError(Exception):
 
 def check(a: argparse.Namespace) -> str:
     """Everything about the command line that can be checked without I/O (also what
-    `make install-*` asks with --check-config). Fills in the role-specific defaults."""
+    `make install-*` asks with --check-config), then the role-specific defaults filled in
+    (config.from_args reads them). Which agent: "inside" or "outside"."""
+    inside = _check_roles(a)
+    _check_metrics(a)
+    _check_numbers(a)
+    _check_key(a)
+    _check_name(a)
+    _check_wireguard_keys(a, inside)
+    fill_defaults(a)
+    return "inside" if inside else "outside"
+
+
+def _check_roles(a: argparse.Namespace) -> bool:
+    """Which agent the options ask for (True: the inside one), and no option of the other."""
     inside = a.service is not None or a.outside is not None
     if inside and a.listen is not None:
         raise UsageError("-l (outside agent) cannot be combined with -s/-o (inside agent)")
@@ -162,28 +187,32 @@ def check(a: argparse.Namespace) -> str:
                 raise UsageError(f"{opt} is for the inside agent (-s/-o), not the outside agent")
         if a.max_clock_skew is not None and not a.legacy:
             raise UsageError("--max-clock-skew only applies with --legacy")
+    return inside
+
+
+def _check_metrics(a: argparse.Namespace) -> None:
     if a.metrics:
         split_hostport(a.metrics, "--metrics")
+
+
+def _check_numbers(a: argparse.Namespace) -> None:
+    """The intervals and limits given, each in its range (those not given get defaults later)."""
     if not 0.1 <= a.keepalive <= MAX_KEEPALIVE:
         raise UsageError(f"-t: the keepalive interval must be between 0.1 and {MAX_KEEPALIVE} seconds")
-    if a.timeout is None:
-        a.timeout = max(60.0, a.keepalive)
-    elif a.timeout < a.keepalive:
+    if a.timeout is not None and a.timeout < a.keepalive:
         raise UsageError("--timeout must not be shorter than the keepalive interval")
-    if a.spares is None:
-        a.spares = 2
-    elif not 1 <= a.spares <= 64:
+    if a.spares is not None and not 1 <= a.spares <= 64:
         raise UsageError("--spares must be between 1 and 64")
     if not 1 <= a.max_clients <= 1_000_000:
         raise UsageError("--max-clients must be between 1 and 1000000")
-    if a.max_clients_per_source is None:
-        a.max_clients_per_source = max(16, a.max_clients // 4)
-    elif not 1 <= a.max_clients_per_source <= a.max_clients:
+    if a.max_clients_per_source is not None and not 1 <= a.max_clients_per_source <= a.max_clients:
         raise UsageError("--max-clients-per-source must be between 1 and --max-clients")
-    if a.max_clock_skew is None:
-        a.max_clock_skew = 120.0
-    elif a.max_clock_skew < 0:
+    if a.max_clock_skew is not None and a.max_clock_skew < 0:
         raise UsageError("--max-clock-skew must not be negative")
+
+
+def _check_key(a: argparse.Namespace) -> None:
+    """One key, from one place (-k, --key-file or UDP_TUNNEL_KEY), or --insecure-no-key."""
     if a.key is not None and a.key_file is not None:
         raise UsageError("give the key once: -k or --key-file, not both")
     if a.key == "":
@@ -193,17 +222,36 @@ def check(a: argparse.Namespace) -> str:
         raise UsageError("--insecure-no-key, yet a key is given (-k, --key-file or UDP_TUNNEL_KEY): drop one")
     if not has_key and not a.insecure_no_key:
         raise UsageError(NO_KEY)
+
+
+def _check_name(a: argparse.Namespace) -> None:
     if a.name is not None and not NAME.fullmatch(a.name):
         raise UsageError(f"--name: {a.name!r} is not a name (letters, digits, '.', '_', '-'; at most 64)")
-    if a.wireguard_key is not None:
-        if inside:
-            raise UsageError("--wireguard-key is for the outside agent (-l)")
-        from udp_tunnel.core.wireguard import parse_keys
-        try:
-            a.wireguard_keys = parse_keys(",".join(a.wireguard_key))
-        except ValueError as e:
-            raise UsageError(f"--wireguard-key: {e}") from None
-    return "inside" if inside else "outside"
+
+
+def _check_wireguard_keys(a: argparse.Namespace, inside: bool) -> None:
+    """--wireguard-key (outside only), parsed into a.wireguard_keys."""
+    if a.wireguard_key is None:
+        return
+    if inside:
+        raise UsageError("--wireguard-key is for the outside agent (-l)")
+    from udp_tunnel.core.wireguard import parse_keys
+    try:
+        a.wireguard_keys = parse_keys(",".join(a.wireguard_key))
+    except ValueError as e:
+        raise UsageError(f"--wireguard-key: {e}") from None
+
+
+def fill_defaults(a: argparse.Namespace) -> None:
+    """The defaults of the options that depend on others (a checked command line)."""
+    if a.timeout is None:
+        a.timeout = max(60.0, a.keepalive)
+    if a.spares is None:
+        a.spares = 2
+    if a.max_clients_per_source is None:
+        a.max_clients_per_source = max(16, a.max_clients // 4)
+    if a.max_clock_skew is None:
+        a.max_clock_skew = 120.0
 
 
 def status_main(argv: list[str]) -> int:

@@ -26,6 +26,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from udp_tunnel.addr import HOST, HOST6
 
@@ -386,7 +387,7 @@ class _Reader:
         self.path, self.doc, self.where = path, doc, where
         self.base = os.path.dirname(os.path.abspath(path))
 
-    def fail(self, keys: tuple[str, ...], message: str):
+    def fail(self, keys: tuple[str, ...], message: str) -> NoReturn:
         name = ".".join(keys)
         raise ConfigError(f"{name}: {message}" if name else message, self.path, self.where.line(keys))
 
@@ -547,20 +548,16 @@ def _outside(r: _Reader, doc: dict) -> OutsideConfig:
     extra = r.general(K, o)
     if "state_file" in o:
         extra["state_file"] = r.string(K + ("state_file",), o["state_file"]) or None
+    keys = _keys(r, doc)
+    services = _outside_services(r, doc, {k.name: k for k in keys})
+    _check_listens(r, services, listen)
+    return OutsideConfig(source=r.path, listen=listen, keepalive=keepalive, keys=tuple(keys),
+                         services=tuple(services), **extra)
 
-    keys = []
-    for name, t in r.table(("keys",), doc.get("keys", {})).items():
-        k = ("keys", name)
-        r.item_name(k, "key")
-        t = r.table(k, t)
-        r.known(k, t, KEY)
-        insecure = r.flag(k + ("insecure_no_key",), t.get("insecure_no_key", False))
-        if insecure == ("file" in t):
-            r.fail(k, "give the key's file = \"PATH\" (or insecure_no_key = true, without a file)")
-        keys.append(Key(name, file=r.file(k + ("file",), t["file"]) if "file" in t else None,
-                        origin="key file" if "file" in t else "",
-                        max_clients=r.whole(k + ("max_clients",), t.get("max_clients", 1000), 1, MAX_CLIENTS),
-                        where=r.at(k), given=t.get("file", "")))
+
+def _keys(r: _Reader, doc: dict) -> list[Key]:
+    """[keys.NAME]: at least one, no two of one file."""
+    keys = [_key(r, name, t) for name, t in r.table(("keys",), doc.get("keys", {})).items()]
     for i, k in enumerate(keys):
         for other in keys[:i]:
             if k.file is not None and k.file == other.file:
@@ -568,57 +565,86 @@ def _outside(r: _Reader, doc: dict) -> OutsideConfig:
                                                  "agent needs a key of its own")
     if not keys:
         r.fail(("keys",), "no key: add a [keys.NAME] table with file = \"PATH\" (one key per inside agent)")
-    by_name = {k.name: k for k in keys}
+    return keys
 
-    services = []
+
+def _key(r: _Reader, name: str, t: object) -> Key:
+    k = ("keys", name)
+    r.item_name(k, "key")
+    t = r.table(k, t)
+    r.known(k, t, KEY)
+    insecure = r.flag(k + ("insecure_no_key",), t.get("insecure_no_key", False))
+    if insecure == ("file" in t):
+        r.fail(k, "give the key's file = \"PATH\" (or insecure_no_key = true, without a file)")
+    return Key(name, file=r.file(k + ("file",), t["file"]) if "file" in t else None,
+               origin="key file" if "file" in t else "",
+               max_clients=r.whole(k + ("max_clients",), t.get("max_clients", 1000), 1, MAX_CLIENTS),
+               where=r.at(k), given=t.get("file", ""))
+
+
+def _outside_services(r: _Reader, doc: dict, keys: dict[str, Key]) -> list[OutsideService]:
     svcs = r.table(("services",), doc.get("services", {}))
     if not svcs:
         r.fail(("services",), "no service: add a [services.NAME] table with listen = \"PORT\" and key = \"NAME\"")
-    for name, t in svcs.items():
-        s = ("services", name)
-        r.item_name(s, "service")
-        t = r.table(s, t)
-        r.known(s, t, OUTSIDE_SERVICE)
-        if "listen" not in t:
-            r.fail(s, "listen = \"PORT\" (or \"FIRST-LAST\", a range) is missing: where this service's clients "
-                      "send")
-        svc_listen = r.listen(s + ("listen",), t["listen"])
-        if "key" in t:
-            key = r.string(s + ("key",), t["key"])
-            if key not in by_name:
-                r.fail(s + ("key",), f"no key named {key!r}: add [keys.{key}] with its file (keys: "
-                                     f"{', '.join(by_name)})")
-        elif len(keys) == 1:
-            key = keys[0].name
-        else:
-            r.fail(s, f"key = \"NAME\" is missing: which inside agent's key carries it ({', '.join(by_name)})")
-        top = by_name[key].max_clients
-        max_clients = r.whole(s + ("max_clients",), t.get("max_clients", top), 1, top,
-                              f" (key {key!r} allows {top})" if "max_clients" in t else "")
-        per_source = max(16, max_clients // 4)  # as the command line's default
-        if "max_clients_per_source" in t:
-            per_source = r.whole(s + ("max_clients_per_source",), t["max_clients_per_source"], 1, max_clients,
-                                 " (its max_clients)")
-        wg: tuple[bytes, ...] = ()
-        if "wireguard_key" in t:
-            from udp_tunnel.core.wireguard import parse_keys
-            v = t["wireguard_key"]
-            words = v if isinstance(v, list) else [v]
-            text = ",".join(r.string(s + ("wireguard_key",), w) for w in words)
-            try:
-                wg = tuple(parse_keys(text))
-            except ValueError as e:
-                r.fail(s + ("wireguard_key",), str(e))
-        legacy = r.flag(s + ("legacy",), t.get("legacy", False))
-        skew = 120.0
-        if "max_clock_skew" in t:
-            if not legacy:
-                r.fail(s + ("max_clock_skew",), "only applies with legacy = true")
-            skew = r.number(s + ("max_clock_skew",), t["max_clock_skew"], 0, 86400, "the clock skew")
-        services.append(OutsideService(name, svc_listen, key, max_clients, per_source, wg, legacy, skew,
-                                       where=r.at(s)))
+    return [_outside_service(r, name, t, keys) for name, t in svcs.items()]
 
-    for i, a in enumerate(services):  # overlapping listen addresses, and the tunnel port
+
+def _outside_service(r: _Reader, name: str, t: object, keys: dict[str, Key]) -> OutsideService:
+    s = ("services", name)
+    r.item_name(s, "service")
+    t = r.table(s, t)
+    r.known(s, t, OUTSIDE_SERVICE)
+    if "listen" not in t:
+        r.fail(s, "listen = \"PORT\" (or \"FIRST-LAST\", a range) is missing: where this service's clients "
+                  "send")
+    listen = r.listen(s + ("listen",), t["listen"])
+    key = _service_key(r, s, t, keys)
+    top = keys[key].max_clients
+    max_clients = r.whole(s + ("max_clients",), t.get("max_clients", top), 1, top,
+                          f" (key {key!r} allows {top})" if "max_clients" in t else "")
+    per_source = max(16, max_clients // 4)  # as the command line's default
+    if "max_clients_per_source" in t:
+        per_source = r.whole(s + ("max_clients_per_source",), t["max_clients_per_source"], 1, max_clients,
+                             " (its max_clients)")
+    wg = _wireguard_keys(r, s, t)
+    legacy = r.flag(s + ("legacy",), t.get("legacy", False))
+    skew = 120.0
+    if "max_clock_skew" in t:
+        if not legacy:
+            r.fail(s + ("max_clock_skew",), "only applies with legacy = true")
+        skew = r.number(s + ("max_clock_skew",), t["max_clock_skew"], 0, 86400, "the clock skew")
+    return OutsideService(name, listen, key, max_clients, per_source, wg, legacy, skew, where=r.at(s))
+
+
+def _service_key(r: _Reader, s: tuple[str, ...], t: dict, keys: dict[str, Key]) -> str:
+    """The name of the key whose tunnels carry the service (may be left out when there is one)."""
+    if "key" in t:
+        key = r.string(s + ("key",), t["key"])
+        if key not in keys:
+            r.fail(s + ("key",), f"no key named {key!r}: add [keys.{key}] with its file (keys: "
+                                 f"{', '.join(keys)})")
+        return key
+    if len(keys) == 1:
+        return next(iter(keys))
+    r.fail(s, f"key = \"NAME\" is missing: which inside agent's key carries it ({', '.join(keys)})")
+
+
+def _wireguard_keys(r: _Reader, s: tuple[str, ...], t: dict) -> tuple[bytes, ...]:
+    if "wireguard_key" not in t:
+        return ()
+    from udp_tunnel.core.wireguard import parse_keys
+    v = t["wireguard_key"]
+    words = v if isinstance(v, list) else [v]
+    text = ",".join(r.string(s + ("wireguard_key",), w) for w in words)
+    try:
+        return tuple(parse_keys(text))
+    except ValueError as e:
+        r.fail(s + ("wireguard_key",), str(e))
+
+
+def _check_listens(r: _Reader, services: list[OutsideService], listen: Listen) -> None:
+    """No two services on one port, none overlapping the tunnel port, a legacy service alone on it."""
+    for i, a in enumerate(services):
         s = ("services", a.name, "listen")
         if _overlap(a.listen, listen) and a.listen != listen:
             r.fail(s, f"{a.listen} overlaps the tunnel port {listen} ([outside] listen): a service on the "
@@ -630,8 +656,6 @@ def _outside(r: _Reader, doc: dict) -> OutsideConfig:
         if a.legacy and (len(services) > 1 or a.listen != listen):
             r.fail(("services", a.name, "legacy"), "a legacy service must be the only one, on the tunnel port "
                                                    f"({listen}): legacy tunnels carry no service name")
-    return OutsideConfig(source=r.path, listen=listen, keepalive=keepalive, keys=tuple(keys),
-                         services=tuple(services), **extra)
 
 
 def _overlap(a: Listen, b: Listen) -> bool:
@@ -646,12 +670,7 @@ def _inside(r: _Reader, doc: dict) -> InsideConfig:
     if "outside" not in t:
         r.fail(K, "the outside agent is missing: outside = \"HOST:PORT\" (its tunnel port)")
     outside = r.target(K + ("outside",), t["outside"], single=True)
-    insecure = r.flag(K + ("insecure_no_key",), t.get("insecure_no_key", False))
-    if insecure == ("key_file" in t):
-        r.fail(K, "give key_file = \"PATH\" (the same key as the outside's for this agent; or "
-                  "insecure_no_key = true, without a key file)")
-    key = Key(DEFAULT, file=None if insecure else r.file(K + ("key_file",), t["key_file"]),
-              origin="" if insecure else "key file", where=r.at(K + ("key_file",)), given=t.get("key_file", ""))
+    key = _inside_key(r, t)
     keepalive = r.number(K + ("keepalive",), t.get("keepalive", 25.0), 0.1, MAX_KEEPALIVE,
                          "the keepalive interval")
     timeout = max(60.0, keepalive)
@@ -661,36 +680,56 @@ def _inside(r: _Reader, doc: dict) -> InsideConfig:
     spares = r.whole(K + ("spares",), t.get("spares", 2), 1, 64)
     max_clients = r.whole(K + ("max_clients",), t.get("max_clients", 1000), 1, MAX_CLIENTS)
     extra = r.general(K, t)
+    services = _inside_services(r, doc, keepalive, timeout, max_clients)
+    return InsideConfig(source=r.path, outside=outside, key=key, keepalive=keepalive, spares=spares,
+                        max_clients=max_clients, services=tuple(services), **extra)
 
-    services = []
+
+def _inside_key(r: _Reader, t: dict) -> Key:
+    """[inside] key_file, or insecure_no_key = true: one of the two."""
+    K = ("inside",)  # noqa: N806
+    insecure = r.flag(K + ("insecure_no_key",), t.get("insecure_no_key", False))
+    if insecure == ("key_file" in t):
+        r.fail(K, "give key_file = \"PATH\" (the same key as the outside's for this agent; or "
+                  "insecure_no_key = true, without a key file)")
+    return Key(DEFAULT, file=None if insecure else r.file(K + ("key_file",), t["key_file"]),
+               origin="" if insecure else "key file", where=r.at(K + ("key_file",)), given=t.get("key_file", ""))
+
+
+def _inside_services(r: _Reader, doc: dict, keepalive: float, timeout: float,
+                     max_clients: int) -> list[InsideService]:
     svcs = r.table(("services",), doc.get("services", {}))
     if not svcs:
         r.fail(("services",), "no service: add a [services.NAME] table with service = \"HOST:PORT\" "
                               "(NAME as at the outside agent)")
-    for name, st in svcs.items():
-        s = ("services", name)
-        r.item_name(s, "service")
-        st = r.table(s, st)
-        r.known(s, st, INSIDE_SERVICE)
-        if "service" not in st:
-            r.fail(s, "service = \"HOST:PORT\" (or \"HOST:FIRST-LAST\") is missing: where this service runs")
-        target = r.target(s + ("service",), st["service"])
-        svc_timeout = timeout
-        if "timeout" in st:
-            svc_timeout = r.number(s + ("timeout",), st["timeout"], keepalive, 86400 * 7,
-                                   "the timeout (at least the keepalive interval)")
-        legacy = r.flag(s + ("legacy",), st.get("legacy", False))
-        services.append(InsideService(
-            name, target, svc_timeout,
-            r.whole(s + ("max_clients",), st.get("max_clients", max_clients), 1, max_clients,
-                    " ([inside] max_clients)"),
-            r.choice(s + ("client_address",), st.get("client_address", "off"), CLIENT_ADDRESS), legacy,
-            where=r.at(s)))
-        if legacy and (len(svcs) > 1 or target.ports.size > 1):
-            r.fail(s + ("legacy",), "a legacy service must be the only one, and one port: legacy tunnels carry "
-                                    "no service name")
-    return InsideConfig(source=r.path, outside=outside, key=key, keepalive=keepalive, spares=spares,
-                        max_clients=max_clients, services=tuple(services), **extra)
+    return [_inside_service(r, name, st, len(svcs) == 1, keepalive, timeout, max_clients)
+            for name, st in svcs.items()]
+
+
+def _inside_service(r: _Reader, name: str, st: object, alone: bool, keepalive: float, timeout: float,
+                    max_clients: int) -> InsideService:
+    """[services.NAME] of the inside agent; timeout and max_clients are [inside]'s (the default and the bound)."""
+    s = ("services", name)
+    r.item_name(s, "service")
+    st = r.table(s, st)
+    r.known(s, st, INSIDE_SERVICE)
+    if "service" not in st:
+        r.fail(s, "service = \"HOST:PORT\" (or \"HOST:FIRST-LAST\") is missing: where this service runs")
+    target = r.target(s + ("service",), st["service"])
+    if "timeout" in st:
+        timeout = r.number(s + ("timeout",), st["timeout"], keepalive, 86400 * 7,
+                           "the timeout (at least the keepalive interval)")
+    legacy = r.flag(s + ("legacy",), st.get("legacy", False))
+    service = InsideService(
+        name, target, timeout,
+        r.whole(s + ("max_clients",), st.get("max_clients", max_clients), 1, max_clients,
+                " ([inside] max_clients)"),
+        r.choice(s + ("client_address",), st.get("client_address", "off"), CLIENT_ADDRESS), legacy,
+        where=r.at(s))
+    if legacy and (not alone or target.ports.size > 1):
+        r.fail(s + ("legacy",), "a legacy service must be the only one, and one port: legacy tunnels carry "
+                                "no service name")
+    return service
 
 
 _TOML_ERROR = re.compile(r"(.*) \(at line (\d+), column (\d+)\)$", re.DOTALL)

@@ -317,6 +317,17 @@ def keepalive_line(k: dict) -> str:
 def render(s: dict) -> str:
     """The snapshot as text, in the spirit of `wg show`."""
     inside = s["role"] == "inside"
+    lines = _agent_lines(s)
+    if inside:
+        lines += _outside_agent_lines(s)
+    lines += _counter_lines(s)
+    for t in sorted(s["tunnels"], key=lambda t: (t["state"] != "active", t["age"])):
+        lines += ["", *_tunnel_lines(t, inside)]
+    return "\n".join(lines)
+
+
+def _agent_lines(s: dict) -> list[str]:
+    """The agent's header: who it is, where, its key, its tunnels."""
     lines = [f"agent: {s['role']} (udp-tunnel {s.get('version', '?')}, pid {s.get('pid', '?')})"]
     if s.get("name"):
         lines.append(f"  name: {s['name']}")
@@ -333,46 +344,58 @@ def render(s: dict) -> str:
     lines.append(f"  tunnels: {s['clients']} active, {s['spares']} spare")
     if s.get("waiting"):
         lines.append(f"  new clients waiting for a tunnel: {s['waiting']}")
-    if inside:
-        lines.append(f"  outside agent answering: {'yes' if s['outside_answering'] else 'NO'}")
-        if s.get("keepalive"):
-            lines.append("  keepalive: " + keepalive_line(s["keepalive"]))
+    return lines
+
+
+def _outside_agent_lines(s: dict) -> list[str]:
+    """An inside agent's view of its outside agent: answering, and the keepalive line."""
+    lines = [f"  outside agent answering: {'yes' if s['outside_answering'] else 'NO'}"]
+    if s.get("keepalive"):
+        lines.append("  keepalive: " + keepalive_line(s["keepalive"]))
+    return lines
+
+
+def _counter_lines(s: dict) -> list[str]:
+    """What went through, what was dropped and why, and the other events counted."""
     tot = s.get("totals", {})
-    lines.append(f"  transfer: {tot.get('datagrams_in', 0)} datagrams ({size(tot.get('bytes_in', 0))}) towards "
-                 f"the service, {tot.get('datagrams_out', 0)} ({size(tot.get('bytes_out', 0))}) back")
+    lines = [f"  transfer: {tot.get('datagrams_in', 0)} datagrams ({size(tot.get('bytes_in', 0))}) towards "
+             f"the service, {tot.get('datagrams_out', 0)} ({size(tot.get('bytes_out', 0))}) back"]
     drops = {k[5:]: v for k, v in sorted(s["stats"].items()) if k.startswith("drop_") and v}
     if drops:
         lines.append("  dropped: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in drops.items()))
     other = {k: v for k, v in sorted(s["stats"].items()) if not k.startswith("drop_") and v}
     if other:
         lines.append("  events: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in other.items()))
-    for t in sorted(s["tunnels"], key=lambda t: (t["state"] != "active", t["age"])):
-        lines.append("")
-        lines.append(f"tunnel: {t['id']} ({t['state']})")
-        if t.get("client"):
-            lines.append(f"  client: {t['client']}")
-        if t.get("wireguard"):
-            w = t["wireguard"]
-            how = "WireGuard handshake" if w["admitted"] == "handshake" else \
-                "bound again after a restart of this agent"
-            lines.append(f"  admitted: {how}, roamed {w['roams']} time(s), sessions known: {w['sessions']}")
-        if inside:
-            lines.append(f"  registered: {'yes' if t['registered'] else 'NO'}"
-                         + (f", {t['registrations']} time(s), last {ago(t['registered_ago'])} ago"
-                            if t["registered_ago"] is not None else ""))
-            if t["rtt"] is not None:
-                lines.append(f"  keepalive round trip: {t['rtt'] * 1000:.1f} ms")
-            legs = (("from outside", t["from_outside"]), ("to outside", t["to_outside"]))
-        else:
-            lines.append(f"  endpoint: {t['endpoint']}")
-            lines.append(f"  last keepalive: {ago(t['last_keepalive'])} ago; registered here "
-                         f"{ago(t['registered'])} ago, NAT rebindings: {t['rebinds']}")
-            legs = (("to inside", t["to_inside"]), ("to client", t["to_client"]))
-        lines.append(f"  age: {ago(t['age'])}")
-        for name, leg in legs:
-            last = f", last {ago(leg['last'])} ago" if leg["last"] is not None else ""
-            lines.append(f"  {name}: {leg['datagrams']} datagrams, {size(leg['bytes'])}{last}")
-    return "\n".join(lines)
+    return lines
+
+
+def _tunnel_lines(t: dict, inside: bool) -> list[str]:
+    """One tunnel: its client, how it was admitted, its registration, and each leg's traffic."""
+    lines = [f"tunnel: {t['id']} ({t['state']})"]
+    if t.get("client"):
+        lines.append(f"  client: {t['client']}")
+    if t.get("wireguard"):
+        w = t["wireguard"]
+        how = "WireGuard handshake" if w["admitted"] == "handshake" else \
+            "bound again after a restart of this agent"
+        lines.append(f"  admitted: {how}, roamed {w['roams']} time(s), sessions known: {w['sessions']}")
+    if inside:
+        lines.append(f"  registered: {'yes' if t['registered'] else 'NO'}"
+                     + (f", {t['registrations']} time(s), last {ago(t['registered_ago'])} ago"
+                        if t["registered_ago"] is not None else ""))
+        if t["rtt"] is not None:
+            lines.append(f"  keepalive round trip: {t['rtt'] * 1000:.1f} ms")
+        legs = (("from outside", t["from_outside"]), ("to outside", t["to_outside"]))
+    else:
+        lines.append(f"  endpoint: {t['endpoint']}")
+        lines.append(f"  last keepalive: {ago(t['last_keepalive'])} ago; registered here "
+                     f"{ago(t['registered'])} ago, NAT rebindings: {t['rebinds']}")
+        legs = (("to inside", t["to_inside"]), ("to client", t["to_client"]))
+    lines.append(f"  age: {ago(t['age'])}")
+    for name, leg in legs:
+        last = f", last {ago(leg['last'])} ago" if leg["last"] is not None else ""
+        lines.append(f"  {name}: {leg['datagrams']} datagrams, {size(leg['bytes'])}{last}")
+    return lines
 
 
 def search_dirs() -> list[str]:
@@ -451,59 +474,77 @@ def show(name: str | None = None, control: str | None = None, as_json: bool = Fa
     line on err when there is none to show. Every string an agent sends is escaped."""
     out = out or sys.stdout
     err = err or sys.stderr
-    docs = []
-    if control:
-        [(_, got)] = query_many([control])
-        if isinstance(got, ConnectionRefusedError):
-            print(f"udp-tunnel: no agent is serving {escape(control)} (a stale socket?)", file=err)
-            return 1
-        if isinstance(got, Exception):
-            print(f"udp-tunnel: cannot ask the agent at {escape(control)}: {problem(got)}", file=err)
-            return 1
-        docs.append(got)
-    else:
-        problems = []
-        paths, others = find_sockets()
-        for path, got in query_many(paths):
-            if isinstance(got, ConnectionRefusedError):
-                remove_if_stale(path)
-                continue
-            if isinstance(got, FileNotFoundError):
-                continue
-            if isinstance(got, Exception):
-                problems.append(f"{escape(path)}: {problem(got)}")
-                continue
-            if not isinstance(got, dict) or "role" not in got:
-                problems.append(f"{escape(path)}: not an agent's answer")
-                continue
-            got.setdefault("name", os.path.basename(path).removesuffix(".sock"))
-            docs.append(got)
-        if others:
-            problems.append(f"not asked (sockets of other users; --control PATH asks one): "
-                            f"{', '.join(escape(p) for p in others)}")
-        if name:
-            names = [escape(str(d["name"])) for d in docs]
-            docs = [d for d in docs if d["name"] == name]
-            if not docs:
-                print(f"udp-tunnel: no running agent named {name!r} (running: "
-                      f"{', '.join(names) or 'none'})", file=err)
-                return 1
-        if not docs:
-            where = ", ".join(search_dirs()[:2] + [UNIT_GLOB])
-            more = f"; could not ask {'; '.join(problems)}" if problems else ""
-            print(f"udp-tunnel: no running agent found in {where} (give --control PATH){more}", file=err)
-            return 1
-        for p in problems:
-            print(f"udp-tunnel: {p}", file=err)
+    docs = _ask_control(control, err) if control else _ask_found(name, err)
+    if docs is None:
+        return 1
     if as_json:  # json.dumps writes every control character as an escape (ensure_ascii)
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=2), file=out)
         return 0
-    texts = []
-    for d in docs:
-        try:
-            texts.append(render(clean(d)))
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
-            texts.append(f"agent: ? (an answer this version cannot show: {escape(type(e).__name__)} "
-                         f"{problem(e)}; --json prints it)")
-    print("\n\n".join(texts), file=out)
+    print("\n\n".join(_render_or_say_why(d) for d in docs), file=out)
     return 0
+
+
+def _ask_control(control: str, err: TextIO) -> list[dict] | None:
+    """The answer of the agent at control, or None with one line on err."""
+    [(_, got)] = query_many([control])
+    if isinstance(got, ConnectionRefusedError):
+        print(f"udp-tunnel: no agent is serving {escape(control)} (a stale socket?)", file=err)
+        return None
+    if isinstance(got, Exception):
+        print(f"udp-tunnel: cannot ask the agent at {escape(control)}: {problem(got)}", file=err)
+        return None
+    return [got]
+
+
+def _ask_found(name: str | None, err: TextIO) -> list[dict] | None:
+    """The answers of the agents found (those called name); the problems met on err; None
+    with one line on err when there is none."""
+    docs, problems = _ask_every_socket()
+    if name:
+        names = [escape(str(d["name"])) for d in docs]
+        docs = [d for d in docs if d["name"] == name]
+        if not docs:
+            print(f"udp-tunnel: no running agent named {name!r} (running: "
+                  f"{', '.join(names) or 'none'})", file=err)
+            return None
+    if not docs:
+        where = ", ".join(search_dirs()[:2] + [UNIT_GLOB])
+        more = f"; could not ask {'; '.join(problems)}" if problems else ""
+        print(f"udp-tunnel: no running agent found in {where} (give --control PATH){more}", file=err)
+        return None
+    for p in problems:
+        print(f"udp-tunnel: {p}", file=err)
+    return docs
+
+
+def _ask_every_socket() -> tuple[list[dict], list[str]]:
+    """The agents' answers (each named, by its socket if it says no name), and what went wrong
+    (a stale socket of ours is removed, not a problem)."""
+    docs, problems = [], []
+    paths, others = find_sockets()
+    for path, got in query_many(paths):
+        if isinstance(got, ConnectionRefusedError):
+            remove_if_stale(path)
+            continue
+        if isinstance(got, FileNotFoundError):
+            continue
+        if isinstance(got, Exception):
+            problems.append(f"{escape(path)}: {problem(got)}")
+            continue
+        if not isinstance(got, dict) or "role" not in got:
+            problems.append(f"{escape(path)}: not an agent's answer")
+            continue
+        got.setdefault("name", os.path.basename(path).removesuffix(".sock"))
+        docs.append(got)
+    if others:
+        problems.append(f"not asked (sockets of other users; --control PATH asks one): "
+                        f"{', '.join(escape(p) for p in others)}")
+    return docs, problems
+
+
+def _render_or_say_why(doc: dict) -> str:
+    try:
+        return render(clean(doc))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+        return (f"agent: ? (an answer this version cannot show: {escape(type(e).__name__)} "
+                f"{problem(e)}; --json prints it)")
