@@ -364,9 +364,8 @@ def test_config_errors_of_the_command_line_are_one_line(tmp_path, capsys):
     assert main(capsys, "--config", path, "--config", path) == (
         2, "", "udp-tunnel: --config: give one file (two only with --check-config: an outside agent's and an inside "
                "agent's, checked against each other) (see udp-tunnel --help)\n")
-    assert main(capsys, "--config", path) == (
-        1, "", f"udp-tunnel: --config: running an agent from a configuration file is not wired yet ({path} is "
-               "valid; run the agent with command-line options for now)\n")
+    assert main(capsys, "--config", path) == (  # (its key files are read when the agent starts)
+        1, "", f"udp-tunnel: cannot read key file {tmp_path}/home.key: No such file or directory\n")
 
 
 def test_install_facts_say_the_role_key_files_descriptors_and_capability(capsys):
