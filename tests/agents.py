@@ -50,15 +50,16 @@ class Agent:
     """A running udp-tunnel process whose log goes to a file."""
 
     def __init__(self, name: str, args: list[str], tmp, key: str | None = "test-key", max_fds: int = 0,
-                 **envextra: str) -> None:
+                 control: str | None = None, **envextra: str) -> None:
+        """control: the control socket a configuration file names (then not on the command line)."""
         self.name = name
         self.max_fds = max_fds
-        self.control = str(tmp / f"{name}.sock")
+        self.control = control or str(tmp / f"{name}.sock")
         self.logpath = tmp / f"{name}.log"
         extra = dict(envextra)
         if key is not None:
             extra["UDP_TUNNEL_KEY"] = key
-        self.args = args + ["--control", self.control]
+        self.args = args if control else args + ["--control", self.control]
         self.env = env(**extra)
         self.proc: subprocess.Popen | None = None
         self.start()

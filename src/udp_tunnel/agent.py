@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from udp_tunnel import __version__, config
 from udp_tunnel.addr import resolve, show
 from udp_tunnel.core.inside import InsideCore
-from udp_tunnel.core.outside import OutsideCore
+from udp_tunnel.core.outside import Endpoint, OutsideCore, Service
 from udp_tunnel.core.wireguard import Gate
 from udp_tunnel.io.inside import inside_loop
 from udp_tunnel.io.loop import Loop
@@ -153,17 +153,21 @@ def open_endpoints(cfg: config.OutsideConfig) -> tuple[list[tuple], list[socket.
     return eps, socks
 
 
+def outside_services(cfg: config.OutsideConfig) -> list[Service]:
+    return [Service(s.name, s.key, s.max_clients, s.max_clients_per_source,
+                    Gate(list(s.wireguard_keys)) if s.wireguard_keys else None) for s in cfg.services]
+
+
 def start_outside(cfg: config.OutsideConfig, log: Log, now: float, name: str) -> Started:
     secrets, origins = secrets_of(cfg.keys)
     legacy = any(s.legacy for s in cfg.services)
-    if len(cfg.services) > 1 or len(cfg.keys) > 1 or cfg.services[0].listen != cfg.listen:
-        raise StartError(f"{cfg.source}: several services, keys or ports are not served yet")
     eps, socks = open_endpoints(cfg)
-    svc = cfg.services[0]
-    core = OutsideCore(secret=secrets[svc.key], keepalive=cfg.keepalive, max_clients=svc.max_clients,
-                       family=socks[0].family, now=now, log=log, legacy=legacy, max_skew=svc.max_clock_skew,
-                       wireguard=Gate(list(svc.wireguard_keys)) if svc.wireguard_keys else None,
-                       max_per_source=svc.max_clients_per_source)
+    core = OutsideCore(keys={k.name: (secrets[k.name], k.max_clients) for k in cfg.keys},
+                       services=outside_services(cfg), endpoints=[Endpoint(*e) for e in eps],
+                       keepalive=cfg.keepalive, family=socks[0].family, now=now, log=log, legacy=legacy,
+                       max_skew=cfg.services[0].max_clock_skew)
+    for via, s in enumerate(socks):
+        core.reached[via] = reached(s)
     try:
         state = paths.state_path(cfg.state_file, name) if not legacy else None
     except OSError as e:
@@ -171,7 +175,7 @@ def start_outside(cfg: config.OutsideConfig, log: Log, now: float, name: str) ->
             s.close()
         raise StartError(f"{e.strerror or e} (or --state-file PATH)") from None
     remember(core, state, log, now)
-    loop = outside_loop(core, socks[0], log, state_path=state)
+    loop = outside_loop(core, socks, log, state_path=state)
     desc = f"outside agent listening on {where(socks[0])}"
     if len(cfg.services) > 1 or cfg.services[0].listen != cfg.listen:
         desc += f" for tunnels, serving {', '.join(f'{s.name} on {s.listen}' for s in cfg.services)}"
@@ -180,6 +184,12 @@ def start_outside(cfg: config.OutsideConfig, log: Log, now: float, name: str) ->
         n = sum(len(s.wireguard_keys) for s in wg)
         desc += f", admitting only WireGuard handshakes for {n} server key{'s' if n > 1 else ''}"
     return Started(loop, desc, {"listen": where(socks[0])}, secrets, origins)
+
+
+def reached(sock: socket.socket) -> tuple | None:
+    """The address clients send to on this socket, when it is bound to one (not a wildcard)."""
+    host, port = sock.getsockname()[:2]
+    return None if host in ("::", "0.0.0.0") else (host, port)
 
 
 def remember(core: OutsideCore, path: str | None, log: Log, now: float) -> None:
@@ -281,7 +291,8 @@ def start_line(cfg: config.Config, started: Started, log: Log, control: str | No
 
 class Reloader:
     """SIGHUP: the key files again, or (with --config) the whole file, applied without losing a
-    datagram of what did not change; a bad file is refused as a whole (one line) and the running
+    datagram of what did not change: services added start, removed ones stop (their tunnels
+    close), changed ones change; a bad file is refused as a whole (one line) and the running
     configuration stays."""
 
     def __init__(self, cfg: config.Config, loop: Loop, log: Log) -> None:
@@ -289,27 +300,92 @@ class Reloader:
 
     def __call__(self, now: float) -> None:
         cfg = self.cfg
-        if cfg.source != "command line":
-            try:
-                new = config.load(cfg.source)
-                if new.role != cfg.role:
-                    raise config.ConfigError(f"a configuration of an {new.role} agent, this one is the {cfg.role}",
-                                             cfg.source)
-            except config.ConfigError as e:
-                self.log.error(f"SIGHUP: {e}; the running configuration stays")
-                return
-        else:
-            new = cfg
-        keys = new.keys if new.role == "outside" else (new.key,)
-        files = [k for k in keys if k.file is not None]
-        if not files and new is cfg:
+        try:
+            new = cfg if cfg.source == "command line" else config.load(cfg.source)
+            if new.role != cfg.role:
+                raise config.ConfigError(f"a configuration of an {new.role} agent, this one is the {cfg.role}",
+                                         cfg.source)
+            keys = new.keys if new.role == "outside" else (new.key,)
+            secrets, _ = secrets_of(keys)
+            if new.role == "outside":
+                self._check_outside(cfg, new)
+        except (config.ConfigError, StartError) as e:
+            self.log.error(f"SIGHUP: {e}; the running configuration stays")
+            return
+        if new is cfg and not any(k.file for k in keys):
             self.log.info("SIGHUP: no key file to read again")
             return
         try:
-            secrets, _ = secrets_of(keys)
-        except StartError as e:
-            self.log.error(f"SIGHUP: {e}; the running configuration stays")
-            return
-        for secret in secrets.values():  # (one key until the cores serve several)
-            self.loop.core.reload_keys(secret, now)
+            if new.role == "outside":
+                self._outside(cfg, new, secrets, now)
+            else:
+                self._inside(cfg, new, secrets[new.key.name], now)
+        except (StartError, OSError) as e:
+            self.log.error(f"SIGHUP: {e}; the configuration is applied in part")
+        ch = config.changes(cfg, new) if new is not cfg else None
+        if ch and ch.settings:
+            self.log.warning(f"SIGHUP: {', '.join(ch.settings)} change when the agent restarts")
         self.cfg = new
+
+    def _check_outside(self, old: config.OutsideConfig, new: config.OutsideConfig) -> None:
+        ch = config.changes(old, new)
+        if (ch.added or ch.removed) and not self.loop.can_add_ports:
+            raise StartError("this agent started with one port (its fast path): adding or removing services "
+                             "needs a restart")
+        for name in ch.changed:
+            if old.service(name).listen != new.service(name).listen:
+                raise StartError(f"service {name}: a new port or range needs the service removed and added, "
+                                 "or a restart")
+
+    def _outside(self, old: config.OutsideConfig, new: config.OutsideConfig, secrets: dict, now: float) -> None:
+        core = self.loop.core
+        ch = config.changes(old, new) if new is not old else config.Changes(keys=tuple(secrets))
+        for name in ch.keys:
+            k = next((k for k in new.keys if k.name == name), None)
+            if k is None:
+                core.remove_key(name, now)
+            elif name not in core.keyring:
+                core.add_key(name, secrets[name], k.max_clients, now)
+            else:
+                core.reload_keys(secrets[name], now, name)
+                core.set_key_limit(name, k.max_clients)
+        for name in ch.removed:
+            for via in core.remove_service(name, now):
+                self.loop.remove_socket(via)
+            self.log.info(f"SIGHUP: service {name} stopped")
+        services = {s.name: s for s in outside_services(new)}
+        for name in ch.changed:
+            core.update_service(services[name])
+            self.log.info(f"SIGHUP: service {name} changed")
+        for name in ch.added:
+            svc = new.service(name)
+            socks, eps = [], []
+            for k, port in enumerate(range(svc.listen.ports.first, svc.listen.ports.last + 1)):
+                socks.append(bind_listen(svc.listen.host, port, new.family))
+                eps.append(Endpoint(name, k, False))
+            for via, sock in zip(core.add_service(services[name], eps, now), socks, strict=True):
+                if self.loop.add_socket(sock) != via:
+                    raise StartError(f"service {name}: endpoints out of step")
+                core.reached[via] = reached(sock)
+            self.log.info(f"SIGHUP: service {name} started on {svc.listen}")
+
+    def _inside(self, old: config.InsideConfig, new: config.InsideConfig, secret: bytes, now: float) -> None:
+        loop, core = self.loop, self.loop.core
+        core.reload_keys(secret, now)
+        if new is old:
+            return
+        ch = config.changes(old, new)
+        for name in (*ch.added, *ch.changed):
+            s = new.service(name)
+            fam, addr = resolve(s.service.host, s.service.ports.first, f"service {name}", prefer_v4=True)
+            t = ServiceTarget(name, fam, addr[0], addr[1], s.service.ports.size, s.client_address,
+                              warn=self.log.warning)
+            try:
+                for line in t.start():
+                    self.log.info(line)
+            except TransparentError as e:
+                raise StartError(str(e)) from None
+            loop.services[name] = t  # new clients; those already there keep their sockets
+        for name in ch.removed:
+            loop.services.pop(name, None)
+        core.serve(tuple(s.name for s in new.services), now)

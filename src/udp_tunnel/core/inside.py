@@ -557,6 +557,12 @@ class InsideCore:
     def has_output(self) -> bool:
         return bool(self.actions)
 
+    def serve(self, services: tuple[str, ...], now: float) -> None:
+        """A new configuration's services: clients of one no longer served close their tunnels."""
+        self.services = {proto.service_id(name): name for name in services}
+        for t in [t for t in self.tunnels.values() if t.state is ACTIVE and t.service not in services]:
+            self.close(t.tid, now, f"service {t.service} is no longer served")
+
     def take(self) -> list:
         """The actions to carry out, handed over (and forgotten here)."""
         actions, self.actions = self.actions, []

@@ -268,6 +268,67 @@ class OutsideCore:
             svc.wireguard))
         return via
 
+    # --- a new configuration (SIGHUP) ---
+
+    def add_key(self, name: str, secret: bytes, limit: int, now: float) -> None:
+        self.keyring[name] = KeySet(secret)
+        self.key_limit[name] = limit
+        self.strangers_budget[name] = Admission(self, now, float(limit + 64), 16, None)
+        self._limits()
+
+    def remove_key(self, name: str, now: float) -> None:
+        """Its tunnels go (the inside agent is refused at its next keepalive)."""
+        for t in [t for t in self.tunnels.values() if t.session.keyname == name]:
+            self._remove(t, f"key {name} is no longer configured")
+        for sid in [sid for sid, s in self.sessions.items() if s.keyname == name]:
+            del self.sessions[sid]
+        del self.keyring[name], self.key_limit[name], self.strangers_budget[name]
+        self._limits()
+
+    def set_key_limit(self, name: str, limit: int) -> None:
+        self.key_limit[name] = limit
+        self._limits()
+
+    def _limits(self) -> None:
+        self.max_clients = sum(self.key_limit.values())
+        self.max_tunnels = self.max_clients + 64 * len(self.key_limit)
+
+    def add_service(self, svc: Service, endpoints: list[Endpoint], now: float) -> list[int]:
+        """A service more, on these new endpoints (the I/O layer opened their sockets, in order)."""
+        self.services[svc.name] = svc
+        return [self.add_endpoint(e, now) for e in endpoints]
+
+    def remove_service(self, name: str, now: float) -> list[int]:
+        """The service stops: its clients' tunnels close (the inside is told by the protocol: the
+        next keepalive of each is refused), its held clients are dropped. Its endpoints, whose
+        sockets the I/O layer closes: returned."""
+        for t in [t for t in self.all_clients() if t.service == name]:
+            self._remove(t, f"service {name} is no longer served")
+        gone = []
+        for via, e in enumerate(self.endpoints):
+            if e.service == name:
+                gone.append(via)
+                self.endpoints[via] = Endpoint(None, 0, e.tunnels)
+                a = self.admissions[via]
+                if a is not None:
+                    for p in list(a.pending.values()):
+                        a.unhold(p)
+                self.admissions[via] = None
+        del self.services[name]
+        return [via for via in gone if not self.endpoints[via].tunnels]
+
+    def update_service(self, svc: Service) -> None:
+        """New limits (or WireGuard keys) for a service; its clients keep their tunnels."""
+        old = self.services[svc.name]
+        if svc.wireguard is not None and old.wireguard is not None and svc.wireguard.keys == old.wireguard.keys:
+            svc = Service(svc.name, svc.key, svc.max_clients, svc.max_per_source, old.wireguard)
+        self.services[svc.name] = svc
+        for a in self.admissions:
+            if a is not None and a.core.service.name == svc.name:
+                a.core.service = svc
+                a.max_per_source = svc.max_per_source or max(16, svc.max_clients // 4)
+                a.wg = svc.wireguard
+
     # --- datagrams in ---
 
     def receive(self, data: bytes, addr: tuple, now: float, via: int = 0) -> None:

@@ -78,6 +78,16 @@ class OutsideLoop(Loop):
                 socks[via].sendto(data, addr)
             except OSError as e:
                 self.net_error("send", e)
+            except AttributeError:  # (its endpoint was closed by a reload)
+                pass
+
+    can_add_ports = False  # a new configuration with more ports needs a restart of this loop
+
+    def add_socket(self, sock: socket.socket) -> int:
+        raise NotImplementedError
+
+    def remove_socket(self, via: int) -> None:
+        raise NotImplementedError
 
     def to_core(self, data: bytes, addr: tuple, now: float, via: int = 0) -> None:
         self.core.receive(data, addr, now, via)
@@ -87,7 +97,8 @@ class OutsideLoop(Loop):
     def close(self) -> None:
         super().close()
         for s in self.socks:
-            s.close()
+            if s is not None:
+                s.close()
 
 
 class PlainOutsideLoop(OutsideLoop):
@@ -99,6 +110,24 @@ class PlainOutsideLoop(OutsideLoop):
         for via, s in enumerate(self.socks):
             s.setblocking(False)
             self.watch(s.fileno(), partial(self._on_udp, via))
+
+    can_add_ports = True
+
+    def add_socket(self, sock: socket.socket) -> int:
+        """A new endpoint's socket (its index is the core's for it)."""
+        bufsizes(sock)
+        sock.setblocking(False)
+        self.socks.append(sock)
+        via = len(self.socks) - 1
+        self.watch(sock.fileno(), partial(self._on_udp, via))
+        return via
+
+    def remove_socket(self, via: int) -> None:
+        s = self.socks[via]
+        if s is not None:
+            self.unwatch(s.fileno())
+            s.close()
+            self.socks[via] = None
 
     def _on_udp(self, via: int, now: float) -> None:
         recv = self.socks[via].recvfrom_into
