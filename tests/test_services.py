@@ -198,7 +198,8 @@ def test_two_inside_agents_with_their_own_keys_serve_only_their_own_services(tmp
         body = (f'[inside]\noutside = "{HOST}:{pair.tport}"\nkey_file = "{key}.key"\nkeepalive = 2\n'
                 f'control = "{tmp_path / (name + ".sock")}"\n')
         for s in svcs:
-            body += f'\n[services.{s}]\nservice = "{HOST}:{services[s][1] if s == "theirs" or name == "home" else eb.first}"\n'
+            port = services[s][1] if s == "theirs" or name == "home" else eb.first
+            body += f'\n[services.{s}]\nservice = "{HOST}:{port}"\n'
         path.write_text(body)
         pair.insides.append(Agent(name, ["--config", str(path)], tmp_path, key=None,
                                   control=str(tmp_path / f"{name}.sock")))
