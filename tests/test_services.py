@@ -172,6 +172,17 @@ def test_three_services_two_ports_and_a_range_of_a_hundred_through_one_pair_of_a
         st = pair.outside.status()
         assert st["clients"] == 60 and {k: v["clients"] for k, v in st["services"].items()} == \
             {"wg": 20, "game": 20, "dns": 20}
+        assert {k: v["datagrams_in"] for k, v in st["services"].items()} == {"wg": 100, "game": 100, "dns": 100}
+        from udp_tunnel.ops import metrics, status
+        text = status.render(st)  # tunnels grouped by service, then the spares
+        heads = [line for line in text.splitlines() if line.startswith(("service: ", "spares:"))]
+        assert heads == ["service: dns", "service: game", "service: wg", "spares:"]
+        body = metrics.render(st)
+        for name in ("wg", "game", "dns"):
+            assert f'udp_tunnel_service_clients{{service="{name}"}} 20' in body
+            assert f'udp_tunnel_service_datagrams_total{{service="{name}",direction="in"}} 100' in body
+        inside = pair.insides[0].status()
+        assert {k: v["clients"] for k, v in inside["services"].items()} == {"wg": 20, "game": 20, "dns": 20}
     finally:
         pair.stop()
         for e in (ea, eb, er):

@@ -677,6 +677,7 @@ class InsideCore:
                 "age": now - t.created, "rtt": t.rtt,
                 "registered_ago": None if t.registered_at is None else now - t.registered_at,
                 "registrations": t.registrations,
+                "service": t.service,
                 "from_outside": leg(t.rx, t.rx_act, now),
                 "to_outside": leg(t.tx, t.tx_act, now),
             })
@@ -684,10 +685,12 @@ class InsideCore:
         for t in self.tunnels.values():
             totals.update(datagrams_in=t.rx.pkts, bytes_in=t.rx.bytes, datagrams_out=t.tx.pkts, bytes_out=t.tx.bytes)
         active, spare = self.counts()
-        return {"role": "inside", "protocol": "legacy" if self.legacy else "v2",
+        return {"role": "inside", "protocol": "legacy" if self.legacy else f"v{proto.VERSION}",
                 "uptime": now - self.started, "clients": active, "spares": spare,
                 "keepalive": {**self.learner.snapshot(), "interval": self.interval(), "upper": self.keepalive},
                 "demand": self.demand.snapshot(),
+                "services": {name: {"clients": sum(t.service == name for t in self.tunnels.values()
+                                                   if t.state is ACTIVE)} for name in self.services.values()},
                 "outside_answering": self.legacy or (self.answering and self.last_reply is not None
                                                      and now - self.last_reply <= self.dead_after()),
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels}

@@ -247,6 +247,7 @@ class OutsideCore:
         self.out: list[Datagram] = []
         self.stats: Counter[str] = Counter()
         self.retired: Counter[str] = Counter()  # traffic of tunnels gone, for totals that never drop
+        self.retired_by: dict[str, Counter[str]] = {}  # ... per service
         self.sent = 0  # messages sent: each one's number
         self.announce_due = INF  # the earliest ANNOUNCE to send again
         self.legacy_nonce = 0
@@ -510,8 +511,8 @@ class OutsideCore:
         self.bound[t.service] -= 1
         self.bound["key:" + t.session.keyname] -= 1
         t.src.leave(t)
-        self.retired.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
-                            datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+        for c in (self.retired, self.retired_by.setdefault(t.service, Counter())):
+            c.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes, datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
 
     def move_client(self, t: Tunnel, addr: tuple, src: Source, now: float) -> None:
         """BOUND t's client now sends from `addr` (a WireGuard client roaming), of source `src`;
@@ -900,6 +901,10 @@ class OutsideCore:
             if not self._has_tunnels(s):
                 del self.sessions[s.sid]
 
+    def _service_totals(self) -> dict:
+        """Per service: its clients, its key, the traffic of its clients (gone ones too)."""
+        return _service_totals_of(self)
+
     def _announce_again(self, now: float) -> None:
         """ANNOUNCEs the inside has not confirmed yet (lost, or their tunnel's NAT mapping moved)."""
         self.announce_due = INF
@@ -975,10 +980,22 @@ class OutsideCore:
                 "uptime": now - self.started, "clients": sum(map(len, self.clients_at)),
                 "spares": len(self.spares),
                 "waiting": sum(len(a.pending) for a in self.admissions if a is not None),
-                "services": {name: {"clients": self.bound[name], "key": svc.key}
-                             for name, svc in self.services.items()},
+                "services": self._service_totals(),
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels,
                 **({"wireguard": merge_summaries([g.summary() for g in gates])} if gates else {})}
+
+
+def _service_totals_of(core: OutsideCore) -> dict:
+    out = {}
+    for name, svc in core.services.items():
+        tot = Counter(core.retired_by.get(name, Counter()))
+        for t in core.all_clients():
+            if t.service == name:
+                tot.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes, datagrams_out=t.down.pkts,
+                           bytes_out=t.down.bytes)
+        out[name] = {"clients": core.bound[name], "key": svc.key, **{k: tot[k] for k in (
+            "datagrams_in", "bytes_in", "datagrams_out", "bytes_out")}}
+    return out
 
 
 def merge_summaries(parts: list[dict]) -> dict:

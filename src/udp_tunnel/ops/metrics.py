@@ -35,6 +35,8 @@ def render(s: dict) -> str:
     out: list[str] = []
     _agent(out, s)
     _counters(out, s)
+    if s.get("services"):
+        _services(out, s)
     if s.get("wireguard"):
         _wireguard(out, s)
     if s["role"] == "inside":
@@ -89,6 +91,17 @@ def _counters(out: list[str], s: dict) -> None:
                 [({}, st.get("rebinds", 0))])
         _metric(out, "challenges_total", "counter", "Registration challenges sent.",
                 [({}, st.get("challenges", 0))])
+
+
+def _services(out: list[str], s: dict) -> None:
+    svc = s["services"]
+    _metric(out, "service_clients", "gauge", "Clients (tunnels in use), by service.",
+            [({"service": name}, v["clients"]) for name, v in svc.items()])
+    if s["role"] == "outside":
+        for unit in ("datagrams", "bytes"):
+            _metric(out, f"service_{unit}_total", "counter", f"Data {unit} forwarded, by service and direction.",
+                    [({"service": name, "direction": d}, v[f"{unit}_{d}"]) for name, v in svc.items()
+                     for d in ("in", "out")])
 
 
 def _wireguard(out: list[str], s: dict) -> None:

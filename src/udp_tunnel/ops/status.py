@@ -321,7 +321,17 @@ def render(s: dict) -> str:
     if inside:
         lines += _outside_agent_lines(s)
     lines += _counter_lines(s)
-    for t in sorted(s["tunnels"], key=lambda t: (t["state"] != "active", t["age"])):
+    services = s.get("services") or {}
+    grouped = len(services) > 1 or set(services) - {"default"}
+    if grouped:
+        lines.append("  services: " + ", ".join(f"{name} ({v['clients']} client(s))" for name, v in services.items()))
+    order = sorted(s["tunnels"], key=lambda t: (t["state"] != "active", t.get("service") or "", t["age"]))
+    heading = None
+    for t in order:
+        group = (t.get("service") or "(spare)") if t["state"] == "active" else "(spare)"
+        if grouped and group != heading:
+            heading = group
+            lines += ["", f"service: {group}" if group != "(spare)" else "spares:"]
         lines += ["", *_tunnel_lines(t, inside)]
     return "\n".join(lines)
 
