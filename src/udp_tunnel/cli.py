@@ -109,6 +109,10 @@ def _tuning_options(g: argparse._ArgumentGroup) -> None:
                    help="outside: most clients from one IPv4 address or IPv6 /64 (default a quarter of "
                         "--max-clients, at least 16): a spray from one host can't take every tunnel")
     g.add_argument("--legacy", action="store_true", help="speak the wire format of the C udp-tunnel 1.x")
+    g.add_argument("--client-address", metavar="MODE", choices=("off", "transparent", "proxy-v2", "proxy-v2-first"),
+                   help="inside: how the service sees each client: off (as the inside agent, the default), "
+                        "transparent (its real address: needs CAP_NET_ADMIN), proxy-v2 / proxy-v2-first (a PROXY "
+                        "v2 header before every / the first datagram, for a PROXY-protocol front)")
     g.add_argument("--wireguard-key", metavar="PUBKEY", action="append",
                    help="outside: admit only WireGuard clients of the server with this public key "
                         "(base64, as 'wg show' prints it; repeat or separate by commas for several)")
@@ -177,12 +181,14 @@ def _check_roles(a: argparse.Namespace) -> bool:
         split_hostport(a.outside, "--outside")
         if a.max_clock_skew is not None:
             raise UsageError("--max-clock-skew is for the outside agent (-l --legacy), not the inside agent")
+        if a.client_address not in (None, "off") and a.legacy:
+            raise UsageError("--client-address: the C tool's protocol (--legacy) does not name the clients")
         for opt, value in (("--state-file", a.state_file), ("--max-clients-per-source", a.max_clients_per_source)):
             if value is not None:
                 raise UsageError(f"{opt} is for the outside agent (-l), not the inside agent")
     else:
         parse_listen(a.listen)
-        for opt, value in (("--timeout", a.timeout), ("--spares", a.spares)):
+        for opt, value in (("--timeout", a.timeout), ("--spares", a.spares), ("--client-address", a.client_address)):
             if value is not None:
                 raise UsageError(f"{opt} is for the inside agent (-s/-o), not the outside agent")
         if a.max_clock_skew is not None and not a.legacy:

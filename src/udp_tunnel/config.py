@@ -215,7 +215,8 @@ def from_args(a) -> Config:
     host, port = split_hostport(a.outside, "--outside")
     shost, sport = split_hostport(a.service, "--service")
     svc = InsideService(DEFAULT, Target(shost, PortRange(sport, sport)), timeout=a.timeout,
-                        max_clients=a.max_clients, legacy=a.legacy)
+                        max_clients=a.max_clients, client_address=getattr(a, "client_address", None) or "off",
+                        legacy=a.legacy)
     return InsideConfig(outside=Target(host, PortRange(port, port)), key=key, keepalive=a.keepalive,
                         spares=a.spares, max_clients=a.max_clients, services=(svc,), **common)
 
@@ -729,6 +730,9 @@ def _inside_service(r: _Reader, name: str, st: object, alone: bool, keepalive: f
     if legacy and (not alone or target.ports.size > 1):
         r.fail(s + ("legacy",), "a legacy service must be the only one, and one port: legacy tunnels carry "
                                 "no service name")
+    if legacy and service.client_address != "off":
+        r.fail(s + ("client_address",), "a legacy service cannot see its clients' addresses: the C tool's "
+                                        "protocol does not name them")
     return service
 
 
