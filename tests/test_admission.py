@@ -1,0 +1,211 @@
+"""Who takes a tunnel at the outside agent under attack (issue 17, items 3, 5 and 6), on the
+sans-I/O cores joined by the simulated network (tests/sim.py) with a fake clock.
+
+- per-source limits count prefixes too: an IPv6 /64, /56 and /48, an IPv4 address and /24;
+- a spray of one-shot flows from many addresses does not keep new clients that keep talking
+  out, and established clients never lose their tunnel;
+- a roaming WireGuard client moves only within its new source's limits.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sim import Sim, v6
+from test_wireguard import handshake, transport, wg_sim
+from udp_tunnel.core import admission
+
+CLIENT = v6("198.51.100.10", 5000)
+
+
+def in_prefix(sim: Sim, prefix: str) -> int:
+    return sum(1 for c in sim.outside.clients if c[0].startswith(prefix))
+
+
+# --- item 3: one host with a prefix is not hundreds of sources ---
+
+SPRAYS = {
+    # name: (hosts of the spray, the prefix they share as text, its limit at --max-clients 100)
+    "16 /64s of one IPv6 /56": ([f"2001:db8:0:ab{i:02x}::1" for i in range(16)], "2001:db8:0:ab", 50),
+    "16 /64s of one IPv6 /48": ([f"2001:db8:0:{i:x}00::1" for i in range(16)], "2001:db8:0:", 75),
+    "16 addresses of one IPv4 /24": ([f"::ffff:192.0.2.{i + 1}" for i in range(16)], "::ffff:192.0.2.", 50),
+}
+
+
+@pytest.mark.parametrize("name", list(SPRAYS))
+def test_a_prefix_of_many_sources_holds_a_bounded_share_and_a_real_client_still_gets_a_tunnel(name):
+    """--max-clients 100: a source (a /64, an IPv4 address) holds 25, a /56 or an IPv4 /24 twice
+    that, a /48 three times: never the whole table."""
+    hosts, prefix, limit = SPRAYS[name]
+    sim = Sim(max_clients=100)
+    for port in range(10):
+        for h in hosts:
+            sim.send(b"spray", (h, 20000 + port, 0, 0))
+    assert in_prefix(sim, prefix) == limit
+    assert all(sum(1 for c in sim.outside.clients if c[0] == h) <= 25 for h in hosts)
+    sim.send(b"real", CLIENT)
+    assert sim.service_rx[-1] == (sim.outside.clients[CLIENT].tid, b"real")
+
+
+def test_source_levels_name_each_prefix_of_an_address_with_its_factor():
+    assert admission.source_levels(("2001:db8:1:2:3:4:5:6", 9, 0, 0)) == [
+        (bytes.fromhex("20010db800010002"), 1), (bytes.fromhex("20010db8000100"), 2),
+        (bytes.fromhex("20010db80001"), 3)]
+    assert admission.source_levels(("::ffff:192.0.2.7", 9, 0, 0)) == [("192.0.2.7", 1), (bytes([192, 0, 2]), 2)]
+    assert admission.source_levels(("192.0.2.7", 9)) == [("192.0.2.7", 1), (bytes([192, 0, 2]), 2)]
+    assert admission.source_levels(("fe80::1%eth0", 9, 0, 2))[0] == (bytes.fromhex("fe80000000000000"), 1)
+
+
+def test_a_48_of_many_64s_gets_three_sources_worth_of_challenges_and_the_inside_still_registers():
+    """Registration challenges are budgeted per /64, /56 and /48 too: 1024 /64s of one /48 get
+    the /48's 150/s, not the global 2000/s, and a new inside tunnel elsewhere is challenged."""
+    sim = Sim(max_clients=100)
+    adm = sim.outside.admission
+    now = sim.now + 100.0  # every bucket full
+    granted = sum(adm.may_challenge((f"2001:db8:77:{i:x}::1", 1, 0, 0), now) for i in range(1024))
+    assert granted == int(sim.outside.max_tunnels)  # the /48's burst, the table's size
+    granted = sum(adm.may_challenge((f"2001:db8:77:{i:x}::1", 1, 0, 0), now + 1.0) for i in range(1024))
+    assert granted == 150  # 3 x 50/s in the next second
+    assert adm.may_challenge(v6("203.0.113.7", 40000), now + 1.0)
+
+
+def test_unanswered_tunnels_are_limited_per_prefix_too():
+    """A /56 of 16 /64s, none of whose clients ever gets an answer, holds at most 2 x 32 such
+    tunnels (a /64 alone 32)."""
+    sim = Sim(max_clients=1000)
+    for port in range(10):
+        for i in range(16):
+            sim.send(b"x", (f"2001:db8:0:ab{i:02x}::1", 20000 + port, 0, 0))
+    assert in_prefix(sim, "2001:db8:0:ab") == 2 * admission.UNANSWERED_PER_SOURCE
+
+
+# --- item 6: a roaming move obeys the limits of the source it moves to ---
+
+@pytest.mark.parametrize("where", ["one IPv4 address", "40 /64s of one IPv6 /56"])
+def test_someone_who_saw_the_session_indices_cannot_move_more_tunnels_than_a_source_may_hold(where):
+    n = 20 if where == "one IPv4 address" else 40
+    sim = wg_sim(max_clients=n)  # --max-clients-per-source: 16; a /56: 32
+    clients = [v6(f"100.{64 + i}.0.1", 5000) for i in range(n)]
+    for i, c in enumerate(clients):
+        handshake(sim, c, server_index=i.to_bytes(4, "big"))
+    sim.advance(2)  # every client idles
+    for i in range(n):
+        attacker = v6("192.0.2.66", 7000 + i) if n == 20 else (f"2001:db8:0:ab{i:02x}::1", 7000, 0, 0)
+        sim.send(transport(i.to_bytes(4, "big")), attacker)
+    moved = [c for c in sim.outside.clients if c not in clients]
+    assert len(moved) == (16 if n == 20 else 32)
+    assert sim.outside.stats["drop_wg_roam_limit"] == n - len(moved)
+    assert sim.outside.stats["wg_roams"] == len(moved)
+    kept = [c for c in clients if c in sim.outside.clients]
+    assert len(kept) == n - len(moved)
+    for c in kept:  # their tunnels stay theirs
+        tid = sim.outside.clients[c].tid
+        sim.reply(tid, b"still yours")
+        assert sim.received[c][-1] == b"still yours"
+
+
+# --- item 5: a spray of one-shot flows from many addresses ---
+
+class Spray:
+    """The shape of `make flood`'s many-address spray, scaled to --max-clients 100 (a tenth of
+    the default, and a tenth of its 5000/s): junk from 200 addresses in 200 IPv4 /24s, every
+    datagram (or pair, `per_port`) from a new source port; an echo service answering everything;
+    established clients talking 10 times a second; new clients arriving twice a second that
+    resend every 0.25 s until answered and then keep talking every 0.5 s."""
+
+    STEP = 0.01
+
+    def __init__(self, per_port: int = 1, rate: float = 500.0, keepalive: float = 2.0) -> None:
+        self.sim = Sim(max_clients=100, keepalive=keepalive, spares=2)
+        self.per_port, self.rate = per_port, rate
+        self.echoed = 0  # service_rx entries answered so far
+        self.ports = [20000] * 200
+        self.junk_sent = 0
+        self.established = [v6(f"198.51.100.{10 + i}", 5000) for i in range(3)]
+        self.est_sent: dict[tuple, list[bytes]] = {c: [] for c in self.established}
+        self.new: list[dict] = []  # new clients: addr, start, answered_at, next
+        for c in self.established:
+            self.say(c, b"hello")
+        self.sim.advance(3)  # established: they talked and were answered before the flood
+
+    def say(self, addr: tuple, data: bytes) -> None:
+        if addr in self.est_sent:
+            self.est_sent[addr].append(data)
+        self.sim.send(data, addr)
+        self.echo()
+
+    def echo(self) -> None:
+        sim = self.sim
+        while self.echoed < len(sim.service_rx):
+            tid, data = sim.service_rx[self.echoed]
+            self.echoed += 1
+            if tid in sim.service_socket:
+                sim.reply(tid, data)
+
+    def junk(self) -> None:
+        k = self.junk_sent % 200
+        self.ports[k] += 1
+        for _ in range(self.per_port):
+            self.sim.send(b"junk", v6(f"100.64.{k}.1", self.ports[k]))
+        self.junk_sent += 1
+        self.echo()
+
+    def run(self, seconds: float, new_per_second: float = 2.0) -> None:
+        sim, t0 = self.sim, self.sim.now
+        step = 0
+        while sim.now < t0 + seconds - 1e-9:
+            step += 1
+            due = int(step * self.STEP * self.rate / self.per_port)
+            while self.junk_sent < due:
+                self.junk()
+            if step % 10 == 0:
+                for i, c in enumerate(self.established):
+                    self.say(c, b"est %d %d" % (i, step))
+            if new_per_second and len(self.new) < int(step * self.STEP * new_per_second + 1e-9):
+                i = len(self.new)
+                self.new.append({"addr": v6(f"203.0.113.{i + 1}", 6000), "start": sim.now, "at": None,
+                                 "next": sim.now, "tries": 0})
+            for n in self.new:
+                self.client_step(n)
+            sim.advance(self.STEP, step=self.STEP)
+
+    def client_step(self, n: dict) -> None:
+        sim = self.sim
+        if n["at"] is None and any(d.startswith(b"new") for d in sim.received.get(n["addr"], [])):
+            n["at"] = sim.now
+        if sim.now >= n["next"]:
+            n["tries"] += 1
+            self.say(n["addr"], b"new %d" % n["tries"])
+            n["next"] = sim.now + (0.25 if n["at"] is None else 0.5)
+
+    def established_lost(self) -> int:
+        lost = 0
+        for c, sent in self.est_sent.items():
+            got = set(self.sim.received.get(c, []))
+            lost += sum(1 for d in sent if d not in got)
+        return lost
+
+    def figures(self) -> str:
+        st = self.sim.outside.stats
+        lat = sorted(n["at"] - n["start"] for n in self.new if n["at"] is not None)
+        within = sum(1 for x in lat if x <= 1.0)
+        sent = sum(len(s) for s in self.est_sent.values())
+        return (f"junk {self.junk_sent} ports x {self.per_port}; new clients {within}/{len(self.new)} answered "
+                f"within 1 s, {len(lat)} at all, median {lat[len(lat) // 2] if lat else None}, max "
+                f"{lat[-1] if lat else None}; established lost {self.established_lost()} of {sent}; "
+                f"evictions {st['evictions']}, drop_limit {st['drop_limit']}, hold_full {st['drop_hold_full']}, "
+                f"hold_expired {st['drop_hold_expired']}; clients {len(self.sim.outside.clients)}")
+
+    def within(self, limit: float = 1.0) -> int:
+        return sum(1 for n in self.new if n["at"] is not None and n["at"] - n["start"] <= limit)
+
+
+@pytest.mark.parametrize("per_port", [1, 2])
+def test_a_spray_of_one_shot_flows_from_many_addresses_leaves_room_for_new_clients_that_keep_talking(per_port):
+    f = Spray(per_port=per_port)
+    f.run(10.0)
+    print(f.figures())
+    assert len(f.new) == 20
+    assert f.within(1.0) >= 18  # >= 90 % of the new clients answered within 1 s
+    assert f.established_lost() == 0
+    assert all(c in f.sim.outside.clients for c in f.established)
