@@ -9,9 +9,12 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`.
   down at once. With no spare ready (or while a restarted outside waits for the active
   tunnels to come back) its datagrams are held, in order, within the HOLD_* bounds, and
   go down the first spare that registers.
-- A source (an IPv4 address or an IPv6 /64) holds at most `max_per_source` tunnels and at
-  most UNANSWERED_PER_SOURCE whose client never got a datagram back; its challenges are
-  budgeted too.
+- Sources are counted at several prefix lengths (LEVELS): an IPv6 /64, the /56 and the /48
+  around it; an IPv4 address and its /24. A level of factor f holds at most f x
+  `max_per_source` tunnels (never more than --max-clients), f x UNANSWERED_PER_SOURCE whose
+  client never got a datagram back and f x HOLD_PER_SOURCE held clients, and gets f x
+  CHALLENGE_RATE challenges a second: one host with a /56 (256 /64s) or a /48 is not
+  hundreds of sources. A new client takes a tunnel only within every level's limits.
 - With --wireguard-key (wireguard.py), only a valid handshake initiation takes a tunnel,
   and a known session's transport data from a new address is its client roaming.
 """
@@ -19,7 +22,7 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`.
 from __future__ import annotations
 
 import socket
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 from udp_tunnel.addr import show
@@ -37,9 +40,16 @@ HOLD_TOTAL_BYTES = 4 << 20
 # client has not had a single datagram back: a spray of junk from many ports of one
 # host takes a few tunnels, not the pool.
 UNANSWERED_PER_SOURCE = 32
-SOURCES = 4096  # source records kept (least recently used go first)
+SOURCES = 8192  # source records kept, every level counted (least recently used go first)
 CHALLENGE_RATE = 50.0  # per source and second (the burst is the tunnel table's size)
 CHALLENGE_GLOBAL = 2000.0  # in all, per second: bounds what spoofed floods can reflect
+# The prefix lengths sources are counted at, each with the factor its limits are multiplied by
+# (bytes of the packed address, factor), the source itself first. A household's clients sit in
+# one /64 (its LAN) or a few of its /56; a site's in its /48 (which a tunnel broker also gives
+# anyone for free): at the default --max-clients-per-source (a quarter of --max-clients) a /56
+# holds at most half the table, a /48 three quarters, so another network always finds room.
+V6_LEVELS = ((8, 1), (7, 2), (6, 3))  # /64, /56, /48
+V4_LEVELS = ((4, 1), (3, 2))  # the address, its /24 (an ISP's or a CG-NAT's pool can be larger)
 POLL = 0.05  # timer while clients are held
 INF = float("inf")
 WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<reason>)
@@ -51,39 +61,76 @@ WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<r
 
 
 class Source:
-    """Per client source address: budgets and what it holds."""
+    """One prefix that new clients come from (see LEVELS): its budgets and what it holds.
+    `up` is the next shorter prefix's record (None at the top); counts include everything
+    below, so a record is busy while any address under it is."""
 
-    __slots__ = ("key", "challenges", "unanswered", "pending", "bound", "limit")
+    __slots__ = ("key", "up", "factor", "challenges", "unanswered", "pending", "bound", "limit")
 
-    def __init__(self, key, now: float, burst: float, limit: int) -> None:
+    def __init__(self, key, factor: int, now: float, burst: float, limit: int) -> None:
         self.key = key
-        self.challenges = TokenBucket(CHALLENGE_RATE, burst, now)
+        self.up: Source | None = None
+        self.factor = factor
+        self.challenges = TokenBucket(CHALLENGE_RATE * factor, burst, now)
         self.unanswered: list = []  # of the core's tunnels
         self.pending = 0
         self.bound = 0  # tunnels its clients hold
         self.limit = limit
 
+    def chain(self) -> list[Source]:
+        """This record and those of the prefixes around it, longest first."""
+        out, s = [], self
+        while s is not None:
+            out.append(s)
+            s = s.up
+        return out
+
     def take(self, t: Any) -> None:
         """Tunnel t is bound to a client from here."""
-        self.unanswered.append(t)
-        self.bound += 1
+        for s in self.chain():
+            s.unanswered.append(t)
+            s.bound += 1
+
+    def join(self, t: Any) -> None:
+        """Tunnel t's client (answered before) now sends from here: a WireGuard client roaming."""
+        for s in self.chain():
+            s.bound += 1
 
     def leave(self, t: Any) -> None:
-        self.bound -= 1
-        if t in self.unanswered:
-            self.unanswered.remove(t)
+        for s in self.chain():
+            s.bound -= 1
+            if t in s.unanswered:
+                s.unanswered.remove(t)
+
+    def add_pending(self, n: int) -> None:
+        for s in self.chain():
+            s.pending += n
 
     def busy(self) -> bool:
         return self.bound > 0 or self.pending > 0
 
     def blocked(self) -> bool:
+        """At the limit of tunnels, or of tunnels without an answer, at some level."""
+        return any(s._full() for s in self.chain())
+
+    def hold_full(self) -> bool:
+        return any(s.pending >= HOLD_PER_SOURCE * s.factor for s in self.chain())
+
+    def room_for(self, old: Source) -> bool:
+        """Whether a tunnel whose client sends from under `old` may move here: every level
+        that is not also one of `old`'s is below its tunnel limit."""
+        mine = {id(s) for s in old.chain()}
+        return all(s.bound < s.limit for s in self.chain() if id(s) not in mine)
+
+    def _full(self) -> bool:
         """At its limit of tunnels, or of tunnels without an answer (pruned of those answered since)."""
         if self.bound >= self.limit:
             return True
-        if len(self.unanswered) < UNANSWERED_PER_SOURCE:
+        most = UNANSWERED_PER_SOURCE * self.factor
+        if len(self.unanswered) < most:
             return False
         self.unanswered = [t for t in self.unanswered if t.down is not None and t.down.pkts == 0]
-        return len(self.unanswered) >= UNANSWERED_PER_SOURCE
+        return len(self.unanswered) >= most
 
 
 class Pending:
@@ -97,12 +144,20 @@ class Pending:
 
 def source_key(addr: tuple):
     """An IPv4 address as text, or the /64 prefix of an IPv6 one as bytes."""
+    return source_levels(addr)[0][0]
+
+
+def source_levels(addr: tuple) -> list[tuple[Any, int]]:
+    """(key, factor) of each prefix `addr` is counted under (LEVELS), the source itself first:
+    an IPv4 address as text and its /24 as 3 bytes; an IPv6 /64, /56, /48 as 8, 7, 6 bytes."""
     host = addr[0]
     if host.startswith("::ffff:") and "." in host:
-        return host[7:]
+        host = host[7:]
     if ":" in host:
-        return socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])[:8]
-    return host
+        packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        return [(packed[:n], f) for n, f in V6_LEVELS]
+    packed = socket.inet_aton(host)
+    return [(host if n == 4 else packed[:n], f) for n, f in V4_LEVELS]
 
 
 class Admission:
@@ -114,24 +169,34 @@ class Admission:
         self.max_per_source = max_per_source
         self.pending: dict[tuple, Pending] = {}  # in order of arrival
         self.pending_bytes = 0
-        self.sources: dict = {}  # source key -> Source, least recently used first
+        self.sources: OrderedDict = OrderedDict()  # source key -> Source, least recently used first
         self.challenges = TokenBucket(CHALLENGE_GLOBAL, CHALLENGE_GLOBAL, now)
         self.poll_at = INF  # while clients are held: look at them again then
         self.wg = wg  # WireGuard mode (wireguard.Gate), or None
         self.wg_log_at = 0.0
 
     def source(self, addr: tuple, now: float) -> Source:
-        key = source_key(addr)
-        s = self.sources.pop(key, None)
-        if s is None:
-            s = Source(key, now, self.burst, self.max_per_source)
-            for _ in range(8):  # forget the least recently used source that holds nothing
-                if len(self.sources) < SOURCES:
-                    break
-                old_key = next(iter(self.sources))
-                old = self.sources.pop(old_key)
-                if old.busy():
-                    self.sources[old_key] = old  # to the back: still in use
+        """The record of `addr`'s source, linked to those of the prefixes around it."""
+        up = None
+        for key, factor in reversed(source_levels(addr)):
+            s = self._record(key, factor, now)
+            s.up = up  # the same record if s is busy (then so is up: never forgotten)
+            up = s
+        return up
+
+    def _record(self, key, factor: int, now: float) -> Source:
+        s = self.sources.get(key)
+        if s is not None:
+            self.sources.move_to_end(key)
+            return s
+        limit = self.max_per_source if factor == 1 else min(factor * self.max_per_source, self.core.max_clients)
+        s = Source(key, factor, now, self.burst, limit)
+        for _ in range(8):  # forget the least recently used source that holds nothing
+            if len(self.sources) < SOURCES:
+                break
+            old_key, old = self.sources.popitem(last=False)
+            if old.busy():
+                self.sources[old_key] = old  # to the back: still in use
         self.sources[key] = s
         return s
 
@@ -140,8 +205,9 @@ class Admission:
         self.poll_at = min(self.poll_at, at)
 
     def may_challenge(self, addr: tuple, now: float) -> bool:
-        """Within the budgets of `addr`'s source and of all sources."""
-        return self.source(addr, now).challenges.take(now) and self.challenges.take(now)
+        """Within the budgets of `addr`'s source, of each prefix around it and of all sources
+        (taken in that order: a source over its budget spends none of the others')."""
+        return all(s.challenges.take(now) for s in self.source(addr, now).chain()) and self.challenges.take(now)
 
     def new_client(self, data: bytes, addr: tuple, now: float) -> None:
         """A datagram from a source that is no client and no tunnel."""
@@ -221,13 +287,13 @@ class Admission:
         core.out.append(Datagram(data, t.addr))
 
     def _hold(self, addr: tuple, src: Source, now: float) -> Pending | None:
-        if len(self.pending) >= HOLD_CLIENTS or src.pending >= HOLD_PER_SOURCE:
+        if len(self.pending) >= HOLD_CLIENTS or src.hold_full():
             self.core.stats["drop_hold_full"] += 1
             self.core.log.limited("holdfull", f"too many new clients waiting for a tunnel: dropping "
                              f"datagrams of {show(addr)}")
             return None
         p = self.pending[addr] = Pending(addr, src, now)
-        src.pending += 1
+        src.add_pending(1)
         self.poll_at = min(self.poll_at, now + POLL)
         return p
 
@@ -271,18 +337,24 @@ class Admission:
             bad.append("held bytes")
         if len(self.pending) > HOLD_CLIENTS:
             bad.append("too many held clients")
-        held = Counter(id(p.src) for p in self.pending.values())
-        bound_by = Counter(id(t.src) for t in core.clients.values())
+        held = Counter(id(s) for p in self.pending.values() for s in p.src.chain())
+        bound_by = Counter(id(s) for t in core.clients.values() for s in t.src.chain())
         for s in self.sources.values():
             if s.pending != held[id(s)]:
                 bad.append("source pending count")
             if s.bound != bound_by[id(s)]:
                 bad.append("source tunnel count")
-            if not all(t.src is s and core.clients.get(t.client) is t for t in s.unanswered):
+            if not all(s in t.src.chain() and core.clients.get(t.client) is t for t in s.unanswered):
                 bad.append("source lists a tunnel that is gone")
+            if s.busy() and s.up is not None and self.sources.get(s.up.key) is not s.up:
+                bad.append("a busy source's prefix record is not the one kept")
+        live = {id(s) for s in self.sources.values()}
+        if not all(id(s) in live for p in self.pending.values() for s in p.src.chain()) \
+                or not all(id(s) in live for t in core.clients.values() for s in t.src.chain()):
+            bad.append("a held client or a tunnel counts under a source record that is not kept")
         return bad
 
     def unhold(self, p: Pending) -> None:
         del self.pending[p.addr]
-        p.src.pending -= 1
+        p.src.add_pending(-1)
         self.pending_bytes -= p.size

@@ -284,7 +284,7 @@ class OutsideCore:
         self.routes.move_client(t.addr, old, addr)
         t.src.leave(t)
         t.src = src
-        src.bound += 1
+        src.join(t)
 
     def _claim(self, addr: tuple, t: Tunnel | None) -> None:
         """`t` (or a new tunnel) has proved it receives at `addr`: whatever else sat there goes."""
