@@ -266,15 +266,24 @@ class Admission:
         The datagram goes up the tunnel (WireGuard authenticates it; the server sees it on the
         same service socket as before). The client binding moves to `addr` once the bound
         address has been silent for wireguard.ROAM_QUIET s, so a client still sending from its
-        address can't have its tunnel taken by someone who saw its index."""
+        address can't have its tunnel taken by someone who saw its index; and only within the
+        limits of the new address's source (every level), so that someone who saw many clients'
+        indices can't gather their tunnels at one address or prefix: refused, the datagram is
+        dropped and the tunnel stays where it is."""
         core = self.core
         if t.client is None:  # not bound (yet, or any more)
             core.stats["drop_wg_unknown_session"] += 1
             return
         idle_since = (t.up_act.last or t.created) if t.up.pkts == t.up_act.seen else None
         if self.wg.may_move(t.tid, t.up.pkts, idle_since, now):
+            src = self.source(addr, now)
+            if not src.room_for(t.src):  # the same limits as a new client's, at every level
+                core.stats["drop_wg_roam_limit"] += 1
+                core.log.limited("roamlimit", f"WireGuard client of tunnel {t.tid:016x} not moved to "
+                                 f"{show(addr)}: its source is at its limit (--max-clients-per-source)")
+                return
             old = t.client
-            core.move_client(t, addr, self.source(addr, now))
+            core.move_client(t, addr, src)
             self.wg.moved(t.tid)
             core.stats["wg_roams"] += 1
             core.log.info(f"WireGuard client of tunnel {t.tid:016x} roamed from {show(old)} to {show(addr)}")

@@ -33,6 +33,7 @@ DROPS: dict[str, tuple[str, str]] = {
     "wg_bad_mac1": (OUTSIDE, "WireGuard mode: an initiation whose MAC1 is wrong"),
     "wg_unknown_session": (OUTSIDE, "WireGuard mode: transport data of no known session"),
     "wg_replay": (OUTSIDE, "WireGuard mode: a copy of an initiation already admitted"),
+    "wg_roam_limit": (OUTSIDE, "WireGuard mode: a roaming client's move to a source at its limit"),
     "unregistered_spare": (INSIDE, "data on a spare the outside never registered (spoofed)"),
 }
 
