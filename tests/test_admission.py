@@ -150,8 +150,11 @@ class Spray:
         self.junk_sent += 1
         self.echo()
 
-    def run(self, seconds: float, new_per_second: float = 2.0) -> None:
+    def run(self, seconds: float, new_from: float = 0.0, new_until: float | None = None,
+            new_per_second: float = 2.0) -> None:
+        """`seconds` of spray; new clients arrive from `new_from` s to `new_until` s into it."""
         sim, t0 = self.sim, self.sim.now
+        new_until = seconds if new_until is None else new_until
         step = 0
         while sim.now < t0 + seconds - 1e-9:
             step += 1
@@ -161,7 +164,8 @@ class Spray:
             if step % 10 == 0:
                 for i, c in enumerate(self.established):
                     self.say(c, b"est %d %d" % (i, step))
-            if new_per_second and len(self.new) < int(step * self.STEP * new_per_second + 1e-9):
+            arrivals = int(max(0.0, min(sim.now, t0 + new_until) - t0 - new_from) * new_per_second + 1e-9)
+            if new_per_second and sim.now - t0 >= new_from and len(self.new) < arrivals:
                 i = len(self.new)
                 self.new.append({"addr": v6(f"203.0.113.{i + 1}", 6000), "start": sim.now, "at": None,
                                  "next": sim.now, "tries": 0})
@@ -202,10 +206,14 @@ class Spray:
 
 @pytest.mark.parametrize("per_port", [1, 2])
 def test_a_spray_of_one_shot_flows_from_many_addresses_leaves_room_for_new_clients_that_keep_talking(per_port):
+    """The spray fills the table (3 s), new clients arrive during the next 10 s of it, and the
+    last of them have 2 s more (as `make flood` waits for them). Each datagram of the spray is
+    answered (an echo), also the second of a pair sent from one port."""
     f = Spray(per_port=per_port)
-    f.run(10.0)
+    f.run(15.0, new_from=3.0, new_until=13.0)
     print(f.figures())
     assert len(f.new) == 20
     assert f.within(1.0) >= 18  # >= 90 % of the new clients answered within 1 s
     assert f.established_lost() == 0
     assert all(c in f.sim.outside.clients for c in f.established)
+    assert f.sim.outside.stats["evictions"] > 0

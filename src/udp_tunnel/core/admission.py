@@ -3,7 +3,8 @@ first datagrams held while no spare is ready.
 
 `Admission` owns the held clients, the per-source records and the challenge
 budget; the tunnels are its core's (outside.py), which it asks through a few
-named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`.
+named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`, and
+`_remove` to evict a tunnel.
 
 - A new client takes the spare with the freshest keepalive and its first datagram goes
   down at once. With no spare ready (or while a restarted outside waits for the active
@@ -15,8 +16,21 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`.
   client never got a datagram back and f x HOLD_PER_SOURCE held clients, and gets f x
   CHALLENGE_RATE challenges a second: one host with a /56 (256 /64s) or a /48 is not
   hundreds of sources. A new client takes a tunnel only within every level's limits.
+- A spray from many addresses (one datagram per source port) must not keep real clients
+  out. A held client that sends again REPEAT_GAP s after its first datagram keeps talking: it
+  goes before those that sent once, takes the place of the oldest of them when the hold is
+  full, and a new client refused or dropped is remembered (RECENT), so its next datagram counts
+  as such. When such a client finds the table full (--max-clients), tunnels that carry
+  one-shot flows are evicted, the oldest first (never one bound less than MIN_AGE s ago, never
+  one whose client or service sent anything after its first burst, never one restored after a
+  restart): through the core's `_remove`, so the tunnel's next keepalive is refused and the
+  inside closes it. For PRESSURE s after, `reserve` tunnels are kept free for such clients:
+  new clients that sent once take a spare only outside it, and evictions keep it free. With
+  room in the table but no spare for STARVED s (the inside at a lower limit), one tunnel is
+  evicted per STARVED s. Never in legacy mode (a legacy inside is not told).
 - With --wireguard-key (wireguard.py), only a valid handshake initiation takes a tunnel,
-  and a known session's transport data from a new address is its client roaming.
+  and a known session's transport data from a new address is its client roaming (within its
+  new source's limits).
 """
 
 from __future__ import annotations
@@ -51,6 +65,19 @@ CHALLENGE_GLOBAL = 2000.0  # in all, per second: bounds what spoofed floods can 
 V6_LEVELS = ((8, 1), (7, 2), (6, 3))  # /64, /56, /48
 V4_LEVELS = ((4, 1), (3, 2))  # the address, its /24 (an ISP's or a CG-NAT's pool can be larger)
 POLL = 0.05  # timer while clients are held
+# One-shot flows (a spray: one datagram, or one burst, per source port) and clients that keep
+# talking. A new client keeps talking when it sends again REPEAT_GAP s or more after its first
+# datagram (every client that retransmits or goes on does; a spray does not). A bound tunnel
+# carries a one-shot flow while neither its client nor the service has sent anything after
+# their first burst (BURST s); looked at every LOOK s (the core's tick: at least once a second).
+REPEAT_GAP = 0.2
+BURST = 1.5
+LOOK = 0.5
+MIN_AGE = 2.0  # s a tunnel is bound before it may be evicted (past its first burst)
+PRESSURE = 60.0  # s the reserve is kept after a client that keeps talking found the table full
+RESERVE_MAX = 64  # the reserve: --max-clients / 16, 1 to this (an inside opens 64 extra spares at most)
+STARVED = 1.0  # s a client that keeps talking waits, with room in the table but no spare, per eviction
+RECENT = 32768  # new clients refused lately, remembered by address (two generations of this many)
 INF = float("inf")
 WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<reason>)
     "not_handshake": "not a WireGuard handshake initiation",
@@ -65,10 +92,11 @@ class Source:
     `up` is the next shorter prefix's record (None at the top); counts include everything
     below, so a record is busy while any address under it is."""
 
-    __slots__ = ("key", "up", "factor", "challenges", "unanswered", "pending", "bound", "limit")
+    __slots__ = ("key", "up", "factor", "challenges", "unanswered", "pending", "bound", "limit", "fresh")
 
-    def __init__(self, key, factor: int, now: float, burst: float, limit: int) -> None:
+    def __init__(self, key, factor: int, now: float, burst: float, limit: int, fresh: dict) -> None:
         self.key = key
+        self.fresh = fresh  # the admission's tunnels that may carry one-shot flows
         self.up: Source | None = None
         self.factor = factor
         self.challenges = TokenBucket(CHALLENGE_RATE * factor, burst, now)
@@ -97,6 +125,8 @@ class Source:
             s.bound += 1
 
     def leave(self, t: Any) -> None:
+        """Tunnel t no longer carries a client from here (gone, or its client roamed)."""
+        self.fresh.pop(t, None)
         for s in self.chain():
             s.bound -= 1
             if t in s.unanswered:
@@ -134,12 +164,30 @@ class Source:
 
 
 class Pending:
-    __slots__ = ("addr", "src", "datagrams", "size", "since")
+    """A new client held for want of a tunnel."""
 
-    def __init__(self, addr: tuple, src: Source, now: float) -> None:
-        self.addr, self.src, self.since = addr, src, now
+    __slots__ = ("addr", "src", "datagrams", "size", "since", "first", "talking")
+
+    def __init__(self, addr: tuple, src: Source, now: float, first: float) -> None:
+        self.addr, self.src, self.since = addr, src, now  # held since `now`
+        self.first = first  # when its first datagram came (before it was held, if remembered)
         self.datagrams: list[bytes] = []
         self.size = 0
+        self.talking = False  # it sent again REPEAT_GAP s or more after its first datagram
+
+
+class Mark:
+    """What a tunnel bound to a new client has carried, while it may still be a one-shot flow:
+    the client's first burst (datagrams up to BURST s after binding) and the service's first
+    burst of answers (up to BURST s after the first look that saw one)."""
+
+    __slots__ = ("since", "up", "down", "down_at")
+
+    def __init__(self, now: float, up: int) -> None:
+        self.since = now
+        self.up = up
+        self.down = 0
+        self.down_at: float | None = None
 
 
 def source_key(addr: tuple):
@@ -161,19 +209,31 @@ def source_levels(addr: tuple) -> list[tuple[Any, int]]:
 
 
 class Admission:
-    """New clients of one outside core: held, limited per source, bound to spares."""
+    """New clients of one outside core: held, limited per source, bound to spares, and room
+    made for those that keep talking by evicting one-shot flows."""
 
     def __init__(self, core: Any, now: float, burst: float, max_per_source: int, wg: Any) -> None:
         self.core = core
         self.burst = burst  # a source's challenge burst
         self.max_per_source = max_per_source
-        self.pending: dict[tuple, Pending] = {}  # in order of arrival
+        self.pending: OrderedDict[tuple, Pending] = OrderedDict()  # in order of arrival
+        self.talkers: OrderedDict[tuple, Pending] = OrderedDict()  # those of them that keep talking
         self.pending_bytes = 0
         self.sources: OrderedDict = OrderedDict()  # source key -> Source, least recently used first
         self.challenges = TokenBucket(CHALLENGE_GLOBAL, CHALLENGE_GLOBAL, now)
         self.poll_at = INF  # while clients are held: look at them again then
         self.wg = wg  # WireGuard mode (wireguard.Gate), or None
         self.wg_log_at = 0.0
+        # one-shot flows and clients that keep talking
+        self.fresh: OrderedDict[Any, Mark] = OrderedDict()  # tunnels that may be one-shot flows, oldest first
+        self.recent: dict[int, float] = {}  # hash of a refused new client's address -> its first datagram's time
+        self.recent_old: dict[int, float] = {}  # the generation before
+        self.ghosts: dict[tuple, float] = {}  # address of an evicted tunnel -> until when its data is dropped
+        self.gone: dict[int, float] = {}  # id of an evicted tunnel -> until when it is refused, restart hold or not
+        self.reserve = min(RESERVE_MAX, max(1, core.max_clients // 16))
+        self.pressed_until = -INF  # the reserve is kept until then
+        self.look_at = now
+        self.starve_at = now
 
     def source(self, addr: tuple, now: float) -> Source:
         """The record of `addr`'s source, linked to those of the prefixes around it."""
@@ -190,7 +250,7 @@ class Admission:
             self.sources.move_to_end(key)
             return s
         limit = self.max_per_source if factor == 1 else min(factor * self.max_per_source, self.core.max_clients)
-        s = Source(key, factor, now, self.burst, limit)
+        s = Source(key, factor, now, self.burst, limit, self.fresh)
         for _ in range(8):  # forget the least recently used source that holds nothing
             if len(self.sources) < SOURCES:
                 break
@@ -213,23 +273,14 @@ class Admission:
         """A datagram from a source that is no client and no tunnel."""
         core = self.core
         p = self.pending.get(addr)
-        if p is None and self.wg is not None and not self._wg_admit(data, addr, now):
-            return
         if p is None:
-            if len(core.clients) >= core.max_clients:
-                core.stats["drop_limit"] += 1
-                core.log.limited("limit", f"client limit ({core.max_clients}) reached: "
-                                 f"dropping datagrams of new client {show(addr)}")
+            if self._ghost(addr, now) or self.wg is not None and not self._wg_admit(data, addr, now):
                 return
-            src = self.source(addr, now)
-            spare = core.ready_spare(now)
-            if spare is not None and not src.blocked() and core.recovered(now):
-                core.bind(spare, addr, src, now)
-                core.forward(addr, data)
-                return
-            p = self._hold(addr, src, now)
+            p = self._arrive(data, addr, now)
             if p is None:
                 return
+        elif not p.talking and now - p.first >= REPEAT_GAP:
+            self._promote(p)
         if len(p.datagrams) >= HOLD_DATAGRAMS or p.size + len(data) > HOLD_BYTES \
                 or self.pending_bytes + len(data) > HOLD_TOTAL_BYTES:
             core.stats["drop_hold_full"] += 1
@@ -238,8 +289,56 @@ class Admission:
         p.size += len(data)
         self.pending_bytes += len(data)
         core.stats["held"] += 1
-        if core.ready_spare(now) is not None:  # a spare came up since: go now
-            self.serve(now)
+        spare = self._spare(p.src, p.talking, now)
+        if spare is not None:  # a spare came up since: go now
+            self._give(p, spare, now)
+        elif p.talking:
+            self._make_room(now)
+
+    def _arrive(self, data: bytes, addr: tuple, now: float) -> Pending | None:
+        """The first datagram of a new client (or the first since it was refused): it takes a
+        spare at once, or is held (returned), or is refused (and remembered)."""
+        core = self.core
+        first = self._recall(addr)
+        talking = first is not None and now - first >= REPEAT_GAP
+        if first is None:
+            first = now
+        if len(core.clients) >= core.max_clients and not (talking and self._victim(now) is not None):
+            core.stats["drop_limit"] += 1
+            core.log.limited("limit", f"client limit ({core.max_clients}) reached: "
+                             f"dropping datagrams of new client {show(addr)}")
+            self._remember(addr, first)
+            return None
+        src = self.source(addr, now)
+        spare = self._spare(src, talking, now)
+        if spare is not None:
+            core.bind(spare, addr, src, now)
+            core.forward(addr, data)
+            self._mark(spare, now)
+            return None
+        return self._hold(addr, src, now, first, talking)
+
+    def _spare(self, src: Source, talking: bool, now: float) -> Any:
+        """The spare a client from `src` may take now, if any."""
+        core = self.core
+        if not self._room(talking, now) or src.blocked():
+            return None
+        return core.ready_spare(now)
+
+    def _room(self, talking: bool, now: float) -> bool:
+        """Whether a client may take a tunnel now, as far as the table goes: below --max-clients,
+        and while the reserve is kept, one that does not (yet) keep talking only outside it."""
+        free = self.core.max_clients - len(self.core.clients)
+        if free <= 0 or not talking and free <= self.reserve and now < self.pressed_until:
+            return False
+        return self.core.recovered(now)
+
+    def _give(self, p: Pending, spare: Any, now: float) -> None:
+        self.unhold(p)
+        self.core.bind(spare, p.addr, p.src, now)
+        for d in p.datagrams:  # in order, before anything newer from this client
+            self.core.forward(p.addr, d)
+        self._mark(spare, now)
 
     def _wg_admit(self, data: bytes, addr: tuple, now: float) -> bool:
         """WireGuard hook: only a valid handshake initiation takes a tunnel; transport data of a
@@ -295,40 +394,176 @@ class Admission:
             core.retired.update(datagrams_in=1, bytes_in=len(data))
         core.out.append(Datagram(data, t.addr))
 
-    def _hold(self, addr: tuple, src: Source, now: float) -> Pending | None:
-        if len(self.pending) >= HOLD_CLIENTS or src.hold_full():
+    def _hold(self, addr: tuple, src: Source, now: float, first: float, talking: bool) -> Pending | None:
+        """Hold a new client. When the hold is full, a client that keeps talking takes the place
+        of the oldest held one that does not."""
+        if src.hold_full() or len(self.pending) >= HOLD_CLIENTS and not (talking and self._displace()):
             self.core.stats["drop_hold_full"] += 1
             self.core.log.limited("holdfull", f"too many new clients waiting for a tunnel: dropping "
-                             f"datagrams of {show(addr)}")
+                                  f"datagrams of {show(addr)}")
+            self._remember(addr, first)
             return None
-        p = self.pending[addr] = Pending(addr, src, now)
+        p = self.pending[addr] = Pending(addr, src, now, first)
         src.add_pending(1)
+        if talking:
+            self._promote(p)
         self.poll_at = min(self.poll_at, now + POLL)
         return p
 
+    def _displace(self) -> bool:
+        p = next((p for p in self.pending.values() if not p.talking), None)
+        if p is None:
+            return False
+        self.unhold(p)
+        self.core.stats["drop_hold_full"] += len(p.datagrams)
+        self._remember(p.addr, p.first)
+        return True
+
+    def _promote(self, p: Pending) -> None:
+        p.talking = True
+        self.talkers[p.addr] = p
+
     def serve(self, now: float) -> None:
-        """Bind held clients, in order of arrival, to spares; drop those held too long."""
+        """Bind held clients to spares, those that keep talking first, each in order of arrival;
+        drop those held too long; make room for those that keep talking."""
+        if now >= self.look_at:
+            self._look(now)
+        if now < self.pressed_until:
+            self._make_room(now)  # the reserve, taken by clients that keep talking, is made again
         if not self.pending:
             self.poll_at = INF
             return
         core = self.core
         self.poll_at = now + POLL  # clients blocked by their source's limit wait for answers
-        recovered = core.recovered(now)
-        for addr in list(self.pending):
-            p = self.pending[addr]
-            if now - p.since > HOLD_TIME:
-                self.unhold(p)
-                core.stats["drop_hold_expired"] += len(p.datagrams)
-                core.log.limited("holdexp", f"new client {show(addr)} waited {HOLD_TIME:g} s for a "
-                                 "tunnel: dropped (is the inside agent running and registered?)")
-                continue
-            spare = core.ready_spare(now) if recovered else None
-            if spare is None or p.src.blocked():
-                continue  # look at the rest for expiry only
+        while self.pending:
+            p = next(iter(self.pending.values()))  # held in order: the oldest first
+            if now - p.since <= HOLD_TIME:
+                break
             self.unhold(p)
-            core.bind(spare, addr, p.src, now)
-            for d in p.datagrams:  # in order, before anything newer from this client
-                core.forward(addr, d)
+            core.stats["drop_hold_expired"] += len(p.datagrams)
+            core.log.limited("holdexp", f"new client {show(p.addr)} waited {HOLD_TIME:g} s for a "
+                             "tunnel: dropped (is the inside agent running and registered?)")
+            self._remember(p.addr, p.first)
+        for talking in (True, False):
+            group = self.talkers if talking else self.pending
+            while group and self._room(talking, now) and core.ready_spare(now) is not None:
+                p = next((p for p in group.values() if p.talking == talking and not p.src.blocked()), None)
+                if p is None:
+                    break
+                self._give(p, core.ready_spare(now), now)
+        self._make_room(now)
+
+    # --- one-shot flows make room for clients that keep talking ---
+
+    def _mark(self, t: Any, now: float) -> None:
+        """Tunnel t was just bound to a new client: watch whether it is a one-shot flow."""
+        if not self.core.legacy:  # a legacy inside is never told a tunnel is gone: never evicted
+            self.fresh[t] = Mark(now, t.up.pkts)
+
+    def _talking(self, t: Any, m: Mark, now: float) -> bool:
+        """Whether t's client sent, or the service answered, again after its first burst."""
+        up, down = t.up.pkts, t.down.pkts
+        if up > m.up:
+            if now - m.since > BURST:
+                return True
+            m.up = up
+        if m.down_at is None:
+            if down:
+                m.down, m.down_at = down, now
+        elif down > m.down:
+            if now - m.down_at > BURST:
+                return True
+            m.down = down
+        return False
+
+    def _look(self, now: float) -> None:
+        """Every LOOK s: tunnels seen to keep talking are never evicted."""
+        self.look_at = now + LOOK
+        for t in [t for t, m in self.fresh.items() if self._talking(t, m, now)]:
+            del self.fresh[t]
+
+    def _victim(self, now: float) -> Any:
+        """The oldest tunnel that carries a one-shot flow and was bound MIN_AGE s ago or more."""
+        while self.fresh:
+            t, m = next(iter(self.fresh.items()))
+            if now - m.since < MIN_AGE:
+                return None
+            if not self._talking(t, m, now):
+                return t
+            del self.fresh[t]
+        return None
+
+    def _make_room(self, now: float) -> None:
+        """Held clients that keep talking and the table full for them: evict one-shot flows,
+        the oldest first, and keep `reserve` tunnels free for such clients for PRESSURE s. With
+        room in the table but no spare for STARVED s (the inside at a lower limit of its own),
+        one a STARVED s."""
+        core = self.core
+        if core.legacy or not core.recovered(now):
+            return
+        waiting = [p for p in self.talkers.values() if not p.src.blocked()]
+        free = core.max_clients - len(core.clients)
+        if free < len(waiting):
+            self.pressed_until = now + PRESSURE
+        need = len(waiting) + self.reserve - free if now < self.pressed_until else 0
+        if need <= 0 and waiting and self._starved(waiting[0], now):
+            need = 1
+        for _ in range(need):
+            t = self._victim(now)
+            if t is None:
+                break
+            self._evict(t, now)
+
+    def _starved(self, p: Pending, now: float) -> bool:
+        core = self.core
+        if now - p.since < STARVED or now < self.starve_at or core.ready_spare(now) is not None:
+            return False
+        self.starve_at = now + STARVED
+        return any(now - t.last_ka <= 1.2 * t.interval + 1.0 for t in core.tunnels.values())  # the inside is there
+
+    def _evict(self, t: Any, now: float) -> None:
+        """Through the core's own table change: the tunnel's next keepalive is refused and the
+        inside closes it (within one keepalive interval); then a spare takes its place."""
+        core = self.core
+        m = self.fresh.pop(t)
+        client = t.client
+        self._remember(client, -INF)  # if it comes back, it keeps talking: no wait
+        if len(self.ghosts) >= core.max_tunnels:
+            self.ghosts = {a: u for a, u in self.ghosts.items() if u > now}
+            self.gone = {tid: u for tid, u in self.gone.items() if u > now}
+        until = now + 2 * t.interval + 5.0  # its next keepalive is refused by then
+        self.ghosts[t.addr] = until  # the service's late answers: not a new client
+        self.gone[t.tid] = until  # not taken back with its client as after a restart of this agent
+        core.stats["evictions"] += 1
+        core._remove(t, f"evicted: its client {show(client)} sent one burst {now - m.since:.0f} s ago and "
+                        "nothing since, and a new client that keeps talking needs room")
+
+    def evicted(self, tid: int, now: float) -> bool:
+        """Whether tunnel tid was evicted lately (the core refuses it even in its restart hold)."""
+        return self.gone.get(tid, -INF) > now
+
+    def _ghost(self, addr: tuple, now: float) -> bool:
+        until = self.ghosts.get(addr)
+        if until is None:
+            return False
+        if now >= until:
+            del self.ghosts[addr]
+            return False
+        self.core.stats["drop_unbound_tunnel"] += 1
+        return True
+
+    def _remember(self, addr: tuple, first: float) -> None:
+        """A new client refused or dropped: if it sends again, it keeps talking."""
+        h = hash(addr)
+        old = self.recent.get(h, self.recent_old.get(h))
+        self.recent[h] = first if old is None else min(old, first)
+        if len(self.recent) >= RECENT:
+            self.recent_old, self.recent = self.recent, {}
+
+    def _recall(self, addr: tuple) -> float | None:
+        h = hash(addr)
+        a, b = self.recent.pop(h, None), self.recent_old.pop(h, None)
+        return b if a is None else a if b is None else min(a, b)
 
     def release(self, addr: tuple) -> Pending | None:
         """The held client at `addr`, no longer held (its datagrams are the caller's)."""
@@ -361,9 +596,24 @@ class Admission:
         if not all(id(s) in live for p in self.pending.values() for s in p.src.chain()) \
                 or not all(id(s) in live for t in core.clients.values() for s in t.src.chain()):
             bad.append("a held client or a tunnel counts under a source record that is not kept")
+        return bad + self._check_one_shots(core)
+
+    def _check_one_shots(self, core: Any) -> list[str]:
+        bad = []
+        if any(self.talkers.get(a) is not p for a, p in self.pending.items() if p.talking) \
+                or any(self.pending.get(a) is not p or not p.talking for a, p in self.talkers.items()):
+            bad.append("the held clients that keep talking")
+        since = [p.since for p in self.pending.values()]
+        if since != sorted(since):
+            bad.append("held clients out of order")
+        if not all(core.clients.get(t.client) is t for t in self.fresh):
+            bad.append("a tunnel watched as a one-shot flow is not bound")
+        if len(self.recent) >= RECENT or len(self.recent_old) > RECENT:
+            bad.append("too many new clients remembered")
         return bad
 
     def unhold(self, p: Pending) -> None:
         del self.pending[p.addr]
+        self.talkers.pop(p.addr, None)
         p.src.add_pending(-1)
         self.pending_bytes -= p.size

@@ -46,6 +46,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "hellos": (BOTH, "restart HELLOs sent (outside) or believed (inside)"),
     "wg_roams": (OUTSIDE, "WireGuard clients whose tunnel followed them to a new address"),
     "wg_roam_waits": (OUTSIDE, "roaming datagrams forwarded while the old address was still busy"),
+    "evictions": (OUTSIDE, "tunnels of one-shot flows removed to make room for clients that keep talking"),
     "outside_restarts": (INSIDE, "restarts of the outside agent seen"),
     "mappings_changed": (INSIDE, "NAT mappings seen to change"),
     "stall_keepalives": (INSIDE, "keepalives sent early because a client seemed silent"),
