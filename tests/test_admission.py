@@ -217,3 +217,96 @@ def test_a_spray_of_one_shot_flows_from_many_addresses_leaves_room_for_new_clien
     assert f.established_lost() == 0
     assert all(c in f.sim.outside.clients for c in f.established)
     assert f.sim.outside.stats["evictions"] > 0
+
+
+def one_shot(sim: Sim, addr: tuple, data: bytes = b"once") -> int:
+    """A client that sends one datagram, answered once by the service: its tunnel."""
+    sim.send(data, addr)
+    tid = sim.outside.clients[addr].tid
+    sim.reply(tid, b"answer")
+    return tid
+
+
+def talk_twice(sim: Sim, addr: tuple, first: bytes = b"n1", again: bytes = b"n2") -> None:
+    """A new client that sends again a quarter of a second later (a retransmission)."""
+    sim.send(first, addr)
+    sim.advance(0.25)
+    sim.send(again, addr)
+
+
+def test_only_one_shot_flows_are_evicted_the_oldest_first_and_the_inside_closes_them_at_their_next_keepalive():
+    sim = Sim(max_clients=10, keepalive=5)
+    o = sim.outside
+    shots = [one_shot(sim, v6("192.0.2.1", 1000 + i)) for i in range(3)]
+    sim.advance(0.5)
+    one_way, stream, chat = v6("198.51.100.1", 1), v6("198.51.100.2", 2), v6("198.51.100.3", 3)
+    sim.send(b"subscribe", stream)
+    sim.send(b"hello", chat)
+    shots += [one_shot(sim, v6("192.0.2.1", 2000 + i)) for i in range(4)]
+    for step in range(12):  # 3 s: one client sends without answers, one service streams, one pair chats
+        sim.send(b"log %d" % step, one_way)
+        sim.reply(o.clients[stream].tid, b"frame %d" % step)
+        if step % 4 == 0:
+            sim.send(b"q%d" % step, chat)
+            sim.reply(o.clients[chat].tid, b"a%d" % step)
+        sim.advance(0.25)
+    assert len(o.clients) == 10 and o.stats["evictions"] == 0
+    assert sim.now < o.recover_until  # still in the restart hold of this outside
+    newcomer = v6("203.0.113.50", 7000)
+    talk_twice(sim, newcomer)
+    # the newcomer's own tunnel plus the reserve (1 at --max-clients 10): the two oldest one-shots
+    assert o.stats["drop_limit"] == 1 and o.stats["evictions"] == 2
+    assert [t for t in shots if t not in o.tunnels] == shots[:2]
+    assert {one_way, stream, chat} <= set(o.clients) and newcomer in o.admission.talkers
+    sim.advance(5.5)  # their next keepalives: refused, the inside closes them, a spare takes their place
+    assert o.stats["drop_stale_tunnel"] == 2 and not set(shots[:2]) & set(sim.inside.tunnels)
+    tid = o.clients[newcomer].tid
+    assert [d for t, d in sim.service_rx if t == tid] == [b"n2"]
+    sim.reply(tid, b"welcome")
+    assert sim.received[newcomer] == [b"welcome"]
+    assert {one_way, stream, chat} <= set(o.clients) and o.stats["evictions"] == 2
+
+
+def test_an_evicted_client_that_comes_back_keeps_talking_and_its_tunnels_late_data_is_no_new_client():
+    sim = Sim(max_clients=4, keepalive=5)
+    o = sim.outside
+    first = v6("192.0.2.1", 1000)
+    tids = [one_shot(sim, first)] + [one_shot(sim, v6("192.0.2.1", 1001 + i)) for i in range(3)]
+    sim.advance(3)
+    talk_twice(sim, v6("203.0.113.50", 7000))
+    assert tids[0] not in o.tunnels and o.stats["evictions"] == 2
+    sim.reply(tids[0], b"late answer")  # from the evicted tunnel's address, before the inside knows
+    assert o.stats["drop_unbound_tunnel"] == 1 and len(o.clients) == 2
+    sim.advance(5.5)  # the inside closes them; the newcomer and the reserve take the new spares
+    sim.send(b"me again", first)  # its first datagram since it was evicted: it keeps talking
+    assert sim.service_rx[-1] == (o.clients[first].tid, b"me again")
+
+
+def test_a_legacy_outside_never_evicts_because_a_legacy_inside_is_never_told():
+    sim = Sim(max_clients=3, keepalive=5, legacy=True)
+    for i in range(3):
+        sim.send(b"once", v6("192.0.2.1", 1000 + i))
+        sim.advance(0.01)
+    assert len(sim.outside.clients) == 3
+    sim.advance(3)
+    talk_twice(sim, v6("203.0.113.50", 7000))
+    assert sim.outside.stats["evictions"] == 0 and sim.outside.stats["drop_limit"] == 2
+
+
+def test_with_room_in_the_table_but_none_at_the_inside_a_client_that_keeps_talking_gets_one_after_an_eviction():
+    """The inside allows fewer clients than the outside (a lower --max-clients of its own): no
+    spare comes, although the outside's table has room."""
+    sim = Sim(max_clients=10, keepalive=5)
+    sim.inside.max_clients = 3
+    for i in range(3):
+        one_shot(sim, v6("192.0.2.1", 1000 + i))
+    sim.advance(3)
+    assert sim.inside.ready_spares() == 0 and len(sim.outside.clients) == 3
+    newcomer = v6("203.0.113.50", 7000)
+    talk_twice(sim, newcomer)
+    assert sim.outside.stats["evictions"] == 0  # not before it waited STARVED s
+    sim.advance(1.0)
+    assert sim.outside.stats["evictions"] == 1
+    sim.advance(5.0)
+    assert [d for _, d in sim.service_rx][-1] == b"n2" and newcomer in sim.outside.clients
+    assert sim.outside.stats["evictions"] == 1

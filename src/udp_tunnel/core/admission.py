@@ -27,7 +27,8 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`, and
   inside closes it. For PRESSURE s after, `reserve` tunnels are kept free for such clients:
   new clients that sent once take a spare only outside it, and evictions keep it free. With
   room in the table but no spare for STARVED s (the inside at a lower limit), one tunnel is
-  evicted per STARVED s. Never in legacy mode (a legacy inside is not told).
+  evicted, and another only once the inside must have learned of the last one (its keepalive
+  interval). Never in legacy mode (a legacy inside is not told).
 - With --wireguard-key (wireguard.py), only a valid handshake initiation takes a tunnel,
   and a known session's transport data from a new address is its client roaming (within its
   new source's limits).
@@ -76,7 +77,7 @@ LOOK = 0.5
 MIN_AGE = 2.0  # s a tunnel is bound before it may be evicted (past its first burst)
 PRESSURE = 60.0  # s the reserve is kept after a client that keeps talking found the table full
 RESERVE_MAX = 64  # the reserve: --max-clients / 16, 1 to this (an inside opens 64 extra spares at most)
-STARVED = 1.0  # s a client that keeps talking waits, with room in the table but no spare, per eviction
+STARVED = 1.0  # s a client that keeps talking waits, with room in the table but no spare, before an eviction
 RECENT = 32768  # new clients refused lately, remembered by address (two generations of this many)
 INF = float("inf")
 WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<reason>)
@@ -497,7 +498,7 @@ class Admission:
         """Held clients that keep talking and the table full for them: evict one-shot flows,
         the oldest first, and keep `reserve` tunnels free for such clients for PRESSURE s. With
         room in the table but no spare for STARVED s (the inside at a lower limit of its own),
-        one a STARVED s."""
+        one, once no eviction is on its way to the inside any more."""
         core = self.core
         if core.legacy or not core.recovered(now):
             return
@@ -515,11 +516,12 @@ class Admission:
             self._evict(t, now)
 
     def _starved(self, p: Pending, now: float) -> bool:
+        """`p` waited STARVED s with no spare ready, no eviction is still on its way to the inside,
+        and the inside is there (a tunnel's keepalive is on time)."""
         core = self.core
         if now - p.since < STARVED or now < self.starve_at or core.ready_spare(now) is not None:
             return False
-        self.starve_at = now + STARVED
-        return any(now - t.last_ka <= 1.2 * t.interval + 1.0 for t in core.tunnels.values())  # the inside is there
+        return any(now - t.last_ka <= 1.2 * t.interval + 1.0 for t in core.tunnels.values())
 
     def _evict(self, t: Any, now: float) -> None:
         """Through the core's own table change: the tunnel's next keepalive is refused and the
@@ -531,6 +533,8 @@ class Admission:
         if len(self.ghosts) >= core.max_tunnels:
             self.ghosts = {a: u for a, u in self.ghosts.items() if u > now}
             self.gone = {tid: u for tid, u in self.gone.items() if u > now}
+        # the inside learns at the tunnel's next keepalive: no eviction for want of a spare before
+        self.starve_at = max(self.starve_at, now + 1.2 * t.interval + 1.0)
         until = now + 2 * t.interval + 5.0  # its next keepalive is refused by then
         self.ghosts[t.addr] = until  # the service's late answers: not a new client
         self.gone[t.tid] = until  # not taken back with its client as after a restart of this agent
