@@ -229,8 +229,8 @@ class Admission:
         self.fresh: OrderedDict[Any, Mark] = OrderedDict()  # tunnels that may be one-shot flows, oldest first
         self.recent: dict[int, float] = {}  # hash of a refused new client's address -> its first datagram's time
         self.recent_old: dict[int, float] = {}  # the generation before
-        self.ghosts: dict[tuple, float] = {}  # address of an evicted tunnel -> until when its data is dropped
-        self.gone: dict[int, float] = {}  # id of an evicted tunnel -> until when it is refused, restart hold or not
+        self.ghosts: OrderedDict[tuple, float] = OrderedDict()  # evicted tunnel address -> until: data dropped
+        self.gone: OrderedDict[int, float] = OrderedDict()  # evicted tunnel's id -> until when it is refused
         self.reserve = min(RESERVE_MAX, max(1, core.max_clients // 16))
         self.pressed_until = -INF  # the reserve is kept until then
         self.look_at = now
@@ -530,14 +530,16 @@ class Admission:
         m = self.fresh.pop(t)
         client = t.client
         self._remember(client, -INF)  # if it comes back, it keeps talking: no wait
-        if len(self.ghosts) >= core.max_tunnels:
-            self.ghosts = {a: u for a, u in self.ghosts.items() if u > now}
-            self.gone = {tid: u for tid, u in self.gone.items() if u > now}
         # the inside learns at the tunnel's next keepalive: no eviction for want of a spare before
         self.starve_at = max(self.starve_at, now + 1.2 * t.interval + 1.0)
         until = now + 2 * t.interval + 5.0  # its next keepalive is refused by then
-        self.ghosts[t.addr] = until  # the service's late answers: not a new client
-        self.gone[t.tid] = until  # not taken back with its client as after a restart of this agent
+        for table, key in ((self.ghosts, t.addr), (self.gone, t.tid)):
+            # ghosts: the service's late answers are no new client; gone: the tunnel is not taken
+            # back with its client, as after a restart of this agent. Oldest first, bounded.
+            while table and (next(iter(table.values())) <= now or len(table) >= 2 * core.max_tunnels):
+                table.popitem(last=False)
+            table[key] = until
+            table.move_to_end(key)
         core.stats["evictions"] += 1
         core._remove(t, f"evicted: its client {show(client)} sent one burst {now - m.since:.0f} s ago and "
                         "nothing since, and a new client that keeps talking needs room")
@@ -614,6 +616,8 @@ class Admission:
             bad.append("a tunnel watched as a one-shot flow is not bound")
         if len(self.recent) >= RECENT or len(self.recent_old) > RECENT:
             bad.append("too many new clients remembered")
+        if len(self.ghosts) > 2 * core.max_tunnels or len(self.gone) > 2 * core.max_tunnels:
+            bad.append("too many evicted tunnels remembered")
         return bad
 
     def unhold(self, p: Pending) -> None:
