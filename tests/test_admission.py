@@ -234,16 +234,22 @@ def talk_twice(sim: Sim, addr: tuple, first: bytes = b"n1", again: bytes = b"n2"
     sim.send(again, addr)
 
 
-def test_only_one_shot_flows_are_evicted_the_oldest_first_and_the_inside_closes_them_at_their_next_keepalive():
+def test_only_one_shot_flows_are_evicted_those_due_soonest_first_and_the_inside_closes_them_at_their_next_keepalive():
+    """Keepalive every 5 s. One-shot flows bound at 0 s (next keepalive at 10 s) and at 3.5 s
+    (at 8.5 s); a client sending without answers, one the service streams to, one that chats.
+    At 6 s a new client that keeps talking finds the table full: two one-shot tunnels go (its
+    own and the reserve's, 1 at --max-clients 10), those of 3.5 s, whose keepalive comes first."""
     sim = Sim(max_clients=10, keepalive=5)
     o = sim.outside
-    shots = [one_shot(sim, v6("192.0.2.1", 1000 + i)) for i in range(3)]
+    early = [one_shot(sim, v6("192.0.2.1", 1000 + i)) for i in range(3)]
     sim.advance(0.5)
     one_way, stream, chat = v6("198.51.100.1", 1), v6("198.51.100.2", 2), v6("198.51.100.3", 3)
     sim.send(b"subscribe", stream)
     sim.send(b"hello", chat)
-    shots += [one_shot(sim, v6("192.0.2.1", 2000 + i)) for i in range(4)]
-    for step in range(12):  # 3 s: one client sends without answers, one service streams, one pair chats
+    late = []
+    for step in range(22):  # 5.5 s: one client sends without answers, one service streams, one pair chats
+        if step == 12:
+            late = [one_shot(sim, v6("192.0.2.1", 2000 + i)) for i in range(4)]
         sim.send(b"log %d" % step, one_way)
         sim.reply(o.clients[stream].tid, b"frame %d" % step)
         if step % 4 == 0:
@@ -254,12 +260,11 @@ def test_only_one_shot_flows_are_evicted_the_oldest_first_and_the_inside_closes_
     assert sim.now < o.recover_until  # still in the restart hold of this outside
     newcomer = v6("203.0.113.50", 7000)
     talk_twice(sim, newcomer)
-    # the newcomer's own tunnel plus the reserve (1 at --max-clients 10): the two oldest one-shots
     assert o.stats["drop_limit"] == 1 and o.stats["evictions"] == 2
-    assert [t for t in shots if t not in o.tunnels] == shots[:2]
+    assert [t for t in early + late if t not in o.tunnels] == late[:2]
     assert {one_way, stream, chat} <= set(o.clients) and newcomer in o.admission.talkers
-    sim.advance(5.5)  # their next keepalives: refused, the inside closes them, a spare takes their place
-    assert o.stats["drop_stale_tunnel"] == 2 and not set(shots[:2]) & set(sim.inside.tunnels)
+    sim.advance(2.5)  # their next keepalives: refused, the inside closes them, a spare takes their place
+    assert o.stats["drop_stale_tunnel"] == 2 and not set(late[:2]) & set(sim.inside.tunnels)
     tid = o.clients[newcomer].tid
     assert [d for t, d in sim.service_rx if t == tid] == [b"n2"]
     sim.reply(tid, b"welcome")

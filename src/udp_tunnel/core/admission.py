@@ -21,10 +21,11 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`, and
   goes before those that sent once, takes the place of the oldest of them when the hold is
   full, and a new client refused or dropped is remembered (RECENT), so its next datagram counts
   as such. When such a client finds the table full (--max-clients), tunnels that carry
-  one-shot flows are evicted, the oldest first (never one bound less than MIN_AGE s ago, never
+  one-shot flows are evicted (never one bound less than MIN_AGE s ago, never
   one whose client or service sent anything after its first burst, never one restored after a
   restart): through the core's `_remove`, so the tunnel's next keepalive is refused and the
-  inside closes it. For PRESSURE s after, `reserve` tunnels are kept free for such clients:
+  inside closes it (of the one-shot tunnels, those whose keepalive is due soonest go first:
+  a spare then comes soonest). For PRESSURE s after, `reserve` tunnels are kept free for such clients:
   new clients that sent once take a spare only outside it, and evictions keep it free. With
   room in the table but no spare for STARVED s (the inside at a lower limit), one tunnel is
   evicted, and another only once the inside must have learned of the last one (its keepalive
@@ -36,6 +37,7 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`, and
 
 from __future__ import annotations
 
+import heapq
 import socket
 from collections import Counter, OrderedDict
 from typing import Any
@@ -70,11 +72,13 @@ POLL = 0.05  # timer while clients are held
 # talking. A new client keeps talking when it sends again REPEAT_GAP s or more after its first
 # datagram (every client that retransmits or goes on does; a spray does not). A bound tunnel
 # carries a one-shot flow while neither its client nor the service has sent anything after
-# their first burst (BURST s); looked at every LOOK s (the core's tick: at least once a second).
+# their first burst (BURST s): its meters are looked at every LOOK s while in that burst (the
+# timer wakes for it), then once more when it could be evicted.
 REPEAT_GAP = 0.2
-BURST = 1.5
-LOOK = 0.5
-MIN_AGE = 2.0  # s a tunnel is bound before it may be evicted (past its first burst)
+BURST = 1.0
+LOOK = 0.25
+MIN_AGE = 1.25  # s a tunnel is bound before it may be evicted (past its first burst)
+SCAN = 1024  # one-shot tunnels looked at for the victims whose keepalive is due soonest
 PRESSURE = 60.0  # s the reserve is kept after a client that keeps talking found the table full
 RESERVE_MAX = 64  # the reserve: --max-clients / 16, 1 to this (an inside opens 64 extra spares at most)
 STARVED = 1.0  # s a client that keeps talking waits, with room in the table but no spare, before an eviction
@@ -222,7 +226,7 @@ class Admission:
         self.pending_bytes = 0
         self.sources: OrderedDict = OrderedDict()  # source key -> Source, least recently used first
         self.challenges = TokenBucket(CHALLENGE_GLOBAL, CHALLENGE_GLOBAL, now)
-        self.poll_at = INF  # while clients are held: look at them again then
+        self.poll_at = INF  # while clients are held, or tunnels in their first burst: look again then
         self.wg = wg  # WireGuard mode (wireguard.Gate), or None
         self.wg_log_at = 0.0
         # one-shot flows and clients that keep talking
@@ -231,6 +235,7 @@ class Admission:
         self.recent_old: dict[int, float] = {}  # the generation before
         self.ghosts: OrderedDict[tuple, float] = OrderedDict()  # evicted tunnel address -> until: data dropped
         self.gone: OrderedDict[int, float] = OrderedDict()  # evicted tunnel's id -> until when it is refused
+        self.untold: set[int] = set()  # of those, the ones whose keepalive was not refused yet
         self.reserve = min(RESERVE_MAX, max(1, core.max_clients // 16))
         self.pressed_until = -INF  # the reserve is kept until then
         self.look_at = now
@@ -328,11 +333,20 @@ class Admission:
 
     def _room(self, talking: bool, now: float) -> bool:
         """Whether a client may take a tunnel now, as far as the table goes: below --max-clients,
-        and while the reserve is kept, one that does not (yet) keep talking only outside it."""
-        free = self.core.max_clients - len(self.core.clients)
+        also as the inside counts (it counts an evicted tunnel until its keepalive is refused:
+        a spare taken before would be refused data at its limit), and while the reserve is
+        kept, one that does not (yet) keep talking only outside it."""
+        free = self.core.max_clients - len(self.core.clients) - self._untold(now)
         if free <= 0 or not talking and free <= self.reserve and now < self.pressed_until:
             return False
         return self.core.recovered(now)
+
+    def _untold(self, now: float) -> int:
+        """Evicted tunnels the inside does not know are gone yet (forgotten once it must know)."""
+        gone = self.gone
+        while gone and next(iter(gone.values())) <= now:
+            self.untold.discard(gone.popitem(last=False)[0])
+        return len(self.untold)
 
     def _give(self, p: Pending, spare: Any, now: float) -> None:
         self.unhold(p)
@@ -432,7 +446,7 @@ class Admission:
         if now < self.pressed_until:
             self._make_room(now)  # the reserve, taken by clients that keep talking, is made again
         if not self.pending:
-            self.poll_at = INF
+            self.poll_at = self.look_at if self._young(now) else INF
             return
         core = self.core
         self.poll_at = now + POLL  # clients blocked by their source's limit wait for answers
@@ -460,6 +474,7 @@ class Admission:
         """Tunnel t was just bound to a new client: watch whether it is a one-shot flow."""
         if not self.core.legacy:  # a legacy inside is never told a tunnel is gone: never evicted
             self.fresh[t] = Mark(now, t.up.pkts)
+            self.poll_at = min(self.poll_at, now + LOOK)
 
     def _talking(self, t: Any, m: Mark, now: float) -> bool:
         """Whether t's client sent, or the service answered, again after its first burst."""
@@ -478,21 +493,39 @@ class Admission:
         return False
 
     def _look(self, now: float) -> None:
-        """Every LOOK s: tunnels seen to keep talking are never evicted."""
+        """Every LOOK s, the tunnels still in their first burst (the newest): their meters so far
+        are that burst; one seen to keep talking is never evicted."""
         self.look_at = now + LOOK
-        for t in [t for t, m in self.fresh.items() if self._talking(t, m, now)]:
+        talking = []
+        for t in reversed(self.fresh):
+            m = self.fresh[t]
+            if now - m.since > BURST + LOOK:
+                break
+            if self._talking(t, m, now):
+                talking.append(t)
+        for t in talking:
             del self.fresh[t]
 
-    def _victim(self, now: float) -> Any:
-        """The oldest tunnel that carries a one-shot flow and was bound MIN_AGE s ago or more."""
-        while self.fresh:
-            t, m = next(iter(self.fresh.items()))
-            if now - m.since < MIN_AGE:
-                return None
-            if not self._talking(t, m, now):
-                return t
+    def _young(self, now: float) -> bool:
+        """Whether a tunnel is still in its first burst (then the timer wakes to look at it)."""
+        return bool(self.fresh) and now - self.fresh[next(reversed(self.fresh))].since <= BURST
+
+    def _victims(self, n: int, now: float) -> list:
+        """Up to n tunnels that carry one-shot flows and were bound MIN_AGE s ago or more: of the
+        SCAN oldest, those whose next keepalive is due soonest (the inside learns first that they
+        are gone, so a spare comes soonest); all of them are worth as little."""
+        found, talking = [], []
+        for t, m in self.fresh.items():
+            if now - m.since < MIN_AGE or len(found) >= SCAN:
+                break
+            (talking if self._talking(t, m, now) else found).append(t)
+        for t in talking:
             del self.fresh[t]
-        return None
+        return heapq.nsmallest(n, found, key=lambda t: t.last_ka + t.interval)
+
+    def _victim(self, now: float) -> Any:
+        v = self._victims(1, now)
+        return v[0] if v else None
 
     def _make_room(self, now: float) -> None:
         """Held clients that keep talking and the table full for them: evict one-shot flows,
@@ -509,11 +542,9 @@ class Admission:
         need = len(waiting) + self.reserve - free if now < self.pressed_until else 0
         if need <= 0 and waiting and self._starved(waiting[0], now):
             need = 1
-        for _ in range(need):
-            t = self._victim(now)
-            if t is None:
-                break
-            self._evict(t, now)
+        if need > 0:
+            for t in self._victims(need, now):
+                self._evict(t, now)
 
     def _starved(self, p: Pending, now: float) -> bool:
         """`p` waited STARVED s with no spare ready, no eviction is still on its way to the inside,
@@ -537,15 +568,20 @@ class Admission:
             # ghosts: the service's late answers are no new client; gone: the tunnel is not taken
             # back with its client, as after a restart of this agent. Oldest first, bounded.
             while table and (next(iter(table.values())) <= now or len(table) >= 2 * core.max_tunnels):
-                table.popitem(last=False)
+                old = table.popitem(last=False)[0]
+                if table is self.gone:
+                    self.untold.discard(old)
             table[key] = until
             table.move_to_end(key)
+        self.untold.add(t.tid)
         core.stats["evictions"] += 1
         core._remove(t, f"evicted: its client {show(client)} sent one burst {now - m.since:.0f} s ago and "
                         "nothing since, and a new client that keeps talking needs room")
 
     def evicted(self, tid: int, now: float) -> bool:
-        """Whether tunnel tid was evicted lately (the core refuses it even in its restart hold)."""
+        """The core is about to refuse an active tunnel it does not know: whether it was evicted
+        lately (then it is refused even in the core's restart hold). The inside learns now."""
+        self.untold.discard(tid)
         return self.gone.get(tid, -INF) > now
 
     def _ghost(self, addr: tuple, now: float) -> bool:
@@ -587,20 +623,20 @@ class Admission:
             bad.append("held bytes")
         if len(self.pending) > HOLD_CLIENTS:
             bad.append("too many held clients")
+        chains = {id(t): {id(s) for s in t.src.chain()} for t in core.clients.values()}
         held = Counter(id(s) for p in self.pending.values() for s in p.src.chain())
-        bound_by = Counter(id(s) for t in core.clients.values() for s in t.src.chain())
+        bound_by = Counter(i for c in chains.values() for i in c)
         for s in self.sources.values():
             if s.pending != held[id(s)]:
                 bad.append("source pending count")
             if s.bound != bound_by[id(s)]:
                 bad.append("source tunnel count")
-            if not all(s in t.src.chain() and core.clients.get(t.client) is t for t in s.unanswered):
+            if not all(id(s) in chains.get(id(t), ()) and core.clients.get(t.client) is t for t in s.unanswered):
                 bad.append("source lists a tunnel that is gone")
             if s.busy() and s.up is not None and self.sources.get(s.up.key) is not s.up:
                 bad.append("a busy source's prefix record is not the one kept")
         live = {id(s) for s in self.sources.values()}
-        if not all(id(s) in live for p in self.pending.values() for s in p.src.chain()) \
-                or not all(id(s) in live for t in core.clients.values() for s in t.src.chain()):
+        if not set(held) <= live or not set(bound_by) <= live:
             bad.append("a held client or a tunnel counts under a source record that is not kept")
         return bad + self._check_one_shots(core)
 
@@ -618,6 +654,8 @@ class Admission:
             bad.append("too many new clients remembered")
         if len(self.ghosts) > 2 * core.max_tunnels or len(self.gone) > 2 * core.max_tunnels:
             bad.append("too many evicted tunnels remembered")
+        if not self.untold <= set(self.gone) or self.untold & set(core.tunnels):
+            bad.append("an evicted tunnel the inside is to learn of is not one evicted and gone")
         return bad
 
     def unhold(self, p: Pending) -> None:

@@ -457,7 +457,7 @@ class OutsideCore:
         # restart (then, and only then, with its client), or it was forgotten (refused:
         # the inside closes it, its client gets a fresh tunnel)
         client = proto.unpack_peer(m.peer, self.family)
-        if now >= self.recover_until or self.legacy or self.admission.evicted(m.tunnel, now):
+        if self.admission.evicted(m.tunnel, now) or now >= self.recover_until or self.legacy:
             self.stats["drop_stale_tunnel"] += 1
             self._reply(addr, m, proto.F_REFUSED, cookie)
             return None
