@@ -99,7 +99,8 @@ def build_parser() -> Parser:
                    help="most clients (tunnels in use) at once (default 1000)")
     g.add_argument("--max-clients-per-source", metavar="N", type=whole,
                    help="outside: most clients from one IPv4 address or IPv6 /64 (default a quarter of "
-                        "--max-clients, at least 16): a spray from one host can't take every tunnel")
+                        "--max-clients, at least 16; twice that per IPv4 /24 or IPv6 /56, three times per "
+                        "IPv6 /48): a spray from one host can't take every tunnel")
     g.add_argument("--legacy", action="store_true", help="speak the wire format of the C udp-tunnel 1.x")
     g.add_argument("--wireguard-key", metavar="PUBKEY", action="append",
                    help="outside: admit only WireGuard clients of the server with this public key "
