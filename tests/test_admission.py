@@ -10,8 +10,11 @@ sans-I/O cores joined by the simulated network (tests/sim.py) with a fake clock.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sim import Sim, v6
+from test_random import CLIENTS, KEEPALIVE, SETTINGS, STEP, Run
 from test_wireguard import handshake, transport, wg_sim
 from udp_tunnel.core import admission
 
@@ -315,3 +318,60 @@ def test_with_room_in_the_table_but_none_at_the_inside_a_client_that_keeps_talki
     sim.advance(5.0)
     assert [d for _, d in sim.service_rx][-1] == b"n2" and newcomer in sim.outside.clients
     assert sim.outside.stats["evictions"] == 1
+
+
+# --- randomized: evictions among everything else the attacker does ---
+
+SPRAY = st.tuples(st.just("spray"), st.integers(1, 12), st.booleans())
+TALK = st.tuples(st.just("talk"), st.integers(0, len(CLIENTS) - 1))
+SPRAY_STEP = st.one_of(TALK, SPRAY, STEP)  # earlier branches are drawn more often
+
+
+class SprayRun(Run):
+    """test_random's attacker and clients, plus one-shot sprays from many addresses (answered
+    by the service, or not) and clients that send again a quarter of a second later."""
+
+    def __init__(self) -> None:
+        super().__init__(key=b"secret")
+        self.port = 30000
+
+    def step(self, s: tuple) -> None:
+        sim = self.sim
+        if s[0] == "spray":
+            for i in range(s[1]):
+                self.port += 1
+                self.send(b"j%d" % self.port, v6(f"100.64.{i}.1", self.port))
+                if s[2]:
+                    tid = self.sim.outside.clients.get(v6(f"100.64.{i}.1", self.port))
+                    if tid is not None and tid.tid in sim.service_socket:
+                        sim.reply(tid.tid, b"r%d" % tid.tid)
+        elif s[0] == "talk":
+            self.seq += 1
+            self.send(b"c%d#%d" % (s[1], self.seq), CLIENTS[s[1]])
+            sim.advance(0.25, step=0.25)
+            self.seq += 1
+            self.send(b"c%d#%d" % (s[1], self.seq), CLIENTS[s[1]])
+        else:
+            super().step(s)
+
+
+@SETTINGS
+@given(st.lists(SPRAY_STEP, max_size=40))
+def test_no_sequence_of_sprays_evictions_and_attacks_lets_a_client_receive_another_clients_datagram(steps):
+    """Each sequence starts with the table full of one-shot flows old enough to be evicted."""
+    run = SprayRun()
+    for s in [("spray", 8, True), ("advance", 1.0), ("advance", 1.0)] + steps:
+        run.step(s)
+        run.check_no_cross_talk()
+        run.check_registrations()
+    run.sim.advance(3 * KEEPALIVE + 10, step=1.0)
+    run.check_no_cross_talk()
+
+
+def test_the_randomized_sprays_do_evict():
+    """The sequences above reach evictions (else they would test nothing new)."""
+    run = SprayRun()
+    for s in [("spray", 12, True), ("advance", 4.0), ("talk", 0), ("advance", 11.0), ("talk", 2)]:
+        run.step(s)
+        run.check_no_cross_talk()
+    assert run.sim.outside.stats["evictions"] >= 2
