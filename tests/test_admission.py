@@ -240,8 +240,8 @@ def talk_twice(sim: Sim, addr: tuple, first: bytes = b"n1", again: bytes = b"n2"
 def test_only_one_shot_flows_are_evicted_those_due_soonest_first_and_the_inside_closes_them_at_their_next_keepalive():
     """Keepalive every 5 s. One-shot flows bound at 0 s (next keepalive at 10 s) and at 3.5 s
     (at 8.5 s); a client sending without answers, one the service streams to, one that chats.
-    At 6 s a new client that keeps talking finds the table full: two one-shot tunnels go (its
-    own and the reserve's, 1 at --max-clients 10), those of 3.5 s, whose keepalive comes first."""
+    At 6 s a new client that keeps talking finds the table full: one one-shot tunnel goes (no
+    reserve below 16 clients), of 3.5 s, whose keepalive comes first."""
     sim = Sim(max_clients=10, keepalive=5)
     o = sim.outside
     early = [one_shot(sim, v6("192.0.2.1", 1000 + i)) for i in range(3)]
@@ -263,31 +263,47 @@ def test_only_one_shot_flows_are_evicted_those_due_soonest_first_and_the_inside_
     assert sim.now < o.recover_until  # still in the restart hold of this outside
     newcomer = v6("203.0.113.50", 7000)
     talk_twice(sim, newcomer)
-    assert o.stats["drop_limit"] == 1 and o.stats["evictions"] == 2
-    assert [t for t in early + late if t not in o.tunnels] == late[:2]
+    assert o.stats["drop_limit"] == 1 and o.stats["evictions"] == 1
+    assert [t for t in early + late if t not in o.tunnels] == late[:1]
     assert {one_way, stream, chat} <= set(o.clients) and newcomer in o.admission.talkers
-    sim.advance(2.5)  # their next keepalives: refused, the inside closes them, a spare takes their place
-    assert o.stats["drop_stale_tunnel"] == 2 and not set(late[:2]) & set(sim.inside.tunnels)
+    sim.advance(2.5)  # its next keepalive: refused, the inside closes it, a spare takes its place
+    assert o.stats["drop_stale_tunnel"] == 1 and late[0] not in sim.inside.tunnels
     tid = o.clients[newcomer].tid
     assert [d for t, d in sim.service_rx if t == tid] == [b"n2"]
     sim.reply(tid, b"welcome")
     assert sim.received[newcomer] == [b"welcome"]
-    assert {one_way, stream, chat} <= set(o.clients) and o.stats["evictions"] == 2
+    assert {one_way, stream, chat} <= set(o.clients) and o.stats["evictions"] == 1
 
 
-def test_an_evicted_client_that_comes_back_keeps_talking_and_its_tunnels_late_data_is_no_new_client():
-    sim = Sim(max_clients=4, keepalive=5)
+def test_the_reserve_is_for_clients_that_keep_talking_and_evictions_make_it_again():
+    """--max-clients 32: the last 2 tunnels (32 / 16) are for clients that send again. An evicted
+    client that comes back keeps talking, and its tunnel's late data is no new client."""
+    sim = Sim(max_clients=32, keepalive=5)
     o = sim.outside
-    first = v6("192.0.2.1", 1000)
-    tids = [one_shot(sim, first)] + [one_shot(sim, v6("192.0.2.1", 1001 + i)) for i in range(3)]
+    shots = [v6(f"100.64.{i}.1", 1000) for i in range(40)]
+    for c in shots:  # one datagram each: 30 take a tunnel, the rest wait (and never send again)
+        sim.send(b"once", c)
+    assert len(o.clients) == 30 and len(o.admission.pending) == 10
+    for c in shots[:30]:
+        sim.reply(o.clients[c].tid, b"answer")
     sim.advance(3)
-    talk_twice(sim, v6("203.0.113.50", 7000))
-    assert tids[0] not in o.tunnels and o.stats["evictions"] == 2
-    sim.reply(tids[0], b"late answer")  # from the evicted tunnel's address, before the inside knows
-    assert o.stats["drop_unbound_tunnel"] == 1 and len(o.clients) == 2
-    sim.advance(5.5)  # the inside closes them; the newcomer and the reserve take the new spares
-    sim.send(b"me again", first)  # its first datagram since it was evicted: it keeps talking
-    assert sim.service_rx[-1] == (o.clients[first].tid, b"me again")
+    for i in range(2):  # the reserve: at their second datagram, no eviction
+        c = v6(f"203.0.113.{i + 1}", 7000)
+        talk_twice(sim, c)
+        assert [d for t, d in sim.service_rx if t == o.clients[c].tid] == [b"n1", b"n2"]
+    assert len(o.clients) == 32 and o.stats["evictions"] == 0
+    talk_twice(sim, v6("203.0.113.3", 7000))  # the table is full: its own tunnel and the reserve's
+    gone = [c for c in shots[:30] if c not in o.clients]
+    assert o.stats["evictions"] == 3 and len(gone) == 3
+    evicted_tid = next(tid for tid, d in sim.service_rx if d == b"once" and tid not in o.tunnels)
+    sim.reply(evicted_tid, b"late answer")  # from the evicted tunnel's address, before the inside knows
+    assert o.stats["drop_unbound_tunnel"] == 1 and len(o.clients) == 29
+    sim.advance(5.5)  # the inside closes them at their keepalives; the spares come
+    assert v6("203.0.113.3", 7000) in o.clients and len(o.clients) == 30
+    sim.send(b"me again", gone[0])  # its first datagram since it was evicted: it keeps talking
+    assert sim.service_rx[-1] == (o.clients[gone[0]].tid, b"me again")
+    sim.advance(0.25)
+    assert o.stats["evictions"] == 4  # the reserve made again
 
 
 def test_a_legacy_outside_never_evicts_because_a_legacy_inside_is_never_told():

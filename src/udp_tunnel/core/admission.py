@@ -20,13 +20,15 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`, and
   out. A held client that sends again REPEAT_GAP s after its first datagram keeps talking: it
   goes before those that sent once, takes the place of the oldest of them when the hold is
   full, and a new client refused or dropped is remembered (RECENT), so its next datagram counts
-  as such. When such a client finds the table full (--max-clients), tunnels that carry
+  as such. The last `reserve` tunnels of the table (--max-clients / 16, at most RESERVE_MAX)
+  are for such clients only (in WireGuard mode only under pressure), so that a spray that
+  fills the rest of the table finds the inside with spares for them already. When such a
+  client finds the table full (--max-clients), tunnels that carry
   one-shot flows are evicted (never one bound less than MIN_AGE s ago, never
   one whose client or service sent anything after its first burst, never one restored after a
   restart): through the core's `_remove`, so the tunnel's next keepalive is refused and the
   inside closes it (of the one-shot tunnels, those whose keepalive is due soonest go first:
-  a spare then comes soonest). For PRESSURE s after, `reserve` tunnels are kept free for such clients:
-  new clients that sent once take a spare only outside it, and evictions keep it free. With
+  a spare then comes soonest). For PRESSURE s after, evictions keep the reserve free. With
   room in the table but no spare for STARVED s (the inside at a lower limit), one tunnel is
   evicted, and another only once the inside must have learned of the last one (its keepalive
   interval). Never in legacy mode (a legacy inside is not told).
@@ -79,8 +81,8 @@ BURST = 1.0
 LOOK = 0.25
 MIN_AGE = 1.25  # s a tunnel is bound before it may be evicted (past its first burst)
 SCAN = 1024  # one-shot tunnels looked at for the victims whose keepalive is due soonest
-PRESSURE = 60.0  # s the reserve is kept after a client that keeps talking found the table full
-RESERVE_MAX = 64  # the reserve: --max-clients / 16, 1 to this (an inside opens 64 extra spares at most)
+PRESSURE = 60.0  # s evictions make the reserve again after a client that keeps talking found the table full
+RESERVE_MAX = 64  # the reserve: --max-clients / 16, at most this (an inside opens 64 extra spares at most)
 STARVED = 1.0  # s a client that keeps talking waits, with room in the table but no spare, before an eviction
 RECENT = 32768  # new clients refused lately, remembered by address (two generations of this many)
 INF = float("inf")
@@ -236,8 +238,8 @@ class Admission:
         self.ghosts: OrderedDict[tuple, float] = OrderedDict()  # evicted tunnel address -> until: data dropped
         self.gone: OrderedDict[int, float] = OrderedDict()  # evicted tunnel's id -> until when it is refused
         self.untold: set[int] = set()  # of those, the ones whose keepalive was not refused yet
-        self.reserve = min(RESERVE_MAX, max(1, core.max_clients // 16))
-        self.pressed_until = -INF  # the reserve is kept until then
+        self.reserve = min(RESERVE_MAX, core.max_clients // 16)
+        self.pressed_until = -INF  # the reserve is made again by evictions until then
         self.look_at = now
         self.starve_at = now
 
@@ -334,10 +336,11 @@ class Admission:
     def _room(self, talking: bool, now: float) -> bool:
         """Whether a client may take a tunnel now, as far as the table goes: below --max-clients,
         also as the inside counts (it counts an evicted tunnel until its keepalive is refused:
-        a spare taken before would be refused data at its limit), and while the reserve is
-        kept, one that does not (yet) keep talking only outside it."""
+        a spare taken before would be refused data at its limit), and one that does not (yet)
+        keep talking only outside the reserve (in WireGuard mode only under pressure: junk
+        takes no tunnel there, and a WireGuard client sends its next initiation 5 s later)."""
         free = self.core.max_clients - len(self.core.clients) - self._untold(now)
-        if free <= 0 or not talking and free <= self.reserve and now < self.pressed_until:
+        if free <= 0 or not talking and free <= self.reserve and (self.wg is None or now < self.pressed_until):
             return False
         return self.core.recovered(now)
 
@@ -529,7 +532,7 @@ class Admission:
 
     def _make_room(self, now: float) -> None:
         """Held clients that keep talking and the table full for them: evict one-shot flows,
-        the oldest first, and keep `reserve` tunnels free for such clients for PRESSURE s. With
+        and keep the reserve free by evictions for PRESSURE s. With
         room in the table but no spare for STARVED s (the inside at a lower limit of its own),
         one, once no eviction is on its way to the inside any more."""
         core = self.core
