@@ -10,7 +10,7 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`, and
   down at once. With no spare ready (or while a restarted outside waits for the active
   tunnels to come back) its datagrams are held, in order, within the HOLD_* bounds, and
   go down the first spare that registers.
-- Sources are counted at several prefix lengths (LEVELS): an IPv6 /64, the /56 and the /48
+- Sources are counted at several prefix lengths (V6_LEVELS, V4_LEVELS): an IPv6 /64, the /56 and the /48
   around it; an IPv4 address and its /24. A level of factor f holds at most f x
   `max_per_source` tunnels (never more than --max-clients), f x UNANSWERED_PER_SOURCE whose
   client never got a datagram back and f x HOLD_PER_SOURCE held clients, and gets f x
@@ -95,7 +95,7 @@ WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<r
 
 
 class Source:
-    """One prefix that new clients come from (see LEVELS): its budgets and what it holds.
+    """One prefix that new clients come from (V6_LEVELS, V4_LEVELS): its budgets and what it holds.
     `up` is the next shorter prefix's record (None at the top); counts include everything
     below, so a record is busy while any address under it is."""
 
@@ -203,7 +203,7 @@ def source_key(addr: tuple):
 
 
 def source_levels(addr: tuple) -> list[tuple[Any, int]]:
-    """(key, factor) of each prefix `addr` is counted under (LEVELS), the source itself first:
+    """(key, factor) of each prefix `addr` is counted under (V6_LEVELS, V4_LEVELS), the source first:
     an IPv4 address as text and its /24 as 3 bytes; an IPv6 /64, /56, /48 as 8, 7, 6 bytes."""
     host = addr[0]
     if host.startswith("::ffff:") and "." in host:
