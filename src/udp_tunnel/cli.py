@@ -107,7 +107,8 @@ def _tuning_options(g: argparse._ArgumentGroup) -> None:
                    help="most clients (tunnels in use) at once (default 1000)")
     g.add_argument("--max-clients-per-source", metavar="N", type=whole,
                    help="outside: most clients from one IPv4 address or IPv6 /64 (default a quarter of "
-                        "--max-clients, at least 16): a spray from one host can't take every tunnel")
+                        "--max-clients, at least 16; twice that per IPv4 /24 or IPv6 /56, three times per "
+                        "IPv6 /48): a spray from one host can't take every tunnel")
     g.add_argument("--legacy", action="store_true", help="speak the wire format of the C udp-tunnel 1.x")
     g.add_argument("--client-address", metavar="MODE", choices=("off", "transparent", "proxy-v2", "proxy-v2-first"),
                    help="inside: how the service sees each client: off (as the inside agent, the default), "

@@ -525,7 +525,7 @@ class OutsideCore:
         self.routes.move_client(t.addr, old, addr, t.via, 0)
         t.src.leave(t)
         t.src = src
-        src.bound += 1
+        src.join(t)
         t.confirmed, t.announce_tries = False, 0
         self._announce(t, now, proto.F_MOVED)
 
@@ -752,7 +752,8 @@ class OutsideCore:
         # the inside closes it, its client gets a fresh tunnel)
         client = proto.unpack_peer(m.peer, self.family)
         via = self.endpoint_of(m.service, int.from_bytes(m.seen[16:18], "big"))
-        if now >= self.recover_until or self.legacy:
+        evicted = any(a.evicted(m.tunnel, now) for a in self.admissions if a is not None)
+        if evicted or now >= self.recover_until or self.legacy:
             self.stats["drop_stale_tunnel"] += 1
             self._reply(addr, m, proto.F_REFUSED, cookie, keyname=key)
             return None
