@@ -237,7 +237,7 @@ def talk_twice(sim: Sim, addr: tuple, first: bytes = b"n1", again: bytes = b"n2"
     sim.send(again, addr)
 
 
-def test_only_one_shot_flows_are_evicted_those_due_soonest_first_and_the_inside_closes_them_at_their_next_keepalive():
+def test_only_one_shot_flows_are_evicted_those_due_soonest_first_and_the_inside_closes_them_at_once():
     """Keepalive every 5 s. One-shot flows bound at 0 s (next keepalive at 10 s) and at 3.5 s
     (at 8.5 s); a client sending without answers, one the service streams to, one that chats.
     At 6 s a new client that keeps talking finds the table full: one one-shot tunnel goes (no
@@ -265,9 +265,9 @@ def test_only_one_shot_flows_are_evicted_those_due_soonest_first_and_the_inside_
     talk_twice(sim, newcomer)
     assert o.stats["drop_limit"] == 1 and o.stats["evictions"] == 1
     assert [t for t in early + late if t not in o.tunnels] == late[:1]
-    assert {one_way, stream, chat} <= set(o.clients) and newcomer in o.admission.talkers
-    sim.advance(2.5)  # its next keepalive: refused, the inside closes it, a spare takes its place
-    assert o.stats["drop_stale_tunnel"] == 1 and late[0] not in sim.inside.tunnels
+    # the inside is told at once (an ANNOUNCE saying GONE): it closes the tunnel, a spare takes its place
+    assert late[0] not in sim.inside.tunnels and o.stats["drop_stale_tunnel"] == 0
+    assert {one_way, stream, chat} <= set(o.clients) and newcomer in o.clients
     tid = o.clients[newcomer].tid
     assert [d for t, d in sim.service_rx if t == tid] == [b"n2"]
     sim.reply(tid, b"welcome")
@@ -296,9 +296,10 @@ def test_the_reserve_is_for_clients_that_keep_talking_and_evictions_make_it_agai
     gone = [c for c in shots[:30] if c not in o.clients]
     assert o.stats["evictions"] == 3 and len(gone) == 3
     evicted_tid = next(tid for tid, d in sim.service_rx if d == b"once" and tid not in o.tunnels)
-    sim.reply(evicted_tid, b"late answer")  # from the evicted tunnel's address, before the inside knows
-    assert o.stats["drop_unbound_tunnel"] == 1 and len(o.clients) == 29
-    sim.advance(5.5)  # the inside closes them at their keepalives; the spares come
+    sim.send(b"late answer", sim.public[evicted_tid])  # from the evicted tunnel's address, sent before it knew
+    # told at once (GONE), the inside closed the three, and the newcomer has a new spare already
+    assert o.stats["drop_unbound_tunnel"] == 1 and len(o.clients) == 30
+    sim.advance(5.5)  # the inside closed them when told; the spares come
     assert v6("203.0.113.3", 7000) in o.clients and len(o.clients) == 30
     sim.send(b"me again", gone[0])  # its first datagram since it was evicted: it keeps talking
     assert sim.service_rx[-1] == (o.clients[gone[0]].tid, b"me again")

@@ -579,7 +579,7 @@ class Admission:
         self.untold.add(t.tid)
         core.stats["evictions"] += 1
         core._remove(t, f"evicted: its client {show(client)} sent one burst {now - m.since:.0f} s ago and "
-                        "nothing since, and a new client that keeps talking needs room")
+                        "nothing since, and a new client that keeps talking needs room", gone=True)
 
     def evicted(self, tid: int, now: float) -> bool:
         """The core is about to refuse an active tunnel it does not know: whether it was evicted

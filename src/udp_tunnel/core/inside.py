@@ -384,6 +384,9 @@ class InsideCore:
         if m is None:
             return
         if m.type == proto.ANNOUNCE:
+            if m.flags & proto.F_GONE:
+                self.close(t.tid, now, "the outside agent let its client go")
+                return
             self._announce(t, m.peer, m.service, m.interval, proto.unpack_peer(m.seen, socket.AF_INET6), now)
             return
         if m.flags & proto.F_HELLO:

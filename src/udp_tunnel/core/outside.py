@@ -280,7 +280,7 @@ class OutsideCore:
     def remove_key(self, name: str, now: float) -> None:
         """Its tunnels go (the inside agent is refused at its next keepalive)."""
         for t in [t for t in self.tunnels.values() if t.session.keyname == name]:
-            self._remove(t, f"key {name} is no longer configured")
+            self._remove(t, f"key {name} is no longer configured", gone=True)
         for sid in [sid for sid, s in self.sessions.items() if s.keyname == name]:
             del self.sessions[sid]
         del self.keyring[name], self.key_limit[name], self.strangers_budget[name]
@@ -304,7 +304,7 @@ class OutsideCore:
         next keepalive of each is refused), its held clients are dropped. Its endpoints, whose
         sockets the I/O layer closes: returned."""
         for t in [t for t in self.all_clients() if t.service == name]:
-            self._remove(t, f"service {name} is no longer served")
+            self._remove(t, f"service {name} is no longer served", gone=True)
         gone = []
         for via, e in enumerate(self.endpoints):
             if e.service == name:
@@ -488,9 +488,12 @@ class OutsideCore:
         if len(self.proven) > PROVEN:
             self.proven.popitem(last=False)
 
-    def _remove(self, t: Tunnel, why: str) -> None:
+    def _remove(self, t: Tunnel, why: str, gone: bool = False) -> None:
+        """`gone`: the inside still has the tunnel and is told at once (an ANNOUNCE saying GONE)."""
         if self.tunnels.get(t.tid) is not t:
             return
+        if gone and not self.legacy:
+            self._announce(t, 0.0, proto.F_GONE)
         gate = self.gate(t)
         if gate is not None:  # WireGuard hook: its sessions go with it
             gate.forget(t.tid)
@@ -594,6 +597,9 @@ class OutsideCore:
             self.closed[m.tunnel] = now
             if len(self.closed) > CLOSED:
                 self.closed.popitem(last=False)
+            for a in self.admissions:  # an evicted one: the inside knows it is gone now
+                if a is not None:
+                    a.evicted(m.tunnel, now)
             if t is not None:
                 self._remove(t, "closed by the inside agent")
             return

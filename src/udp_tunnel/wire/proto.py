@@ -33,6 +33,7 @@ F_REKEY = 0x08  # the keepalive was made with an old key: send the next one with
 F_HELLO = 0x10  # unasked, from an outside agent that just started: register again now
 # Announce flags
 F_MOVED = 0x01  # the tunnel's client now sends from a new address (WireGuard roaming)
+F_GONE = 0x02  # the outside let the tunnel's client go (evicted, its service stopped): close the tunnel
 
 _BODY = struct.Struct("!4sBBBBQQQQ16s16sHH16sHH16s")
 BODY_LEN = _BODY.size  # 112
