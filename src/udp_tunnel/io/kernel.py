@@ -42,15 +42,25 @@ program sends packets out past netfilter. Everything the program does not
 relay reaches the agent's sockets exactly as without it (see the program's
 header for the list).
 
-Remote destinations are looked up with bpf_fib_lookup from the loopback
-device, which refuses to answer unless forwarding is on for lo: `open()`
-turns on net.ipv4.conf.lo.forwarding and net.ipv6.conf.lo.forwarding if they
-are off (this does not make the host forward anything: nothing arrives on lo
-to be forwarded) and says so in `notes`.
+Settings of lo are turned on when a flow needs them, and the change is said
+in `notes` (a flow that needs one that cannot be set stays with the agent,
+the reason in `kept`):
+- net.ipv4/ipv6.conf.lo.forwarding, for flows to other hosts: the program
+  looks routes up with bpf_fib_lookup from lo, as the stack does for what
+  local sockets send, and the helper answers only where forwarding is on;
+  on lo this forwards nothing, since nothing arrives on lo to be forwarded;
+- net.ipv4.conf.lo.accept_local, for IPv4 flows to this host, and
+  net.ipv4.conf.lo.route_localnet for those to 127.0.0.0/8: the packet
+  enters lo without the route a local sender's packet carries, and the
+  input route lookup takes a local source address (a relayed datagram
+  always has one) and 127/8 for martians otherwise. Only what arrives on lo
+  is concerned, and only this host sends there. (IPv6 needs neither.)
+They stay on after the agent exits: another agent may rely on them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.resources
 import ipaddress
 import os
@@ -73,8 +83,10 @@ KEY = struct.Struct("<16s16s2s2s")
 VALUE = struct.Struct("<16s16s2s2sIQQQ")
 ZERO16 = bytes(16)
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
+SIOCGIFHWADDR = 0x8927
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
-FORWARDING = ("/proc/sys/net/ipv4/conf/lo/forwarding", "/proc/sys/net/ipv6/conf/lo/forwarding")
+FORWARDING = {4: "net/ipv4/conf/lo/forwarding", 6: "net/ipv6/conf/lo/forwarding"}
+ACCEPT_LOCAL, ROUTE_LOCALNET = "net/ipv4/conf/lo/accept_local", "net/ipv4/conf/lo/route_localnet"
 VERIFIER_LINES = 12
 
 
@@ -159,16 +171,17 @@ def kernel_version() -> tuple[int, int]:
 
 
 def interfaces() -> dict[int, str]:
-    """The interfaces the program can run on: Ethernet-style header (and loopback), by index."""
+    """The interfaces the program can run on: Ethernet-style header (and loopback), by index.
+    (Asked through a socket, not /sys: sysfs shows the namespace it was mounted in.)"""
     out = {}
-    for index, name in socket.if_nameindex():
-        try:
-            with open(f"/sys/class/net/{name}/type") as f:
-                kind = int(f.read())
-        except (OSError, ValueError):
-            continue
-        if kind in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
-            out[index] = name
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for index, name in socket.if_nameindex():
+            try:
+                ifr = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, struct.pack("16s24x", name.encode()))
+            except OSError:
+                continue
+            if struct.unpack_from("=H", ifr, 16)[0] in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
+                out[index] = name
     return out
 
 
@@ -205,6 +218,8 @@ class KernelPath:
         self.routes: dict[tuple, Route | None] = {}
         self.nat = NatRules([], None)
         self.wanted: dict[tuple, Entry] = {}  # flow key -> what the agent asked for (installed or kept)
+        self.partners: dict[tuple, tuple] = {}  # outside: client -> its tunnel, tunnel -> its client
+        self.sysctls: dict[str, str | None] = {}  # lo's settings checked: None (on), or why it cannot be
         self.ncpus = bpf.possible_cpus()
 
     # --- setting up ---
@@ -256,7 +271,6 @@ class KernelPath:
         try:
             flags = (CFG_LEGACY if legacy else 0) | (CFG_WIREGUARD if wireguard else 0)
             bpf.map_update(maps["config"], struct.pack("<I", 0), struct.pack("<I", flags))
-            self._forwarding()
             self.nat = NatRules.load()
             self._attach(first=True)
         except BaseException:
@@ -264,20 +278,21 @@ class KernelPath:
             raise
         return self
 
-    def _forwarding(self) -> None:
-        for path in FORWARDING:
+    def _sysctl_on(self, name: str, why: str) -> str | None:
+        """Turn a sysctl of lo on if it is off (saying so in `notes`); None, or why it cannot be done."""
+        if name not in self.sysctls:
+            path = "/proc/sys/" + name
             try:
                 with open(path) as f:
-                    if f.read().strip() != "0":
-                        continue
-                with open(path, "w") as f:
-                    f.write("1")
-                self.notes.append(f"turned on {path[10:].replace('/', '.')} (lets the program look up routes)")
-            except FileNotFoundError:
-                continue  # no IPv6
+                    on = f.read().strip() != "0"
+                if not on:
+                    with open(path, "w") as f:
+                        f.write("1")
+                    self.notes.append(f"turned on {name.replace('/', '.')} ({why})")
+                self.sysctls[name] = None
             except OSError as e:
-                self.notes.append(f"{path[10:].replace('/', '.')} is off and cannot be turned on ({e.strerror}): "
-                                  "flows to other hosts stay with the agent")
+                self.sysctls[name] = f"{name.replace('/', '.')} is off and cannot be turned on ({e.strerror})"
+        return self.sysctls[name]
 
     def _wanted(self) -> dict[int, str]:
         if self.ifaces is None:
@@ -318,7 +333,7 @@ class KernelPath:
         """Attach to interfaces that appeared, let go of vanished ones, look again at addresses, routes and
         NAT rules, and put every installed flow right with them. Returns the interfaces newly attached."""
         added = self._attach()
-        self._forwarding()
+        self.sysctls.clear()
         self.nat = NatRules.load()
         self.routes.clear()
         for fkey, e in list(self.wanted.items()):
@@ -341,6 +356,7 @@ class KernelPath:
         self.maps = {}
         self.entries.clear()
         self.wanted.clear()
+        self.partners.clear()
         self.by_key.clear()
 
     # --- the flow table ---
@@ -361,13 +377,25 @@ class KernelPath:
         r = self._route(new_dst, new_src)
         if r is not None and r.local:
             flags |= F_LOCAL
+            # IPv4 into lo without the route a local sender's packet carries: the input route lookup takes a
+            # local source, and 127/8, for martians unless lo accepts them (lo only: what arrives on lo was
+            # sent by this host)
+            why = None
+            if new_dst.v4:
+                why = self._sysctl_on(ACCEPT_LOCAL, "lets relayed datagrams from a local address in")
+                if new_dst.ip.is_loopback:
+                    why = why or self._sysctl_on(ROUTE_LOCALNET, "lets relayed datagrams to 127.0.0.0/8 in")
         else:
             src = new_src.ip if new_src.ip is not None else (r.prefsrc if r else None)
             why = self.nat.applies(src, r.oif if r else None)
-            if why:
-                self._uninstall(fkey)
-                self.kept[fkey] = f"this host NATs it ({why})"
-                return False
+            why = f"this host NATs it ({why})" if why else None
+            # bpf_fib_lookup answers only where forwarding is on; looking up from lo, as the stack does for
+            # local senders, needs it on lo alone, which makes nothing forwarded (nothing arrives on lo to be)
+            why = why or self._sysctl_on(FORWARDING[4 if new_dst.v4 else 6], "lets the program look up routes")
+        if why:
+            self._uninstall(fkey)
+            self.kept[fkey] = why
+            return False
         old = self.entries.get(fkey)
         packets = nbytes = last = 0
         if old is not None:
@@ -407,13 +435,22 @@ class KernelPath:
                 self.kept[k] = "client and tunnel differ in address family"
             return False, False
         flags = (F_V4 if c.v4 else 0) | (0 if lis.ip is not None else F_SRC_IS_DST)
+        # a client that moved to another tunnel, or a tunnel that carries another client now (roaming):
+        # the flow of the old partner goes, as it goes from the core's route table
+        for me, partner in ((client, tunnel), (tunnel, client)):
+            old = self.partners.get(me)
+            if old is not None and old != partner and self.partners.get(old) == me:
+                self._remove(old)
+                del self.partners[old]
+            self.partners[me] = partner
         up = self._install(client, Entry(KEY.pack(c.raw, lis.raw, c.port, lis.port), lis, t, flags))
         down = self._install(tunnel, Entry(KEY.pack(t.raw, lis.raw, t.port, lis.port), lis, c, flags))
         return up, down
 
     def outside_unbind(self, client: tuple, tunnel: tuple) -> None:
-        self._remove(client)
-        self._remove(tunnel)
+        for k in (client, tunnel):
+            self._remove(k)
+            self.partners.pop(k, None)
 
     def inside_pipe(self, tunnel_local: tuple, outside: tuple, service_local: tuple,
                     service: tuple) -> tuple[bool, bool]:
