@@ -17,14 +17,15 @@
  * Addresses are 16 bytes, IPv4 as ::ffff:a.b.c.d, ports in network order.
  *
  * After the rewrite the packet goes where the routing table says, as if the
- * agent had sent it: bpf_fib_lookup (from the loopback device, which is where
- * the stack looks up routes for what local sockets send; the loader turns on
- * forwarding for lo, which only lets the lookup answer); a remote destination
- * leaves through bpf_redirect_neigh on the egress device; a local one (the
- * loader marks flows to a local address) is injected at the ingress of lo,
- * so that every tcx
- * program of the host sees it again in order (the other agent on the same
- * host rewrites it next) and then the stack delivers it. Each rewrite takes
+ * agent had sent it. A flow the loader marked local (its new destination is
+ * an address of this host) is injected at the ingress of lo, so that every
+ * tcx program of the host sees it again, in order (the other agent on the
+ * same host rewrites it next: the up and the down direction need the two
+ * programs in opposite orders), and then the stack delivers it; its MAC
+ * header gets lo's all-zero destination, or lo's stack would take it for
+ * someone else's. Any other destination is looked up with bpf_fib_lookup
+ * from lo, as the stack looks up routes for what local sockets send, and
+ * leaves through bpf_redirect_neigh on the egress device. Each rewrite takes
  * one from the TTL / hop limit, as a router does, and a packet arriving with
  * 1 or less is left to the stack: a table that sends packets in a circle
  * cannot make them circle for ever.

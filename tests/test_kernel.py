@@ -8,6 +8,7 @@ skipped with the reason otherwise, except the parts that need none of it.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import select
@@ -129,6 +130,44 @@ COMMIT
     assert rules.applies(docker, "docker0") is None
     assert rules.applies(ipaddress.ip_address("192.0.2.2"), "eth0") is None
     assert "-o ppp+" in rules.applies(ipaddress.ip_address("192.0.2.2"), "ppp0")
+
+
+def _no_capabilities() -> None:
+    """In a child about to exec: root without any capability (none kept across the exec either)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+    header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0))  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capset(header, ctypes.create_string_buffer(24)) != 0:
+        os._exit(99)
+
+
+def test_without_root_the_kernel_path_says_why_in_one_line():
+    code = f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'src')!r}); " \
+           "from udp_tunnel.io.kernel import available; print(available())"
+    drop = _no_capabilities if os.geteuid() == 0 else None
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, preexec_fn=drop)
+    assert r.returncode == 0 and r.stdout == "needs root or CAP_NET_ADMIN and CAP_BPF\n"
+
+
+@needs_kernel
+def test_a_missing_or_refused_program_is_one_line_with_the_verifier_s_first_lines_when_debugging(monkeypatch):
+    monkeypatch.setenv("UDP_TUNNEL_BPF_OBJECT", "/nonexistent/relay.bpf.o")
+    with pytest.raises(KernelUnavailable) as e:
+        KernelPath.open(ifaces=["lo"])
+    assert e.value.reason == "UDP_TUNNEL_BPF_OBJECT=/nonexistent/relay.bpf.o: No such file or directory"
+    monkeypatch.delenv("UDP_TUNNEL_BPF_OBJECT")
+    data = bytearray(find_object())
+    at = bytes(data).find(bpf.parse_object(bytes(data)).insns)
+    data[at:at + 8] = bytes([0x79, 0xA0, 8, 0, 0, 0, 0, 0])  # r0 = *(u64 *)(r10 + 8): above the stack
+    monkeypatch.setattr("udp_tunnel.io.kernel.find_object", lambda: bytes(data))
+    with pytest.raises(KernelUnavailable) as e:
+        KernelPath.open(ifaces=["lo"])
+    assert e.value.reason == "the kernel's verifier refused the eBPF program (run with debug logging to see why)"
+    with pytest.raises(KernelUnavailable) as e:
+        KernelPath.open(ifaces=["lo"], debug=True)
+    assert e.value.reason.startswith("the kernel's verifier refused the eBPF program: ")
+    assert "invalid read from stack" in e.value.reason and "\n" not in e.value.reason
 
 
 # --- BPF_PROG_TEST_RUN on crafted packets ---
