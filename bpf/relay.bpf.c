@@ -54,6 +54,7 @@
 /* config flags */
 #define CFG_LEGACY 1
 #define CFG_WIREGUARD 2
+#define CFG_WILDCARD 4 /* some flow has a zero destination address: look it up too */
 
 /* flow flags */
 #define F_V4 1          /* the new ends are IPv4 */
@@ -314,13 +315,13 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 		.dport = udp.dest,
 	};
 	struct flow *f = bpf_map_lookup_elem(&flows, &k);
-	if (!f) {
+	if (!f && (cfg & CFG_WILDCARD)) {
 		k.daddr[2] = 0;
 		k.daddr[3] = 0;
 		f = bpf_map_lookup_elem(&flows, &k);
-		if (!f)
-			return count(ST_UNKNOWN);
 	}
+	if (!f)
+		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;
 	if (!(flags & F_V4))
 		return count(ST_FAMILY);
@@ -404,15 +405,15 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 		.dport = udp.dest,
 	};
 	struct flow *f = bpf_map_lookup_elem(&flows, &k);
-	if (!f) {
+	if (!f && (cfg & CFG_WILDCARD)) {
 		k.daddr[0] = 0;
 		k.daddr[1] = 0;
 		k.daddr[2] = 0;
 		k.daddr[3] = 0;
 		f = bpf_map_lookup_elem(&flows, &k);
-		if (!f)
-			return count(ST_UNKNOWN);
 	}
+	if (!f)
+		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;
 	if (flags & F_V4)
 		return count(ST_FAMILY);

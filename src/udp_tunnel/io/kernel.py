@@ -77,7 +77,7 @@ OBJECT_NAME = "relay.bpf.o"
 PROGRAM = "udpt_relay"
 STATS = ("relayed", "local", "not_ip", "not_udp", "fragment", "ip_options", "malformed", "control", "wireguard",
          "unknown", "family", "ttl", "no_route", "mtu", "fwd_disabled", "error", "otherhost")
-CFG_LEGACY, CFG_WIREGUARD = 1, 2
+CFG_LEGACY, CFG_WIREGUARD, CFG_WILDCARD = 1, 2, 4
 F_V4, F_SRC_IS_DST, F_LOCAL = 1, 2, 4
 KEY = struct.Struct("<16s16s2s2s")
 VALUE = struct.Struct("<16s16s2s2sIQQQ")
@@ -221,6 +221,7 @@ class KernelPath:
         self.partners: dict[tuple, tuple] = {}  # outside: client -> its tunnel, tunnel -> its client
         self.sysctls: dict[str, str | None] = {}  # lo's settings checked: None (on), or why it cannot be
         self.ncpus = bpf.possible_cpus()
+        self.config = 0
 
     # --- setting up ---
 
@@ -269,14 +270,17 @@ class KernelPath:
             raise KernelUnavailable(f"the compiled eBPF program is unusable: {e}") from None
         self = cls(prog_fd, maps, max_flows, ifaces, [])
         try:
-            flags = (CFG_LEGACY if legacy else 0) | (CFG_WIREGUARD if wireguard else 0)
-            bpf.map_update(maps["config"], struct.pack("<I", 0), struct.pack("<I", flags))
+            self.config = (CFG_LEGACY if legacy else 0) | (CFG_WIREGUARD if wireguard else 0)
+            self._configure()
             self.nat = NatRules.load()
             self._attach(first=True)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _configure(self) -> None:
+        bpf.map_update(self.maps["config"], struct.pack("<I", 0), struct.pack("<I", self.config))
 
     def _sysctl_on(self, name: str, why: str) -> str | None:
         """Turn a sysctl of lo on if it is off (saying so in `notes`); None, or why it cannot be done."""
@@ -406,6 +410,9 @@ class KernelPath:
                 bpf.map_delete(self.maps["flows"], old.key)
                 self.by_key.pop(old.key, None)
         value = VALUE.pack(new_src.raw, new_dst.raw, new_src.port, new_dst.port, flags, packets, nbytes, last)
+        if flags & F_SRC_IS_DST and not self.config & CFG_WILDCARD:
+            self.config |= CFG_WILDCARD  # from now on, a miss is looked up again with any destination address
+            self._configure()
         bpf.map_update(self.maps["flows"], key, value)
         self.entries[fkey] = Entry(key, new_src, new_dst, flags)
         self.by_key[key] = fkey
