@@ -23,7 +23,9 @@
  * same host rewrites it next: the up and the down direction need the two
  * programs in opposite orders), and then the stack delivers it; its MAC
  * header gets lo's all-zero destination, or lo's stack would take it for
- * someone else's. Any other destination is looked up with bpf_fib_lookup
+ * someone else's. (A packet already on lo goes on to the next program
+ * instead, when the loader says no other agent's program runs before this
+ * one there.) Any other destination is looked up with bpf_fib_lookup
  * from lo, as the stack looks up routes for what local sockets send, and
  * leaves through bpf_redirect_neigh on the egress device. Each rewrite takes
  * one from the TTL / hop limit, as a router does, and a packet arriving with
@@ -55,6 +57,7 @@
 #define CFG_LEGACY 1
 #define CFG_WIREGUARD 2
 #define CFG_WILDCARD 4 /* some flow has a zero destination address: look it up too */
+#define CFG_AGENT_BEFORE 8 /* another agent's program runs before this one on lo */
 
 /* flow flags */
 #define F_V4 1          /* the new ends are IPv4 */
@@ -264,13 +267,17 @@ INLINE void account(struct flow *f, __u32 plen, __u32 gso_segs)
 
 /* Send the rewritten packet on. */
 INLINE int deliver(struct __sk_buff *skb, int where, __u32 ifindex, struct bpf_redir_neigh *nh,
-		   struct ethhdr *eth)
+		   struct ethhdr *eth, __u32 cfg)
 {
 	if (where == 1) {
 		count(ST_RELAYED);
 		return bpf_redirect_neigh(ifindex, nh, sizeof(*nh), 0);
 	}
 	count(ST_LOCAL);
+	/* Already on lo, and no other agent's program ran before this one there: the programs after
+	 * this one see the packet as it is now, then the stack delivers it. Saves a pass through lo. */
+	if (skb->ifindex == LOOPBACK_IFINDEX && !(cfg & CFG_AGENT_BEFORE))
+		return TCX_NEXT;
 	/* into lo, whose address is all zeros: a packet from another device keeps its MAC
 	 * header, whose destination would make lo's stack take it for someone else's */
 	if (eth->dst[0] | eth->dst[1] | eth->dst[2] | eth->dst[3] | eth->dst[4] | eth->dst[5]) {
@@ -372,7 +379,7 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	/* no UDP checksum (IPv4 allows it): it stays zero, and skb->csum follows the ports */
 	bpf_skb_store_bytes(skb, UDP4_OFF, &newports, 4, udp.check ? 0 : BPF_F_RECOMPUTE_CSUM);
 	account(f, plen, skb->gso_segs);
-	return deliver(skb, where, ifindex, &nh, eth);
+	return deliver(skb, where, ifindex, &nh, eth, cfg);
 }
 
 INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
@@ -483,7 +490,7 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	bpf_skb_store_bytes(skb, IP6_ADDR_OFF, new, 32, 0);
 	bpf_skb_store_bytes(skb, UDP6_OFF, &newports, 4, 0);
 	account(f, plen, skb->gso_segs);
-	return deliver(skb, where, ifindex, &nh, eth);
+	return deliver(skb, where, ifindex, &nh, eth, cfg);
 }
 
 SEC("tc")

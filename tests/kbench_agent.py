@@ -22,6 +22,7 @@ import select
 import signal
 import socket
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
@@ -38,6 +39,7 @@ def hostport(text: str) -> tuple[str, int]:
 def outside(listen: tuple[str, int]) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 8 << 20)  # a thousand registrations at once
     s.bind(listen)
     kp = KernelPath.open(ifaces=["lo"])
     spares: list[tuple] = []
@@ -71,6 +73,7 @@ def inside(out: tuple[str, int], service: tuple[str, int], spares: int) -> None:
         tunnels[t.fileno()] = t
         ep.register(t.fileno(), select.EPOLLIN)
         t.send(REG)
+        time.sleep(0.0002)
     while True:
         for fd, _ in ep.poll():
             if fd in tunnels:

@@ -402,6 +402,25 @@ def test_a_local_destination_goes_into_lo_with_lo_s_mac_from_any_device(trns, kp
 
 
 @needs_kernel
+def test_a_local_datagram_on_lo_goes_round_lo_again_only_if_another_agent_s_program_came_before(trns, kp):
+    tl, outside, sl, service = ("127.0.0.1", 33000), ("127.0.0.1", 9999), ("127.0.0.1", 34000), \
+        ("127.0.0.1", 51820)
+    with trns.entered():
+        second = KernelPath.open(ifaces=["lo"])  # attached after kp: kp's program runs first
+    try:
+        with trns.entered():
+            kp.inside_pipe(tl, outside, sl, service)
+            second.inside_pipe(tl, outside, sl, service)
+        frame = datagram(outside, tl, b"x")
+        first_verdict, first_out, _ = run(trns, kp, frame)
+        second_verdict, second_out, _ = run(trns, second, frame)
+        assert (first_verdict, second_verdict) == (NEXT, REDIRECT) and first_out == second_out
+        assert parse(first_out)["dport"] == 51820
+    finally:
+        second.close()
+
+
+@needs_kernel
 def test_dual_stack_addresses_and_a_wildcard_listener_take_the_address_the_datagram_was_sent_to(trns, kp):
     mapped = lambda a: ("::ffff:" + a[0], a[1], 0, 0)  # noqa: E731
     with trns.entered():
@@ -436,6 +455,26 @@ def test_rebinding_keeps_the_counters_and_unbinding_gives_the_flow_back_to_the_a
 
 
 @needs_kernel
+def test_a_full_flow_table_leaves_the_flows_that_do_not_fit_to_the_agent(trns):
+    with trns.entered():
+        k = KernelPath.open(ifaces=["lo"], max_flows=3)
+    try:
+        with trns.entered():
+            assert k.outside_bind(L4, C4, T4) == (True, True)
+            c2, t2 = ("203.0.113.8", 40000), ("192.0.2.52", 41000)
+            assert k.outside_bind(L4, c2, t2) == (True, False)
+        assert k.kept == {t2: "the kernel's flow table refused it: Argument list too long"}
+        assert set(k.counters()) == {C4, T4, c2}
+        frame = datagram(t2, L4, b"to the agent")
+        assert run(trns, k, frame) == (NEXT, frame, {"unknown": 1})
+        with trns.entered():
+            k.outside_unbind(C4, T4)
+            assert k.outside_bind(L4, c2, t2) == (True, True) and k.kept == {}
+    finally:
+        k.close()
+
+
+@needs_kernel
 def test_an_inside_pipe_relays_outside_to_service_and_service_to_outside(trns, kp):
     tl, outside, sl, service = ("198.51.100.1", 33000), ("203.0.113.10", 9999), ("127.0.0.1", 34000), \
         ("127.0.0.1", 51820)
@@ -443,7 +482,7 @@ def test_an_inside_pipe_relays_outside_to_service_and_service_to_outside(trns, k
         assert kp.inside_pipe(tl, outside, sl, service) == (True, True)
     verdict, out, moved = run(trns, kp, datagram(outside, tl, b"from a client"))
     p = parse(out)
-    assert (verdict, moved) == (REDIRECT, {"local": 1})
+    assert (verdict, moved) == (NEXT, {"local": 1})  # on lo already, and the only agent there: on it goes
     assert (p["src"], p["sport"], p["dst"], p["dport"]) == ("127.0.0.1", 34000, "127.0.0.1", 51820)
     verdict, out, moved = run(trns, kp, datagram(service, sl, b"from the service"))
     p = parse(out)

@@ -54,8 +54,12 @@ class BpfError(OSError):
     """A bpf() call failed; `log` holds the verifier's output for a refused program."""
 
     def __init__(self, err: int, what: str, log: str = "") -> None:
-        super().__init__(err, f"{what}: {os.strerror(err)}")
+        super().__init__(err, os.strerror(err))
+        self.what = what
         self.log = log
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.strerror}"
 
 
 def _nr() -> int:
@@ -208,6 +212,15 @@ def prog_query(ifindex: int, attach_type: int = TCX_INGRESS, room: int = 64) -> 
     n = struct.unpack_from("=I", a, 24)[0]
     revision = struct.unpack_from("=Q", a, 56)[0]
     return Query(list(progs[:min(n, room)]), list(links[:min(n, room)]), revision)
+
+
+def prog_id(fd: int) -> int:
+    """The id of a loaded program."""
+    info = ctypes.create_string_buffer(256)
+    a = _attr()
+    struct.pack_into("=IIQ", a, 0, fd, len(info), ctypes.addressof(info))
+    call(OBJ_GET_INFO_BY_FD, a, "reading program info")
+    return struct.unpack_from("=I", info, 4)[0]
 
 
 def prog_name_by_id(prog_id: int) -> str | None:

@@ -77,13 +77,14 @@ OBJECT_NAME = "relay.bpf.o"
 PROGRAM = "udpt_relay"
 STATS = ("relayed", "local", "not_ip", "not_udp", "fragment", "ip_options", "malformed", "control", "wireguard",
          "unknown", "family", "ttl", "no_route", "mtu", "fwd_disabled", "error", "otherhost")
-CFG_LEGACY, CFG_WIREGUARD, CFG_WILDCARD = 1, 2, 4
+CFG_LEGACY, CFG_WIREGUARD, CFG_WILDCARD, CFG_AGENT_BEFORE = 1, 2, 4, 8
 F_V4, F_SRC_IS_DST, F_LOCAL = 1, 2, 4
 KEY = struct.Struct("<16s16s2s2s")
 VALUE = struct.Struct("<16s16s2s2sIQQQ")
 ZERO16 = bytes(16)
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 SIOCGIFHWADDR = 0x8927
+LOOPBACK_IFINDEX = 1
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 FORWARDING = {4: "net/ipv4/conf/lo/forwarding", 6: "net/ipv6/conf/lo/forwarding"}
 ACCEPT_LOCAL, ROUTE_LOCALNET = "net/ipv4/conf/lo/accept_local", "net/ipv4/conf/lo/route_localnet"
@@ -331,7 +332,24 @@ class KernelPath:
                 self.notes.append(f"not attached to {name}: {e.strerror}")
         if first and not self.links:
             raise KernelUnavailable("no interface to attach to")
+        self._order_on_lo()
         return added
+
+    def _order_on_lo(self) -> None:
+        """Tell the program whether another agent's program runs before it on lo (then a rewritten packet
+        for a local socket must go round lo again for that one to see it; else it just goes on)."""
+        before = False
+        if LOOPBACK_IFINDEX in self.links:
+            try:
+                me = bpf.prog_id(self.prog_fd)
+                ids = bpf.prog_query(LOOPBACK_IFINDEX).prog_ids
+                before = me not in ids or any(bpf.prog_name_by_id(i) == PROGRAM for i in ids[:ids.index(me)])
+            except BpfError:
+                before = True  # can't tell: the round through lo is always right
+        config = (self.config | CFG_AGENT_BEFORE) if before else (self.config & ~CFG_AGENT_BEFORE)
+        if config != self.config:
+            self.config = config
+            self._configure()
 
     def refresh(self) -> list[str]:
         """Attach to interfaces that appeared, let go of vanished ones, look again at addresses, routes and
@@ -410,10 +428,21 @@ class KernelPath:
                 bpf.map_delete(self.maps["flows"], old.key)
                 self.by_key.pop(old.key, None)
         value = VALUE.pack(new_src.raw, new_dst.raw, new_src.port, new_dst.port, flags, packets, nbytes, last)
-        if flags & F_SRC_IS_DST and not self.config & CFG_WILDCARD:
-            self.config |= CFG_WILDCARD  # from now on, a miss is looked up again with any destination address
-            self._configure()
-        bpf.map_update(self.maps["flows"], key, value)
+        try:
+            if flags & F_SRC_IS_DST and not self.config & CFG_WILDCARD:
+                self.config |= CFG_WILDCARD  # from now on, a miss is looked up again with any destination address
+                self._configure()
+            bpf.map_update(self.maps["flows"], key, value)
+        except BpfError as e:  # the table is full (E2BIG), or out of memory: the agent relays this one
+            self.entries.pop(fkey, None)
+            self.last.pop(fkey, None)
+            self.by_key.pop(key, None)
+            try:
+                bpf.map_delete(self.maps["flows"], key)
+            except BpfError:
+                pass
+            self.kept[fkey] = f"the kernel's flow table refused it: {e.strerror}"
+            return False
         self.entries[fkey] = Entry(key, new_src, new_dst, flags)
         self.by_key[key] = fkey
         self.kept.pop(fkey, None)
