@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ def main() -> None:
     labels = [x for x in labels if x != "ours" or os.path.exists(OURS)]
     out = a.out or tempfile.mktemp(suffix=".jsonl")
     ns = f"utkb{os.getpid() % 100000}"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # unwind: the namespace goes, the harness ends its own
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)

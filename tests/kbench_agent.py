@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 from udp_tunnel.io.kernel import KernelPath  # noqa: E402
 
 REG = b"REG"
+SO_RCVBUFFORCE = 33
 
 
 def hostport(text: str) -> tuple[str, int]:
@@ -39,7 +40,7 @@ def hostport(text: str) -> tuple[str, int]:
 def outside(listen: tuple[str, int]) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 8 << 20)  # a thousand registrations at once
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)  # a thousand registrations at once
     s.bind(listen)
     kp = KernelPath.open(ifaces=["lo"])
     spares: list[tuple] = []

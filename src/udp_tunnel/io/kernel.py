@@ -12,7 +12,8 @@ later is attached by `refresh()`. A link is a file descriptor: when the
 agent exits, however it exits, the kernel detaches the program and frees it
 and its maps.
 
-    kp = KernelPath.open(ifaces=None, legacy=False, wireguard=False)  # KernelUnavailable(reason)
+    kp = KernelPath.open(ifaces=None, legacy=False, wireguard=False, max_flows=8192, debug=False)
+    # (KernelUnavailable(reason), one line, if it cannot run here; available() -> reason or None)
     # outside agent, where it binds a client to a tunnel (and on every change of either address):
     kp.outside_bind(listen, client, tunnel)  -> (up, down): which directions the kernel now relays
     kp.outside_unbind(client, tunnel)
@@ -23,7 +24,27 @@ and its maps.
     kp.counters()  # {flow key: (packets, bytes, last seen)} since the flow was installed
     kp.stats()     # {reason: packets}: what the program did with everything it saw
     kp.refresh()   # new interfaces, changed addresses, routes or NAT rules
+    kp.kept        # {flow key: why the agent relays it itself}; kp.notes: what open() changed
     kp.close()
+
+How the loops use it. The core stays the only source of truth; the loop
+mirrors its route table into the map where it changes its own route cache:
+- outside: for each client bound to a tunnel, outside_bind(listen socket's
+  address, client, tunnel address), again whenever either address changes
+  (rebinding, roaming: the old partner's flow goes by itself), and
+  outside_unbind when the tunnel loses its client (unbind, expiry, close).
+  open(legacy=core.legacy, wireguard=core.wg is not None, max_flows=2 *
+  max_clients + 64 or more).
+- inside: inside_pipe(tunnel socket's getsockname(), its getpeername(),
+  service socket's getsockname(), service address) once the service socket
+  is open (the first datagram went through the core as before), again if the
+  outside's address changes; inside_unpipe when the pair closes.
+- before each core timer: for each (key, (packets, bytes, _)) in deltas(),
+  add them to the meter of that flow (outside: core.route[key]; inside: the
+  tunnel's rx meter for its tunnel_local, its tx meter for its
+  service_local), so that expiry, status and metrics see the kernel's
+  traffic as if the loop had counted it.
+- refresh() now and then (a minute), stats() and kept for `status`.
 
 Addresses are tuples as the agent's sockets give them (IPv4 clients of a
 dual-stack socket as ("::ffff:a.b.c.d", port, 0, 0)); a listen address of
@@ -301,7 +322,12 @@ class KernelPath:
 
     def _wanted(self) -> dict[int, str]:
         if self.ifaces is None:
-            return interfaces()
+            found = interfaces()
+            others = sorted(name for _, name in socket.if_nameindex() if name not in found.values())
+            note = f"not attached to {', '.join(others)} (no MAC header: their traffic stays with the agent)"
+            if others and note not in self.notes:
+                self.notes.append(note)
+            return found
         out = {}
         for name in self.ifaces:
             try:
@@ -394,8 +420,10 @@ class KernelPath:
 
     def _install(self, fkey: tuple, want: Entry) -> bool:
         """Put one direction in the map (keeping its counters), or take it out and say why in `kept`."""
-        self.wanted[fkey] = want
         key, new_src, new_dst, flags = want
+        if new_dst.ip is None:
+            raise ValueError("a flow goes to an address, not to any address")
+        self.wanted[fkey] = want
         r = self._route(new_dst, new_src)
         if r is not None and r.local:
             flags |= F_LOCAL
