@@ -615,6 +615,37 @@ def test_a_table_that_sends_datagrams_round_in_a_circle_lets_them_go_at_the_ttl_
             k.close()
 
 
+@needs_kernel
+def test_a_gso_send_is_relayed_as_its_datagrams_unless_one_may_be_a_control_message(ns_factory):
+    ns = ns_factory("gso")
+    socks: list[socket.socket] = []
+    k = None
+    try:
+        with ns.entered():
+            listen, tunnel, client = (_udp(socket.AF_INET, ("127.0.0.1", p)) for p in (5000, 41000, 40000))
+            socks += [listen, tunnel, client]
+            k = KernelPath.open(ifaces=["lo"])
+            k.outside_bind(listen.getsockname(), client.getsockname(), tunnel.getsockname())
+            client.setsockopt(socket.IPPROTO_UDP, 103, 1000)  # UDP_SEGMENT: one send, datagrams of 1000 bytes
+            client.sendto(bytes(1000) * 2 + b"last", ("127.0.0.1", 5000))
+            got = [tunnel.recvfrom(2000) for _ in range(3)]
+            assert [(len(d), a) for d, a in got] == [(1000, ("127.0.0.1", 5000))] * 2 + [(4, ("127.0.0.1", 5000))]
+            assert k.counters()[client.getsockname()][:2] == (3, 2004)
+            client.setsockopt(socket.IPPROTO_UDP, 103, 120)  # segments of a control message's length
+            client.sendto(CTRL * 3, ("127.0.0.1", 5000))
+            assert [listen.recvfrom(200) for _ in range(3)] == [(CTRL, client.getsockname())] * 3
+            client.setsockopt(socket.IPPROTO_UDP, 103, 200)  # the last, shorter segment is one
+            client.sendto(bytes(200) + CTRL, ("127.0.0.1", 5000))
+            assert [listen.recvfrom(300) for _ in range(2)] == [(bytes(200), client.getsockname()),
+                                                                (CTRL, client.getsockname())]
+            assert _nothing_waiting(tunnel)
+    finally:
+        for s in socks:
+            s.close()
+        if k is not None:
+            k.close()
+
+
 def _frames(sock: socket.socket, port: int, seconds: float = 2.0) -> bytes:
     """The first incoming frame on a packet socket carrying a UDP datagram to `port`."""
     deadline = time.monotonic() + seconds
@@ -690,10 +721,13 @@ def test_a_bound_flow_is_redirected_to_the_neighbour_with_checksums_the_receiver
         with net.entered():
             send(stranger_addr, b"unknown")
             send(tunnel_addr, CTRL)
+            client.sendto(bytes(3000), listen_addr)  # fragments, on this 1500-byte link
         with vps.entered():
             assert listen.recvfrom(100)[0] == b"unknown"
             data, peer = listen.recvfrom(200)
             assert data == CTRL and peer[:2] == tunnel_addr
+            assert listen.recvfrom(4000) == (bytes(3000), client.getsockname() if not v6 else (*client_addr, 0, 0))
+            assert k.stats()["fragment"] >= 2
     finally:
         for s in socks:
             s.close()
