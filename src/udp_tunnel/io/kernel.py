@@ -296,6 +296,9 @@ class KernelPath:
             self._configure()
             self.nat = NatRules.load()
             self._attach(first=True)
+        except BpfError as e:
+            self.close()
+            raise KernelUnavailable(str(e)) from None
         except BaseException:
             self.close()
             raise
