@@ -21,6 +21,12 @@ config ?=
 GROUP ?= udp-tunnel
 
 SOURCES := $(wildcard src/udp_tunnel/*.py src/udp_tunnel/*/*.py)
+# The kernel data path (bpf/relay.bpf.c): compiled when clang is there, and carried in the zipapp.
+# Without clang the executable is built all the same, with the user-space data path only.
+CLANG   ?= clang
+BPF_OBJ := bpf/relay.bpf.o
+HAVE_CLANG := $(shell command -v $(CLANG) 2>/dev/null)
+DATAPATHS  := build/datapaths.$(if $(HAVE_CLANG),kernel,user)
 UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
 
 .PHONY: all check test lint bench churn flood demo install install-outside install-inside uninstall clean key deb \
@@ -28,13 +34,23 @@ UNITS   := udp-tunnel-outside.service udp-tunnel-inside.service
 
 all: udp-tunnel
 
-udp-tunnel: $(SOURCES)
+udp-tunnel: $(SOURCES) $(DATAPATHS) $(if $(HAVE_CLANG),$(BPF_OBJ))
 	rm -rf build/zipapp && mkdir -p build/zipapp
 	cp -r src/udp_tunnel build/zipapp/
+	$(if $(HAVE_CLANG),cp $(BPF_OBJ) build/zipapp/udp_tunnel/io/relay.bpf.o,\
+	  @echo "no clang ($(CLANG)): building without the kernel data path (apt-get install clang)")
 	find build/zipapp -name __pycache__ -prune -exec rm -rf {} +
 	printf 'import sys\nfrom udp_tunnel.cli import main\nsys.exit(main())\n' > build/zipapp/__main__.py
 	$(PYTHON) -m zipapp build/zipapp -p '/usr/bin/env python3' -o $@.tmp
 	chmod 755 $@.tmp && mv $@.tmp $@
+
+# rebuilds the executable when clang comes or goes
+$(DATAPATHS):
+	mkdir -p build && rm -f build/datapaths.* && touch $@
+
+# restricted C for the kernel's verifier: no libbpf or kernel headers needed (bpf/relay.h has what it uses)
+$(BPF_OBJ): bpf/relay.bpf.c bpf/relay.h
+	$(CLANG) -O2 -g0 -target bpfel -mcpu=v3 -Wall -Werror -c $< -o $@.tmp && mv $@.tmp $@
 
 demo: udp-tunnel
 	./udp-tunnel demo
@@ -210,4 +226,4 @@ deb-units:
 	$(call unit_from_template,udp-tunnel-inside.service,,$(call deb_header,inside),$(CONFDIR)/inside.toml,$(call config_exec,inside),SupplementaryGroups=$(GROUP),65536,$(DESTDIR)$(UNITDIR)/udp-tunnel-inside.service)
 
 clean:
-	rm -rf build udp-tunnel udp-tunnel.tmp
+	rm -rf build udp-tunnel udp-tunnel.tmp $(BPF_OBJ)
