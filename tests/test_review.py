@@ -212,3 +212,17 @@ def test_a_tunnel_closed_while_it_registers_again_still_tells_the_outside():
     sim.inside.close(tid, sim.now, "test")
     sim.pump()
     assert tid not in sim.outside.tunnels and sim.outside.closed.get(tid) == sim.now
+
+
+def test_a_tampered_state_file_makes_a_paced_trickle_of_hellos_never_a_flood():
+    """Finding 10: a state file naming 1064 addresses made the outside send 1064 HELLOs at once."""
+    sim = Sim(keepalive=25, max_clients=1000)
+    victims = [(i + 1, v6("192.0.2.99", 1000 + i)) for i in range(5000)]
+    sim.outside = sim.new_outside()
+    sim.outside.remembered(victims, sim.now)
+    sent = [len([1 for d, a, _ in sim.outside.take()])]
+    for _ in range(40):  # 2 s, the timer every 50 ms
+        sim.now += 0.05
+        sim.outside.on_timer(sim.now)
+        sent.append(len(sim.outside.take()))
+    assert sent[0] == 64 and max(sent) == 64 and sum(sent) == 1064  # at most max_tunnels, 64 per 50 ms

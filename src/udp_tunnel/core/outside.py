@@ -34,7 +34,7 @@ import enum
 import os
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 from udp_tunnel.addr import show
@@ -50,6 +50,7 @@ from udp_tunnel.wire.proto import Control, ControlError
 SESSIONS = 256  # inside sessions remembered
 ANNOUNCE_AGAIN = 0.1  # s until an unconfirmed ANNOUNCE is sent again, doubling
 ANNOUNCE_TRIES = 5  # then the keepalives' replies (BOUND) announce it
+HELLO_BURST, HELLO_PACE = 64, 0.05  # HELLOs after a restart: 64 every 50 ms (1280/s) at most
 INF = float("inf")
 STRANGERS = 4096  # sessions not (yet) known whose challenged keepalive counters are remembered
 CLOSED = 16384  # tunnel ids the inside closed, remembered for a cookie's life
@@ -250,6 +251,8 @@ class OutsideCore:
         self.retired_by: dict[str, Counter[str]] = {}  # ... per service
         self.sent = 0  # messages sent: each one's number
         self.announce_due = INF  # the earliest ANNOUNCE to send again
+        self.hellos: deque[tuple[int, tuple]] = deque()  # HELLOs still to send (a restart), paced
+        self.hello_at = INF
         self.legacy_nonce = 0
         self.legacy_session = Session(0, now, keyname=next(iter(self.keyring)))
         self.legacy_ids = 0
@@ -868,22 +871,32 @@ class OutsideCore:
     def remembered(self, entries: list[tuple[int, tuple]], now: float) -> None:
         """Just started: tell the tunnels a previous run knew to register again now. A HELLO
         grants nothing; the inside answers it with keepalives that go through the usual
-        challenge (and a replayed HELLO costs the inside one keepalive per tunnel)."""
+        challenge (and believes one HELLO per outside session). At most max_tunnels of them,
+        HELLO_BURST every HELLO_PACE s: a tampered state file can't make this agent send a
+        flood to anyone."""
         for tid, addr in entries[: self.max_tunnels]:
             if self.family == socket.AF_INET6 and ":" not in addr[0]:
                 addr = ("::ffff:" + addr[0], addr[1], 0, 0)
             elif self.family == socket.AF_INET and ":" in addr[0]:
                 continue
             self._prove(addr)
+            self.hellos.append((tid, addr))
+        self._send_hellos(now)
+
+    def _send_hellos(self, now: float) -> None:
+        for _ in range(min(HELLO_BURST, len(self.hellos))):
+            tid, addr = self.hellos.popleft()
             for key in self.keyring:  # (the file does not say whose: a HELLO under each key)
                 m = Control(proto.REPLY, proto.F_HELLO, self.session, tid, 0)
                 self.out.append(Datagram(self._encode(m, key), addr))
                 self.stats["hellos"] += 1
+        self.hello_at = now + HELLO_PACE if self.hellos else INF
 
     # --- time ---
 
     def next_timer(self) -> float:
-        return min(self.next_tick, self.announce_due, *(a.poll_at for a in self.admissions if a is not None),
+        return min(self.next_tick, self.announce_due, self.hello_at,
+                   *(a.poll_at for a in self.admissions if a is not None),
                    *(k.forget_at for k in self.keyring.values()))
 
     def on_timer(self, now: float) -> None:
@@ -892,6 +905,8 @@ class OutsideCore:
                 a.serve(now)
         if now >= self.announce_due:
             self._announce_again(now)
+        if now >= self.hello_at:
+            self._send_hellos(now)
         for name, keys in self.keyring.items():
             if keys.expire(now):
                 self.log.info("the old key is no longer accepted" + (f" ({name})" if len(self.keyring) > 1 else ""))
