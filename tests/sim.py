@@ -68,9 +68,10 @@ class Sim:
 
     def restart_outside(self, remember: bool = False) -> None:
         """A new outside agent; with `remember`, it read its predecessor's state file."""
-        saved = self.outside.saved_tunnels()
+        saved, seen = self.outside.saved_tunnels(), self.outside.saved_initiations()
         self.outside = self.new_outside()
         if remember:
+            self.outside.remember_initiations(seen)
             self.outside.remembered(saved, self.now)
             self.pump()
 

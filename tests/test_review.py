@@ -226,3 +226,21 @@ def test_a_tampered_state_file_makes_a_paced_trickle_of_hellos_never_a_flood():
         sim.outside.on_timer(sim.now)
         sent.append(len(sim.outside.take()))
     assert sent[0] == 64 and max(sent) == 64 and sum(sent) == 1064  # at most max_tunnels, 64 per 50 ms
+
+
+def test_captured_wireguard_initiations_stay_refused_after_a_restart_with_the_state_file():
+    """Finding 7: the memory of admitted initiations was lost at a restart: 10 of 10 captured
+    initiations were admitted again. It goes into the state file now (and back out of it)."""
+    from test_wireguard import initiation, wg_sim
+    from udp_tunnel.wire import statefile
+    sim = wg_sim(keepalive=5)
+    inits = [initiation(sender=bytes([i]) * 4) for i in range(10)]
+    for i, d in enumerate(inits):
+        sim.send(d, v6("198.51.100.20", 6000 + i))
+    assert sim.outside.stats.get("drop_wg_replay", 0) == 0 and len(sim.outside.clients) == 10
+    tunnels, seen = statefile.parse_all(statefile.dump(sim.outside.saved_tunnels(), sim.outside.saved_initiations()))
+    assert seen == {"default": [d[116:132] for d in inits]}
+    sim.restart_outside(remember=True)
+    for i, d in enumerate(inits):  # the copies, from other ports
+        sim.send(d, v6("192.0.2.66", 7000 + i))
+    assert sim.outside.stats["drop_wg_replay"] == 10

@@ -61,6 +61,11 @@ def test_a_missing_file_is_no_entries_and_an_empty_list_is_none_either(tmp_path)
     (b'{"version": 1, "tunnels": {}}', "is not one this version wrote"),
     (b"[]", "is not one this version wrote"),
     (b"", "is not JSON: Expecting value: line 1 column 1 (char 0)"),
+    (b'{"version": 1, "tunnels": [], "wireguard": {"wg": ["zz"]}}',
+     "wireguard: 'wg' is not a service with up to 4096 MAC1s"),
+    (b'{"version": 1, "tunnels": [], "wireguard": {"wg": ["' + b"ab" * 16 + b'"] }, "x": 1}',
+     "is not one this version wrote"),
+    (b'{"version": 1, "tunnels": [], "wireguard": []}', "wireguard is not a table of services"),
 ])
 def test_a_bad_state_file_is_refused_as_a_whole_with_one_line_saying_what_is_wrong(tmp_path, data, problem):
     path = tmp_path / "outside.state"

@@ -197,10 +197,11 @@ def remember(core: OutsideCore, path: str | None, log: Log, now: float) -> None:
     if not path:
         return
     try:
-        entries = statefile.load(path)
+        entries, initiations = statefile.load_all(path)
     except ValueError as e:
         log.warning(f"{e}: tunnels register again at their next keepalive")
         return
+    core.remember_initiations(initiations)
     if entries:
         log.info(f"asking the {len(entries)} tunnel(s) of the previous run to register again")
         core.remembered(entries, now)

@@ -868,6 +868,17 @@ class OutsideCore:
         """What to remember across a restart: where the tunnels are."""
         return [(t.tid, t.addr) for t in self.tunnels.values()] if not self.legacy else []
 
+    def saved_initiations(self) -> dict[str, list[bytes]]:
+        """WireGuard mode: the initiations admitted lately, per service (their copies stay refused
+        across a restart)."""
+        return {n: list(s.wireguard.seen_order) for n, s in self.services.items() if s.wireguard is not None}
+
+    def remember_initiations(self, seen: dict[str, list[bytes]]) -> None:
+        for name, tags in seen.items():
+            svc = self.services.get(name)
+            if svc is not None and svc.wireguard is not None:
+                svc.wireguard.remember(tags)
+
     def remembered(self, entries: list[tuple[int, tuple]], now: float) -> None:
         """Just started: tell the tunnels a previous run knew to register again now. A HELLO
         grants nothing; the inside answers it with keepalives that go through the usual

@@ -133,6 +133,15 @@ class Gate:
             self.seen.discard(self.seen_order.popleft())
         return None
 
+    def remember(self, tags: list[bytes]) -> None:
+        """Initiations a previous run admitted (the state file): their copies stay refused."""
+        for tag in tags[-SEEN_INITIATIONS:]:
+            if tag not in self.seen:
+                self.seen.add(tag)
+                self.seen_order.append(tag)
+        while len(self.seen_order) > SEEN_INITIATIONS:
+            self.seen.discard(self.seen_order.popleft())
+
     def roaming(self, data: bytes) -> int | None:
         """The tunnel whose session a transport datagram belongs to (by its receiver index), if any."""
         if len(data) < TRANSPORT_MIN or data[0] != TRANSPORT or data[1:4] != ZERO3:

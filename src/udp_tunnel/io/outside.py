@@ -59,7 +59,7 @@ class OutsideLoop(Loop):
         self.flush()
 
     def save_state(self) -> None:
-        data = statefile.dump(self.core.saved_tunnels())
+        data = statefile.dump(self.core.saved_tunnels(), self.core.saved_initiations())
         if data != self.saved:
             try:
                 statefile.save(self.state_path, data)

@@ -1,4 +1,6 @@
-"""The outside agent's memory across a restart: where its tunnels were.
+"""The outside agent's memory across a restart: where its tunnels were, and (WireGuard mode)
+which handshake initiations it admitted lately, so that captured copies of them are refused
+after a restart as before it.
 
 A small JSON file, written atomically (a temporary file, then rename) and
 owner-only. It only says where to send a HELLO after a restart, so that the
@@ -27,6 +29,9 @@ MAX_HOST = 64  # an IPv6 literal is at most 45 characters; the rest for a %scope
 # An entry as dump writes it is at most 16 + 64 + 5 characters of values and 15 of JSON around them.
 MAX_BYTES = MAX_ENTRIES * 104 + 4096
 TID = re.compile(r"[0-9a-f]{16}")
+TAG = re.compile(r"[0-9a-f]{32}")  # an initiation's MAC1 (16 bytes)
+MAX_TAGS = 4096  # per service (wireguard.SEEN_INITIATIONS)
+MAX_SERVICES = 1024
 
 
 def _show(value: object) -> str:
@@ -56,6 +61,11 @@ def _address(host: object, port: object) -> tuple[str, int]:
 def parse(data: bytes, path: str = "state file") -> list[tuple[int, tuple]]:
     """(tunnel id, address) pairs from the file's bytes; ValueError (one line) when the file is not
     exactly one this version wrote."""
+    return parse_all(data, path)[0]
+
+
+def parse_all(data: bytes, path: str = "state file") -> tuple[list[tuple[int, tuple]], dict[str, list[bytes]]]:
+    """The tunnels and the initiations admitted per WireGuard service (MAC1s, oldest first)."""
     where = f"the state file {path}"
     if len(data) > MAX_BYTES:
         raise ValueError(f"{where} is too big ({len(data)} bytes, at most {MAX_BYTES})")
@@ -67,7 +77,8 @@ def parse(data: bytes, path: str = "state file") -> list[tuple[int, tuple]]:
         raise ValueError(f"{where} is not JSON: nested too deep") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{where} is not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("tunnels"), list):
+    if not isinstance(doc, dict) or doc.get("version") != VERSION or not isinstance(doc.get("tunnels"), list) \
+            or set(doc) - {"version", "tunnels", "wireguard"}:
         raise ValueError(f"{where} is not one this version wrote")
     tunnels = doc["tunnels"]
     if len(tunnels) > MAX_ENTRIES:
@@ -83,6 +94,19 @@ def parse(data: bytes, path: str = "state file") -> list[tuple[int, tuple]]:
             out.append((int(tid, 16), _address(host, port)))
         except ValueError as e:
             raise ValueError(f"{where}: tunnel {i + 1}: {e}") from None
+    return out, _initiations(doc.get("wireguard", {}), where)
+
+
+def _initiations(doc: object, where: str) -> dict[str, list[bytes]]:
+    if not isinstance(doc, dict) or len(doc) > MAX_SERVICES:
+        raise ValueError(f"{where}: wireguard is not a table of services")
+    out = {}
+    for name, tags in doc.items():
+        if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable() \
+                or not isinstance(tags, list) or len(tags) > MAX_TAGS \
+                or not all(isinstance(t, str) and TAG.fullmatch(t) for t in tags):
+            raise ValueError(f"{where}: wireguard: {_show(name)} is not a service with up to {MAX_TAGS} MAC1s")
+        out[name] = [bytes.fromhex(t) for t in tags]
     return out
 
 
@@ -103,8 +127,23 @@ def load(path: str) -> list[tuple[int, tuple]]:
     return parse(data, path)
 
 
-def dump(entries: list[tuple[int, tuple]]) -> bytes:
-    return json.dumps({"version": VERSION, "tunnels": [[f"{tid:016x}", a[0], a[1]] for tid, a in entries]}).encode()
+def load_all(path: str) -> tuple[list[tuple[int, tuple]], dict[str, list[bytes]]]:
+    """As load, with the initiations admitted per WireGuard service."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except FileNotFoundError:
+        return [], {}
+    except OSError as e:
+        raise ValueError(f"cannot read the state file {path}: {e.strerror or e}") from None
+    return parse_all(data, path)
+
+
+def dump(entries: list[tuple[int, tuple]], initiations: dict[str, list[bytes]] | None = None) -> bytes:
+    doc: dict = {"version": VERSION, "tunnels": [[f"{tid:016x}", a[0], a[1]] for tid, a in entries]}
+    if initiations:
+        doc["wireguard"] = {name: [t.hex() for t in tags] for name, tags in initiations.items()}
+    return json.dumps(doc).encode()
 
 
 def save(path: str, data: bytes) -> None:
