@@ -1,3 +1,3 @@
 """udp-tunnel: a reverse UDP tunnel for services behind carrier-grade NAT."""
 
-__version__ = "2.0.0"
+__version__ = "3.0.0"
