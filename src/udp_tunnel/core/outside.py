@@ -53,8 +53,10 @@ ANNOUNCE_TRIES = 5  # then the keepalives' replies (BOUND) announce it
 HELLO_BURST, HELLO_PACE = 64, 0.05  # HELLOs after a restart: 64 every 50 ms (1280/s) at most
 INF = float("inf")
 STRANGERS = 4096  # sessions not (yet) known whose challenged keepalive counters are remembered
-CLOSED = 16384  # tunnel ids the inside closed, remembered for a cookie's life
-PROVEN = 8192  # addresses where a tunnel registered, remembered
+# Tunnel ids the inside closed, remembered per session, the latest CLOSED of them: every close
+# takes a counter of the session's (its CLOSING keepalive) and a new tunnel's first keepalive is
+# within NEAR of the newest, so a tunnel closed more than NEAR counters ago can't come back anyway.
+CLOSED = 2048
 NEAR = 1024  # a new tunnel's first keepalive is this close to its session's newest counter
 # Challenges have three budgets, so that strangers can't starve the real inside agent:
 SESSION_CHALLENGES = 500.0  # per second, per known session: its new tunnels (fresh counters only)
@@ -69,7 +71,7 @@ class State(enum.Enum):
 class Session:
     """What this agent knows of one inside agent's session (its random id)."""
 
-    __slots__ = ("sid", "keyname", "window", "active", "announced", "last", "src", "challenges")
+    __slots__ = ("sid", "keyname", "window", "active", "announced", "last", "src", "challenges", "closed")
 
     def __init__(self, sid: int, now: float, src=None, window: ReplayWindow | None = None,
                  burst: float = 64.0, keyname: str = "default") -> None:
@@ -81,6 +83,7 @@ class Session:
         self.announced: int | None = None  # active tunnels it said it has (while recovering)
         self.last = now
         self.challenges = TokenBucket(SESSION_CHALLENGES, burst, now)  # for its new tunnels
+        self.closed: dict[int, None] = {}  # the tunnels it closed lately (CLOSED at most), oldest first
 
 
 class Strangers:
@@ -239,8 +242,7 @@ class OutsideCore:
         self.spares: dict[int, Tunnel] = {}  # in order of their last keepalive, freshest last
         self.sessions: dict[int, Session] = {}
         self.strangers = Strangers()
-        self.closed: OrderedDict[int, float] = OrderedDict()  # tunnel id -> when the inside closed it
-        self.proven: OrderedDict[tuple, None] = OrderedDict()  # addresses where a tunnel registered
+        self.proven: set[tuple] = set()  # after a restart: where the previous run's tunnels were
         self.proven_challenges = TokenBucket(PROVEN_CHALLENGES, float(self.max_tunnels), now)
         # strangers' challenges (sessions not known here), per key: budgets per source and in all
         self.strangers_budget = {
@@ -481,15 +483,7 @@ class OutsideCore:
         self.spares[tid] = t
         self.key_tunnels[session.keyname] += 1
         self.stats["registrations"] += 1
-        self._prove(addr)
         return t
-
-    def _prove(self, addr: tuple) -> None:
-        """A tunnel registered at addr (or did before a restart): its challenges have a budget."""
-        self.proven.pop(addr, None)
-        self.proven[addr] = None
-        if len(self.proven) > PROVEN:
-            self.proven.popitem(last=False)
 
     def _remove(self, t: Tunnel, why: str, gone: bool = False) -> None:
         """`gone`: the inside still has the tunnel and is told at once (an ANNOUNCE saying GONE)."""
@@ -554,7 +548,6 @@ class OutsideCore:
         del self.by_addr[old]
         self.by_addr[addr] = t
         t.addr = addr
-        self._prove(addr)
         if t.state is State.BOUND:
             self.routes.move_tunnel(t.client, old, addr, t.via, 0)
         t.rebinds += 1
@@ -597,9 +590,9 @@ class OutsideCore:
                    now: float) -> None:
         """An authentic, fresh keepalive from an address that proved itself (its cookie)."""
         if m.flags & proto.F_CLOSING:
-            self.closed[m.tunnel] = now
-            if len(self.closed) > CLOSED:
-                self.closed.popitem(last=False)
+            session.closed[m.tunnel] = None
+            if len(session.closed) > CLOSED:
+                del session.closed[next(iter(session.closed))]
             for a in self.admissions:  # an evicted one: the inside knows it is gone now
                 if a is not None:
                     a.evicted(m.tunnel, now)
@@ -678,7 +671,7 @@ class OutsideCore:
         if t is not None and t.session.sid != m.session:
             self.stats["drop_session"] += 1
             return False
-        if t is None and self._was_closed(m.tunnel, now):
+        if t is None and session is not None and m.tunnel in session.closed:
             self.stats["drop_closed_tunnel"] += 1
             return False
         if session is not None:
@@ -690,10 +683,6 @@ class OutsideCore:
             self.stats["drop_replay"] += 1
             return False
         return True
-
-    def _was_closed(self, tid: int, now: float) -> bool:
-        when = self.closed.get(tid)
-        return when is not None and now - when < 2 * self.cookie_slot
 
     def _challenge(self, m: Control, addr: tuple, cookie: bytes, now: float, session: Session | None,
                    keyname: str) -> None:
@@ -708,7 +697,7 @@ class OutsideCore:
             return
         if session is not None:
             ok = session.challenges.take(now)
-        elif addr in self.proven:
+        elif addr in self.by_addr or addr in self.proven:  # a tunnel's (new cookie), or one before a restart
             ok = self.proven_challenges.take(now)
         else:
             ok = self.strangers_budget[keyname].may_challenge(addr, now)
@@ -890,7 +879,8 @@ class OutsideCore:
                 addr = ("::ffff:" + addr[0], addr[1], 0, 0)
             elif self.family == socket.AF_INET and ":" in addr[0]:
                 continue
-            self._prove(addr)
+            if len(self.proven) < self.max_tunnels:
+                self.proven.add(addr)
             self.hellos.append((tid, addr))
         self._send_hellos(now)
 
