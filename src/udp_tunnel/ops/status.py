@@ -1,6 +1,6 @@
 """`udp-tunnel status`: a running agent's view, served on a local Unix socket.
 
-The agent publishes a snapshot of its state once a second; a thread answers
+The agent's loop makes a snapshot of its state when a reader asks for one; a thread answers
 each connection on the control socket with that snapshot as one JSON
 document. The socket is created owner-only (0600).
 
