@@ -333,3 +333,32 @@ def test_a_spray_against_one_inside_agents_service_leaves_the_others_new_clients
         pair.stop()
         ea.close()
         eb.close()
+
+
+def test_five_services_cost_the_keepalives_of_one(tmp_path):
+    """Tunnels and spares are not tied to a service: five services through one pair of agents, a
+    client each, send about the keepalives of one service with five clients (issue 21: at most 1.5
+    times); a tunnel per client, and the spares shared."""
+    counts = {}
+    for n in (1, 5):
+        sub = tmp_path / f"n{n}"
+        sub.mkdir()
+        echoes = [Echo(free_range(1)) for _ in range(n)]
+        services = {f"s{i}": (str(free_range(1)), str(e.first)) for i, e in enumerate(echoes)}
+        pair = Pair(sub, services)
+        try:
+            pair.outside.wait_status(lambda s: s["spares"] >= 2)
+            ports = [int(listen) for listen, _ in services.values()]
+            for i in range(5):  # five clients: of one service, or one of each
+                assert talk(ports[i % n], b"c%d" % i, 2) == expected(b"c%d" % i, 2)
+            ins = pair.insides[0]
+            start = ins.status()["keepalives"]
+            time.sleep(8)  # -t 2: four intervals
+            counts[n] = ins.status()["keepalives"] - start
+        finally:
+            pair.stop()
+            for e in echoes:
+                e.close()
+    print(f"keepalives in 8 s: one service {counts[1]}, five services {counts[5]} "
+          f"({counts[5] / counts[1]:.2f}x)")
+    assert counts[5] <= 1.5 * counts[1]

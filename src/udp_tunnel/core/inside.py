@@ -692,6 +692,7 @@ class InsideCore:
                 "uptime": now - self.started, "clients": active, "spares": spare,
                 "keepalive": {**self.learner.snapshot(), "interval": self.interval(), "upper": self.keepalive},
                 "demand": self.demand.snapshot(),
+                "keepalives": self.counter,  # control messages sent, in all
                 "services": {name: {"clients": sum(t.service == name for t in self.tunnels.values()
                                                    if t.state is ACTIVE)} for name in self.services.values()},
                 "outside_answering": self.legacy or (self.answering and self.last_reply is not None
