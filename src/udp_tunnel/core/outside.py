@@ -1,29 +1,45 @@
 """The outside agent's state machine, without any I/O.
 
+The agent receives on endpoints (local ports, by index `via`): endpoint 0 is
+the tunnel port, where the inside agents register; a service's clients arrive
+on its own port(s), or on the tunnel port when the service listens there
+(`-l PORT`: one endpoint for everything). Each inside agent has a key; a
+service names the key whose tunnels carry it.
+
 What the I/O loop may use (nothing else):
-- `receive(data, addr, now)`: a datagram the loop does not forward itself (from
-  an unknown source, or one `rule` says the core must see);
-- `take()`: what to send, as `Datagram`s; `has_output()` says whether there is any;
-- `next_timer()` / `on_timer(now)`; `reload_keys(secret, now)` (SIGHUP);
-- `routes` (routes.RouteTable: `get`, `version`): where datagrams of known flows go,
-  read-only; the loop counts what it forwards into the flows (Meters);
-- `rule` (classify.Classifier): which datagrams of known flows are the core's;
-- `snapshot(now)`, and `saved_tunnels()` / `remembered()` across a restart.
+- `receive(data, addr, now, via)`: a datagram the loop does not forward itself
+  (from an unknown source, or one `rules[via]` says the core must see);
+- `take()`: what to send, as `Datagram`s (data, address, endpoint to send from);
+  `has_output()` says whether there is any;
+- `next_timer()` / `on_timer(now)`; `reload_keys(secret, now, key)` (SIGHUP);
+- `routes` (routes.RouteTable: `gets[via]`, `version`, a `listener`): where
+  datagrams of known flows go, read-only; the loop counts what it forwards
+  into the flows (Meters);
+- `rules` (classify.Classifier per endpoint): which datagrams of known flows
+  are the core's;
+- `reached[via]`: the address clients send to on an endpoint, when known;
+- `snapshot(now)`, `saved_tunnels()` / `saved_initiations()` /
+  `remembered()` / `remember_initiations()` across a restart;
+- `add_key` / `remove_key` / `set_key_limit` / `add_service` /
+  `remove_service` / `update_service` / `add_endpoint` (a new configuration).
 
 Tables and their invariants (`check_invariants()` asserts every one):
 
 - `tunnels` (id -> Tunnel) and `by_addr` (public address -> Tunnel) hold the
   same tunnels, each under its own id and address.
 - A tunnel is in exactly one state: SPARE (in `spares`, no client), BOUND
-  (its client in `clients`, both directions in `route`) or ORPHAN (the inside
-  says it carries a client this agent does not know: never handed out).
-- `routes` holds exactly the two flows of every BOUND tunnel: client -> the
-  tunnel's address, the tunnel's address -> the client.
-- No address is both a client's and a tunnel's.
-- `admission.pending` holds new clients waiting for a spare, none of them a
-  client or a tunnel; their datagrams and bytes stay within the HOLD_* bounds.
-- Per source (an IPv4 address or an IPv6 /64), `Source.unanswered` lists
-  BOUND tunnels of that source that may not have had an answer yet.
+  (its client in `clients_at[via]`, both directions in `routes`) or ORPHAN
+  (the inside says it carries a client this agent does not know: never
+  handed out).
+- `routes` holds exactly the two flows of every BOUND tunnel: client (on its
+  endpoint) -> the tunnel's address, from endpoint 0; the tunnel's address
+  (on endpoint 0) -> the client, from the client's endpoint.
+- No address is both a tunnel's and a client's on the tunnel port.
+- Clients per service and per key, tunnels per key, are counted right and
+  within their limits.
+- Each endpoint's `admission.pending` holds new clients waiting for a spare,
+  none of them a client or a tunnel; their datagrams and bytes stay within the
+  HOLD_* bounds (admission.py lists its own invariants).
 - Every tunnel's session is in `sessions`; a session counts its ORPHAN and
   BOUND tunnels in `active`.
 """
