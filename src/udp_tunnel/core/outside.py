@@ -813,8 +813,10 @@ class OutsideCore:
         """Tell the inside, down tunnel t, which client it now carries (before its first datagram),
         until the inside says ACTIVE for it."""
         reached = self.reached[t.via]
+        # active: how many of the client's datagrams went down the tunnel before this ANNOUNCE (0 the
+        # first time): the inside lets only that many of what it held before it reach the service
         m = Control(proto.ANNOUNCE, flags, self.session, t.tid, self.sent + 1, peer=proto.pack_peer(t.client),
-                    key=max(t.key, 0), seen=proto.pack_peer(reached) if reached else proto.NO_PEER,
+                    active=t.up.pkts, key=max(t.key, 0), seen=proto.pack_peer(reached) if reached else proto.NO_PEER,
                     interval=t.offset, service=proto.service_id(t.service))
         self.out.append(Datagram(self._encode(m, t.session.keyname), t.addr))
         self.stats["announces"] += 1
