@@ -179,6 +179,18 @@ def test_data_spoofed_on_the_spares_before_a_client_takes_one_never_reaches_the_
     assert sim.inside.stats["drop_unannounced"] == len(spares) and sim.service_rx == [(tid, b"real")]
 
 
+def test_data_spoofed_on_a_spare_that_closes_before_its_hold_ends_is_counted_as_dropped():
+    """Found in the lab: a spare closed while it held spoofed data (no longer needed) dropped
+    that data without counting it."""
+    sim = Sim(keepalive=25, spares=2)
+    spare = next(iter(sim.outside.spares))
+    sim.deliver_to_inside(spare, b"spoofed")
+    sim.deliver_to_inside(spare, b"spoofed again")
+    sim.pump()
+    sim.inside.close(spare, sim.now, "spare no longer needed")
+    assert sim.inside.stats["drop_unannounced"] == 2 and sim.service_rx == []
+
+
 def test_after_a_lost_announce_only_the_clients_own_held_datagrams_reach_the_service_not_spoofed_ones():
     sim = Sim(keepalive=25, spares=2)
     codec = proto.Codec(b"secret")

@@ -252,6 +252,8 @@ class InsideCore:
         """Remove tunnel tid from the table, keeping the count of active tunnels right."""
         t = self.tunnels.pop(tid)
         self.active -= t.state is ACTIVE
+        if t.held:  # a spare that held data never announced
+            self.stats["drop_unannounced"] += len(t.held)
         if self.probe is t:
             self.probe = None
         return t
@@ -452,7 +454,8 @@ class InsideCore:
             self._activate(t, now, service, offset, reached)
             held, t.held, t.held_bytes = t.held, [], 0
             keep = held[len(held) - forwarded:] if forwarded else []
-            self.stats["drop_unannounced"] += len(held) - len(keep)
+            if len(keep) < len(held):
+                self.stats["drop_unannounced"] += len(held) - len(keep)
             for data in keep:  # what came before the announcement, in order
                 self._to_service(t, data)
         elif peer != t.peer and peer != proto.NO_PEER and service == t.service:
