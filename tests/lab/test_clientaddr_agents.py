@@ -36,6 +36,9 @@ def lab(tmp_path_factory):
     lab = Lab(tmp)
     try:
         lab.build()
+        why = policy_routing_missing(lab)
+        if why:
+            pytest.skip(why)
         for host, port, log in (("127.0.0.1", REC, "rec4.log"), ("::1", REC, "rec6.log"),
                                 ("0.0.0.0", REC_WILD, "recwild.log")):
             lab.spawn("home", ["python3", TOOL, "seen", host, str(port), "record"], log)
@@ -43,6 +46,23 @@ def lab(tmp_path_factory):
         yield lab
     finally:
         lab.close()
+
+
+def policy_routing_missing(lab: Lab) -> str | None:
+    """What transparent mode and go-mmproxy need of the kernel and that a kernel may lack:
+    policy routing for both families with the rules' protocol and port selectors (Linux 4.17,
+    CONFIG_IP_MULTIPLE_TABLES, CONFIG_IPV6_MULTIPLE_TABLES), and IP_TRANSPARENT."""
+    for fam, src in (("", "127.0.0.1"), ("-6 ", "::1")):
+        rule = f"ip {fam}rule add from {src} iif lo ipproto udp sport 1 lookup 4242"
+        r = lab.sh("home", f"{rule} && {rule.replace(' add ', ' del ')}", check=False)
+        if r.returncode != 0:
+            return f"this kernel refuses `{rule}` ({r.stderr.strip()}): transparent mode needs policy routing"
+    probe = ("python3 -c 'import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); "
+             "s.setsockopt(socket.IPPROTO_IPV6, 75, 1); s.bind((\"2001:db8:9::1\", 1))'")
+    r = lab.sh("home", probe, check=False)
+    if r.returncode != 0:
+        return f"this kernel refuses IPV6_TRANSPARENT: {r.stderr.strip().splitlines()[-1:]}"
+    return None
 
 
 @pytest.fixture
