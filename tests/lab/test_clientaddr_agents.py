@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 
 import pytest
 from netlab import PORT, ROOT, VPS4, VPS6, WORK1_6, WORK_PUBLIC, Lab, wait_for
@@ -392,3 +393,35 @@ def test_without_cap_net_admin_the_inside_agent_stops_at_start_with_one_line(lab
                         "the inside agent as root, or give it AmbientCapabilities=CAP_NET_ADMIN in its systemd "
                         "unit\n")
     assert str(TABLE) not in lab.sh("home", "ip rule show").stdout
+
+
+def test_a_transparent_service_removed_by_sighup_has_its_policy_routing_removed_when_the_agent_stops(lab, net):
+    """A configuration file with two services, one in transparent mode; SIGHUP with a file where
+    that service is gone (and another where the remaining one is transparent on another port),
+    then the agent stops: no rule or route of its is left (the replaced service's routing was
+    never removed)."""
+    cfg = os.path.join(net.tmp, "inside.toml")
+
+    def write(services: str) -> None:
+        with open(cfg, "w") as f:
+            f.write(f'[inside]\noutside = "{VPS4}:9992"\nkey_file = "{net.key}"\nkeepalive = 5\ncontrol = "none"\n'
+                    f'{services}')
+    write(f'[services.echo]\nservice = "127.0.0.1:{REC}"\nclient_address = "transparent"\n'
+          f'[services.wild]\nservice = "127.0.0.1:{REC_WILD}"\n')
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
+    ins = lab.spawn("home", ["python3", "-m", "udp_tunnel", "--config", cfg], "inside-config.log", env=env)
+    assert wait_for(lambda: "inside agent for services" in lab.log("inside-config.log"), 10), \
+        lab.log("inside-config.log")
+    assert f"sport {REC} lookup {TABLE}" in lab.sh("home", "ip rule show").stdout
+    write(f'[services.wild]\nservice = "127.0.0.1:{REC_WILD}"\nclient_address = "transparent"\n')
+    ins.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: f"sport {REC_WILD} lookup {TABLE}" in lab.sh("home", "ip rule show").stdout, 10), \
+        lab.log("inside-config.log")
+    try:
+        assert lab.stop(ins) == 0
+        rules = lab.sh("home", "ip rule show; ip -6 rule show").stdout
+        assert str(TABLE) not in rules, rules
+        assert lab.sh("home", f"ip route show table {TABLE}; ip -6 route show table {TABLE}").stdout == ""
+    finally:  # what a failure left, for the next tests
+        lab.sh("home", f"for i in 1 2 3 4; do ip rule del lookup {TABLE}; ip -6 rule del lookup {TABLE}; done "
+                       f"2>/dev/null; ip route flush table {TABLE}; ip -6 route flush table {TABLE}", check=False)
