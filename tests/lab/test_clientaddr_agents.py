@@ -222,6 +222,24 @@ def test_a_wireguard_client_that_roams_keeps_its_tunnel_and_wireguard_at_home_fo
         lab.sh("wrouter", 'nft flush chain ip nat post; nft add rule ip nat post oifname "wan" masquerade')
 
 
+def test_a_wireguard_client_on_the_servers_own_port_is_listed_with_its_address_and_another_port(lab, net):
+    """The limit of transparent mode: a client whose public port is the one WireGuard holds at home
+    on all addresses (a peer with ListenPort = 51820 behind a NAT that keeps the port) can't have a
+    socket bound to its exact address (EADDRINUSE, whatever the options); it keeps its address with
+    another port, and the agent says so once."""
+    out, ins = net.pair(f"127.0.0.1:{WG_PORT}", PORT, "--client-address", "transparent")
+    wg_fresh(lab, WG_PORT, f"{VPS4}:{PORT}")
+    assert wg_ping(lab), "no ping across WireGuard"
+    (client,) = clients_of(net.wait_status(out, lambda s: len(clients_of(s)) == 1))
+    assert client == f"{WORK_PUBLIC}:{WG_PORT}"  # the work NAT kept the port
+    shown_at_home = wg_endpoint(lab)
+    assert shown_at_home.startswith(f"{WORK_PUBLIC}:") and shown_at_home != client
+    assert foreign_bound(lab, ins) == {shown_at_home}
+    assert (f"client {client}: UDP port {WG_PORT} is taken on this host by a socket bound to all addresses (the "
+            f"service itself?); the service sees {shown_at_home}: the client's address, another port"
+            ) in lab.log(f"inside-{PORT}.log")
+
+
 # --- 2: an echo sees every datagram from the client's address ---
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
