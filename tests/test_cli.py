@@ -393,3 +393,24 @@ def test_a_socket_directory_others_can_enter_is_refused(tmp_path):
     r = run("-l", f"127.0.0.1:{free_port()}", XDG_RUNTIME_DIR=str(tmp_path))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a private directory" in r.stderr
     assert stat.S_IMODE(d.stat().st_mode) == 0o755 and list(d.iterdir()) == []  # left as it was
+
+
+def test_every_option_a_message_of_the_agents_names_is_one_the_command_line_has(capsys):
+    """A message named --transparent-table, an option the command line never had (issue 20)."""
+    import ast
+    import pathlib
+    import re
+
+    from udp_tunnel import cli
+    options = {o for a in cli.build_parser()._actions for o in a.option_strings}
+    with pytest.raises(SystemExit):
+        cli.status_main(["--help"])
+    options |= set(re.findall(r"--[a-z][a-z0-9-]+", capsys.readouterr().out))
+    unknown = {}
+    for path in sorted(pathlib.Path(ROOT, "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for opt in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", node.value):
+                    if opt not in options:
+                        unknown.setdefault(opt, []).append(f"{path.name}:{node.lineno}")
+    assert unknown == {}

@@ -7,12 +7,14 @@ not from the module's constants.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from udp_tunnel.io.proxied import EVERY, FIRST, ProxyFraming, strip_answer
+from udp_tunnel.io.services import ServiceTarget
 from udp_tunnel.wire import proxy
 
 # "\x0D \x0A \x0D \x0A \x00 \x0D \x0A \x51 \x55 \x49 \x54 \x0A"
@@ -166,3 +168,62 @@ def test_when_the_client_moves_proxy_v2_first_asks_for_a_new_socket_whose_first_
 def test_an_answer_without_a_header_passes_unchanged_and_one_with_a_header_loses_it():
     assert bytes(strip_answer(b"answer")) == b"answer"
     assert bytes(strip_answer(proxy.encode(SERVICE, CLIENT) + b"answer")) == b"answer"
+
+
+# --- which address of the front a client's datagrams go to ---
+
+def _front_on_both_loopbacks() -> tuple[int, list[socket.socket]]:
+    """A PROXY v2 front (as go-mmproxy on [::] is) on 127.0.0.1:P and [::1]:P."""
+    s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s4.bind(("127.0.0.1", 0))
+    port = s4.getsockname()[1]
+    s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s6.bind(("::1", port))
+    for s in (s4, s6):
+        s.settimeout(2.0)
+    return port, [s4, s6]
+
+
+@pytest.mark.parametrize("mode", [EVERY, FIRST])
+def test_a_proxy_v2_front_on_both_loopbacks_gets_each_client_over_the_clients_own_family(mode):
+    """go-mmproxy dials the service in the family of the datagrams' sender and binds that socket to
+    the header's source: an IPv6 client sent to it over IPv4 fails ("no suitable address found"),
+    so with -s 127.0.0.1:P an IPv6 client goes to [::1]:P when the front listens there too (found
+    in tests/lab/test_clientaddr_agents.py), and the other way round."""
+    port, (s4, s6) = _front_on_both_loopbacks()
+    try:
+        t = ServiceTarget("default", socket.AF_INET, "127.0.0.1", port, mode=mode)
+        assert t.start() == []
+        c6, c4 = ("2001:db8:8::2", 40000, 0, 0), ("::ffff:203.0.113.18", 40001, 0, 0)
+        conn6, conn4 = t.open(0, c6, None), t.open(0, c4, None)
+        assert conn6.sock.family == socket.AF_INET6 and conn6.sock.getpeername()[:2] == ("::1", port)
+        assert conn4.sock.family == socket.AF_INET and conn4.sock.getpeername() == ("127.0.0.1", port)
+        conn6.sock.sendmsg(conn6.framing.frame(b"six"))
+        conn4.sock.sendmsg(conn4.framing.frame(b"four"))
+        assert s6.recv(100) == proxy.encode(c6[:2], ("::1", port)) + b"six"
+        assert s4.recv(100) == proxy.encode(("203.0.113.18", 40001), ("127.0.0.1", port)) + b"four"
+        # an IPv4 client that roams to IPv6 (a phone off Wi-Fi) goes on through [::1]
+        new = t.move(conn4, c4, ("2001:db8:8::3", 40002, 0, 0), 0.0)
+        assert new is not None and new.family == socket.AF_INET6 and new.getpeername()[:2] == ("::1", port)
+        for c in (conn6, conn4):
+            c.sock.close()
+        new.close()
+    finally:
+        s4.close()
+        s6.close()
+
+
+def test_a_proxy_v2_front_on_one_loopback_gets_every_client_there():
+    s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s4.bind(("127.0.0.1", 0))
+    port = s4.getsockname()[1]
+    try:
+        t = ServiceTarget("default", socket.AF_INET, "127.0.0.1", port, mode=EVERY)
+        t.start()
+        conn = t.open(0, ("2001:db8:8::2", 40000, 0, 0), None)
+        assert conn.sock.family == socket.AF_INET and conn.sock.getpeername() == ("127.0.0.1", port)
+        assert t.move(conn, ("2001:db8:8::2", 40000, 0, 0), ("2001:db8:8::3", 40000, 0, 0), 0.0) is None
+        conn.sock.close()
+    finally:
+        s4.close()

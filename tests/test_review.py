@@ -161,6 +161,61 @@ def test_a_lost_announce_is_sent_again_and_the_held_first_datagram_then_reaches_
     assert sim.inside.stats["drop_replay"] == 1
 
 
+def test_data_spoofed_on_the_spares_before_a_client_takes_one_never_reaches_the_service_as_that_clients():
+    """Found in the lab (tests/lab/test_clientaddr_agents.py): data spoofed from the outside's
+    address onto every spare was held there, and the ANNOUNCE of the next client the outside
+    gave one of them handed it to the service as that client's (from the client's own address
+    with --client-address transparent). The ANNOUNCE now says how many of the client's
+    datagrams the outside forwarded before it: the inside keeps only that many of the last held."""
+    sim = Sim(keepalive=25, spares=2)
+    spares = list(sim.outside.spares)
+    for tid in spares:
+        sim.deliver_to_inside(tid, b"spoofed")
+    sim.pump()
+    sim.send(b"real", CLIENT)
+    tid = sim.outside.clients[CLIENT].tid
+    assert tid in spares and sim.service_rx == [(tid, b"real")]
+    sim.advance(4)
+    assert sim.inside.stats["drop_unannounced"] == len(spares) and sim.service_rx == [(tid, b"real")]
+
+
+def test_data_spoofed_on_a_spare_that_closes_before_its_hold_ends_is_counted_as_dropped():
+    """Found in the lab: a spare closed while it held spoofed data (no longer needed) dropped
+    that data without counting it."""
+    sim = Sim(keepalive=25, spares=2)
+    spare = next(iter(sim.outside.spares))
+    sim.deliver_to_inside(spare, b"spoofed")
+    sim.deliver_to_inside(spare, b"spoofed again")
+    sim.pump()
+    sim.inside.close(spare, sim.now, "spare no longer needed")
+    assert sim.inside.stats["drop_unannounced"] == 2 and sim.service_rx == []
+
+
+def test_after_a_lost_announce_only_the_clients_own_held_datagrams_reach_the_service_not_spoofed_ones():
+    sim = Sim(keepalive=25, spares=2)
+    codec = proto.Codec(b"secret")
+    lost = []
+    real = sim.deliver_to_inside
+
+    def lose_the_first_announce(tid, data):
+        if proto.is_control(data) and codec.decode(data).type == proto.ANNOUNCE and not lost:
+            lost.append(data)
+            return
+        real(tid, data)
+
+    sim.deliver_to_inside = lose_the_first_announce
+    for tid in list(sim.outside.spares):
+        real(tid, b"spoofed")
+    sim.pump()
+    sim.send(b"first", CLIENT)
+    sim.send(b"second", CLIENT)
+    tid = sim.outside.clients[CLIENT].tid
+    assert lost and sim.service_rx == []  # held: spoofed, first, second
+    sim.advance(0.2)  # the ANNOUNCE again: two datagrams of the client went down the tunnel before it
+    assert sim.service_rx == [(tid, b"first"), (tid, b"second")]
+    assert sim.inside.stats["drop_unannounced"] == 1
+
+
 def test_every_encrypted_message_has_a_nonce_of_its_own():
     """Finding 13: challenges to unknown sessions and replies to replays repeated their nonce
     (only the seen field differed)."""

@@ -386,7 +386,10 @@ class Reloader:
                     self.log.info(line)
             except TransparentError as e:
                 raise StartError(str(e)) from None
+            if name in loop.services:  # its clients keep their sockets (and its policy routing) until stop
+                loop.replaced.append(loop.services[name])
             loop.services[name] = t  # new clients; those already there keep their sockets
         for name in ch.removed:
-            loop.services.pop(name, None)
+            if name in loop.services:
+                loop.replaced.append(loop.services.pop(name))
         core.serve(tuple(s.name for s in new.services), now)

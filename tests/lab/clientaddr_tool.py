@@ -1,7 +1,16 @@
 """Programs the client-address lab runs inside its namespaces (see test_clientaddr.py).
 
-    clientaddr_tool.py seen HOST PORT      UDP service: answers each datagram with "IP PORT|" + the datagram,
-                                           the address it came from as the service sees it
+    clientaddr_tool.py seen HOST PORT [record]
+                                           UDP service: answers each datagram with "IP PORT|" + the datagram,
+                                           the address it came from as the service sees it; with `record`,
+                                           also prints "IP PORT HEX" (source, datagram) for every datagram
+    clientaddr_tool.py clients HOST PORT N PER
+                                           N client sockets (N local ports) to HOST:PORT, each sends PER
+                                           datagrams and waits for each answer (resent after 1 s, 3 tries);
+                                           JSON: per socket its local address, datagrams sent, answers
+    clientaddr_tool.py spoof SRC_HOST SRC_PORT DST_HOST DST_PORT COUNT
+                                           COUNT datagrams "spoofed N" from SRC (not an address of this
+                                           host: IP_TRANSPARENT) to DST
     clientaddr_tool.py driver              reads JSON requests on stdin, one a line, and answers each with one
                                            JSON line: the inside agent's I/O calls, one at a time (below)
     clientaddr_tool.py relay LISTEN_HOST LISTEN_PORT SERVICE_HOST SERVICE_PORT ANNOUNCE_IP1 ANNOUNCE_IP2 TABLE
@@ -43,15 +52,53 @@ def fam(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def seen(host: str, port: str) -> None:
+def seen(host: str, port: str, record: str = "") -> None:
     s = socket.socket(fam(host), socket.SOCK_DGRAM)
     s.bind((host, int(port)))
     while True:
         data, addr = s.recvfrom(65536)
+        if record:
+            print(f"{addr[0]} {addr[1]} {data.hex()}", flush=True)
         try:
             s.sendto(f"{addr[0]} {addr[1]}|".encode() + data, addr)
         except OSError as e:  # EINVAL: no route back from this address (no policy routing)
             print(f"answer to {addr[0]} {addr[1]}: {e}", flush=True)
+
+
+def clients(host: str, port: str, n: str, per: str) -> None:
+    socks = []
+    for _ in range(int(n)):
+        s = socket.socket(fam(host), socket.SOCK_DGRAM)
+        s.connect((host, int(port)))
+        s.settimeout(1.0)
+        socks.append(s)
+    out = [{"local": list(s.getsockname()[:2]), "sent": 0, "answers": []} for s in socks]
+    for j in range(int(per)):
+        for i, s in enumerate(socks):
+            msg = f"c{i} d{j}".encode()
+            for _ in range(3):
+                s.send(msg)
+                out[i]["sent"] += 1
+                try:
+                    answer = s.recv(65536)
+                except TimeoutError:
+                    continue
+                out[i]["answers"].append(answer.decode(errors="replace"))
+                break
+    print(json.dumps(out))
+
+
+def spoof(src_host: str, src_port: str, dst_host: str, dst_port: str, count: str) -> None:
+    f = fam(dst_host)
+    with socket.socket(f, socket.SOCK_DGRAM) as s:
+        if f == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, transparent.IPV6_TRANSPARENT, 1)
+        else:
+            s.setsockopt(socket.IPPROTO_IP, transparent.IP_TRANSPARENT, 1)
+        s.bind((src_host, int(src_port)))
+        for i in range(int(count)):
+            s.sendto(b"spoofed %d" % i, (dst_host, int(dst_port)))
+    print(json.dumps({"sent": int(count)}))
 
 
 class Driver:

@@ -6,6 +6,10 @@
      agent)        firewall)    UDP timeout    │  └──── attacker
                                 20 s)
 
+IPv6: home (2001:db8:1::2) is routed through hrouter's firewall and the carrier; work1
+(2001:db8:8::2) is routed through wrouter (2001:db8:7::/64 towards inet, no NAT66); the
+VPS is 2001:db8:5::10. work2 and the attacker are IPv4 only.
+
 Only documentation ranges are used (192.0.2.0/24, 198.51.100.0/24,
 203.0.113.0/24, 100.64.0.0/10, 2001:db8::/32). No namespace is linked to the
 host's network. `close()` ends every process the lab started (by PID) and
@@ -25,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TOOL = os.path.join(ROOT, "tests", "lab", "tool.py")
 
 VPS4, VPS6, PORT = "198.51.100.10", "2001:db8:5::10", 9999
+WORK_PUBLIC, WORK1_6 = "203.0.113.18", "2001:db8:8::2"  # work's NAT address; work1's IPv6 address (not NATed)
 CARRIER_PUBLIC = "203.0.113.2"
 HOME4 = "192.0.2.2"
 CARRIER_UDP_TIMEOUT = 20
@@ -37,8 +42,9 @@ LINKS = [
      "inet", "to-cgn", ["203.0.113.1/28", "2001:db8:2::1/64"]),
     ("vps", "eth0", ["198.51.100.10/28", "2001:db8:5::10/64"],
      "inet", "to-vps", ["198.51.100.1/28", "2001:db8:5::1/64"]),
-    ("wrouter", "wan", ["203.0.113.18/28"], "inet", "to-work", ["203.0.113.17/28"]),
-    ("work1", "eth0", ["192.0.2.66/28"], "wrouter", "lan1", ["192.0.2.65/28"]),
+    ("wrouter", "wan", ["203.0.113.18/28", "2001:db8:7::2/64"],
+     "inet", "to-work", ["203.0.113.17/28", "2001:db8:7::1/64"]),
+    ("work1", "eth0", ["192.0.2.66/28", "2001:db8:8::2/64"], "wrouter", "lan1", ["192.0.2.65/28", "2001:db8:8::1/64"]),
     ("work2", "eth0", ["192.0.2.82/28"], "wrouter", "lan2", ["192.0.2.81/28"]),
     ("attacker", "eth0", ["203.0.113.34/28"], "inet", "to-atk", ["203.0.113.33/28"]),
 ]
@@ -46,10 +52,10 @@ ROUTES = {
     "home": ["default via 192.0.2.1", "-6 default via 2001:db8:1::1"],
     "hrouter": ["default via 100.64.1.1", "-6 default via 2001:db8:3::1"],
     "carrier": ["default via 203.0.113.1", "-6 default via 2001:db8:2::1", "-6 2001:db8:1::/64 via 2001:db8:3::2"],
-    "inet": ["-6 2001:db8:1::/64 via 2001:db8:2::2"],
+    "inet": ["-6 2001:db8:1::/64 via 2001:db8:2::2", "-6 2001:db8:8::/64 via 2001:db8:7::2"],
     "vps": ["default via 198.51.100.1", "-6 default via 2001:db8:5::1"],
-    "wrouter": ["default via 203.0.113.17"],
-    "work1": ["default via 192.0.2.65"],
+    "wrouter": ["default via 203.0.113.17", "-6 default via 2001:db8:7::1"],
+    "work1": ["default via 192.0.2.65", "-6 default via 2001:db8:8::1"],
     "work2": ["default via 192.0.2.81"],
     "attacker": ["default via 203.0.113.33"],
 }

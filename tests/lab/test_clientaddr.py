@@ -203,7 +203,8 @@ def test_a_table_holding_routes_of_the_user_is_refused_and_left_as_it_was(lab, d
     try:
         r = drv("routing", services=[SVC4], table=TABLE, action="install")
         assert r["error"] == (f"RoutingError: routing table {TABLE} already holds routes that udp-tunnel did not add "
-                              "(such as 203.0.113.0/24): choose another table with --transparent-table")
+                              "(such as 203.0.113.0/24): --client-address transparent needs it for its own "
+                              "route alone; move those routes to another table")
         assert table(lab) == "203.0.113.0/24 via 192.0.2.1 dev eth0 \n" and str(TABLE) not in rules(lab)
     finally:
         lab.sh("cahome", f"ip route flush table {TABLE}")

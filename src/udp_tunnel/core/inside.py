@@ -252,6 +252,8 @@ class InsideCore:
         """Remove tunnel tid from the table, keeping the count of active tunnels right."""
         t = self.tunnels.pop(tid)
         self.active -= t.state is ACTIVE
+        if t.held:  # a spare that held data never announced
+            self.stats["drop_unannounced"] += len(t.held)
         if self.probe is t:
             self.probe = None
         return t
@@ -387,7 +389,8 @@ class InsideCore:
             if m.flags & proto.F_GONE:
                 self.close(t.tid, now, "the outside agent let its client go")
                 return
-            self._announce(t, m.peer, m.service, m.interval, proto.unpack_peer(m.seen, socket.AF_INET6), now)
+            self._announce(t, m.peer, m.service, m.interval, proto.unpack_peer(m.seen, socket.AF_INET6), now,
+                           m.active)
             return
         if m.flags & proto.F_HELLO:
             self._hello(m, now)
@@ -435,10 +438,12 @@ class InsideCore:
         return m
 
     def _announce(self, t: Tunnel, peer: bytes, sid: bytes, offset: int, reached: tuple | None,
-                  now: float) -> None:
+                  now: float, forwarded: int = 0) -> None:
         """The outside gives tunnel t to the client at `peer`, of the service `sid` names (an
         ANNOUNCE, or a REPLY that says BOUND): its data may reach the service now; a new
-        address of the client it carries is the client moving."""
+        address of the client it carries is the client moving. Of the data held before, only
+        the last `forwarded` datagrams (how many the outside forwarded before this ANNOUNCE)
+        can be the client's: the rest was spoofed onto the spare, and is dropped."""
         service = self.services.get(sid)
         if service is None:
             self.stats["drop_unknown_service"] += 1
@@ -451,7 +456,10 @@ class InsideCore:
             t.peer = peer
             self._activate(t, now, service, offset, reached)
             held, t.held, t.held_bytes = t.held, [], 0
-            for data in held:  # what came before the announcement, in order
+            keep = held[len(held) - forwarded:] if forwarded else []
+            if len(keep) < len(held):
+                self.stats["drop_unannounced"] += len(held) - len(keep)
+            for data in keep:  # what came before the announcement, in order
                 self._to_service(t, data)
         elif peer != t.peer and peer != proto.NO_PEER and service == t.service:
             t.peer = peer

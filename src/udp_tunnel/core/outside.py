@@ -505,7 +505,7 @@ class OutsideCore:
         """`gone`: the inside still has the tunnel and is told at once (an ANNOUNCE saying GONE)."""
         if self.tunnels.get(t.tid) is not t:
             return
-        if gone and not self.legacy:
+        if gone and not self.legacy and t.state is State.BOUND:
             self._announce(t, 0.0, proto.F_GONE)
         gate = self.gate(t)
         if gate is not None:  # WireGuard hook: its sessions go with it
@@ -827,8 +827,10 @@ class OutsideCore:
         """Tell the inside, down tunnel t, which client it now carries (before its first datagram),
         until the inside says ACTIVE for it."""
         reached = self.reached[t.via]
+        # active: how many of the client's datagrams went down the tunnel before this ANNOUNCE (0 the
+        # first time): the inside lets only that many of what it held before it reach the service
         m = Control(proto.ANNOUNCE, flags, self.session, t.tid, self.sent + 1, peer=proto.pack_peer(t.client),
-                    key=max(t.key, 0), seen=proto.pack_peer(reached) if reached else proto.NO_PEER,
+                    active=t.up.pkts, key=max(t.key, 0), seen=proto.pack_peer(reached) if reached else proto.NO_PEER,
                     interval=t.offset, service=proto.service_id(t.service))
         self.out.append(Datagram(self._encode(m, t.session.keyname), t.addr))
         self.stats["announces"] += 1

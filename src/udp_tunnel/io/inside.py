@@ -69,6 +69,7 @@ class InsideLoop(Loop):
             fam, addr = services
             services = {"default": ServiceTarget("default", fam, addr[0], addr[1])}
         self.services = services
+        self.replaced: list[ServiceTarget] = []  # services a SIGHUP replaced or removed: stopped at close
         self.draining: dict[int, tuple[socket.socket, float]] = {}  # fd -> (old PROXY v2 socket, until)
         self.family = family
         self.rule = core.rule
@@ -177,7 +178,7 @@ class InsideLoop(Loop):
     def _drained(self, now: float) -> None:
         """Old service sockets that have been quiet long enough: closed."""
         done = [s for s, until in self.draining.values() if now >= until]
-        for t in self.services.values():
+        for t in (*self.services.values(), *self.replaced):
             done += t.expired(now)
         for s in done:
             self.draining.pop(s.fileno(), None)
@@ -269,7 +270,7 @@ class InsideLoop(Loop):
     def close(self) -> None:
         for p in list(self.pipes.values()):
             self._close_pipe(p)
-        for t in self.services.values():
+        for t in (*self.services.values(), *self.replaced):
             socks, said = t.stop()
             for s in socks:
                 s.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from udp_tunnel.addr import show
 from udp_tunnel.io.proxied import ProxyFraming
-from udp_tunnel.io.transparent import ClientAddressError, TransparentClients
+from udp_tunnel.io.transparent import ClientAddressError, TransparentClients, service_addresses, udp_listeners
 
 MODES = ("off", "transparent", "proxy-v2", "proxy-v2-first")
 
@@ -47,6 +47,7 @@ class ServiceTarget:
     table: int | None = None  # transparent mode: the policy routing table (None: the default)
     manage_routing: bool = True
     transparent: dict[int, TransparentClients] = field(default_factory=dict)  # by service port
+    fronts: dict[int, str] = field(default_factory=dict)  # PROXY v2: the front's host per client family (start)
 
     def address(self, offset: int) -> tuple:
         if not 0 <= offset < self.size:
@@ -55,10 +56,23 @@ class ServiceTarget:
 
     def start(self) -> list[str]:
         """Transparent mode: check the privileges and set up the policy routing of the first port
-        (raises transparent.TransparentError: one line). What to log."""
+        (raises transparent.TransparentError: one line). What to log.
+        PROXY v2: the front's loopback address of each family it listens on (see _front)."""
+        if self.mode.startswith("proxy-v2"):
+            self.fronts = {f: a[0] for f, a in service_addresses((self.host, self.first),
+                                                                 udp_listeners(self.first)).items()}
         if self.mode != "transparent":
             return []
         return self._clients(self.first).start()
+
+    def _front(self, addr: tuple, client: tuple) -> tuple:
+        """PROXY v2: where a client's datagrams go: for a front on a loopback address that
+        listens on the other family's loopback too, the one of the client's family.
+        go-mmproxy dials the service in the family of the datagrams' sender, from the
+        header's source: an IPv6 client sent to it over IPv4 fails, and the other way round."""
+        fam = socket.AF_INET6 if ":" in client[0] and not client[0].startswith("::ffff:") else socket.AF_INET
+        host = self.fronts.get(fam)
+        return (host, addr[1]) if host else addr
 
     def _clients(self, port: int) -> TransparentClients:
         tc = self.transparent.get(port)
@@ -80,14 +94,15 @@ class ServiceTarget:
             except ClientAddressError as e:  # the service sees the agent, as without the mode
                 if self.warn:
                     self.warn(f"{self.name}: {e}")
-        s = self.plain(addr)
         framing = None
         if client is not None and self.mode.startswith("proxy-v2"):
+            addr = self._front(addr, client)
             framing = ProxyFraming(self.mode, client, addr, reached)
-        return Conn(s, addr[1], framing)
+        return Conn(self.plain(addr), addr[1], framing)
 
     def plain(self, addr: tuple) -> socket.socket:
-        s = socket.socket(self.family, socket.SOCK_DGRAM)
+        s = socket.socket(self.family if addr[0] == self.host else socket.AF_INET6 if ":" in addr[0]
+                          else socket.AF_INET, socket.SOCK_DGRAM)
         try:
             s.setblocking(False)
             s.connect(addr)
@@ -106,8 +121,10 @@ class ServiceTarget:
                 if self.warn:
                     self.warn(f"{self.name}: {e}")
                 return None
-        if conn.framing is not None and conn.framing.moved(new):
-            return self.plain((self.host, conn.port))
+        if conn.framing is not None:
+            front = self._front((self.host, conn.port), new)
+            if conn.framing.moved(new) or front[0] != conn.sock.getpeername()[0]:  # proxy-v2-first, or a new family
+                return self.plain(front)
         return None
 
     def seen(self, fd: int, now: float) -> None:

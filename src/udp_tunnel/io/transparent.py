@@ -38,7 +38,7 @@ from udp_tunnel.io.rtnl import RT_SCOPE_HOST, RTN_LOCAL, Netlink, Route, Rule
 IP_TRANSPARENT = 19  # <linux/in.h>
 IPV6_TRANSPARENT = 75  # <linux/in6.h>
 CAP_NET_ADMIN, CAP_NET_RAW = 12, 13
-DEFAULT_TABLE = 21844  # 0x5554, "UT"; --transparent-table changes it
+DEFAULT_TABLE = 21844  # 0x5554, "UT"; TransparentClients(table=) takes another (no option sets it)
 RTPROT = 85  # rtm_protocol / FRA_PROTOCOL of what the agent adds (not in /etc/iproute2/rt_protos)
 DRAIN = 2.0  # seconds a moved client's old socket stays open after its last answer
 DRAIN_MAX = 30.0  # and at most, after the move
@@ -398,7 +398,8 @@ class Routing:
                 dst = f"{r.dst or ('::' if fam == socket.AF_INET6 else '0.0.0.0')}/{r.dst_len}"
                 raise RoutingError(
                     f"routing table {self.table} already holds routes that udp-tunnel did not add "
-                    f"(such as {dst}): choose another table with --transparent-table")
+                    f"(such as {dst}): --client-address transparent needs it for its own route alone; "
+                    "move those routes to another table")
         return found
 
     def _have_rule(self, want: Rule) -> Rule | None:

@@ -62,7 +62,8 @@ class Control:
     counter: int  # keepalive: sender's counter; reply: the answered keepalive's counter
     cookie: bytes = bytes(COOKIE_LEN)
     peer: bytes = NO_PEER  # client address, 16-byte IPv6 (v4-mapped) + 2-byte port
-    active: int = 0  # keepalive: active tunnels the inside has; reply: clients waiting for a spare
+    active: int = 0  # keepalive: active tunnels the inside has; reply: clients waiting for a spare;
+    # announce: the client's datagrams the outside forwarded down the tunnel before it
     key: int = 0  # which of the codec's keys made (encode) or verified (decode) the tag
     seen: bytes = NO_PEER  # reply: where the outside sees the tunnel; announce: where the client sent to
     interval: int = 0  # keepalive: seconds until its next keepalive; announce: the port's offset in the service
