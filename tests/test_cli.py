@@ -408,6 +408,8 @@ def test_every_option_a_message_of_the_agents_names_is_one_the_command_line_has(
     options |= set(re.findall(r"--[a-z][a-z0-9-]+", capsys.readouterr().out))
     unknown = {}
     for path in sorted(pathlib.Path(ROOT, "src").rglob("*.py")):
+        if path.name == "hostnat.py":  # it reads iptables-save's options, not ours
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Constant) and isinstance(node.value, str):
                 for opt in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", node.value):

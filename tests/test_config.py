@@ -382,7 +382,8 @@ def test_install_facts_say_the_role_key_files_descriptors_and_capability(capsys)
 
 def test_the_readme_s_config_examples_pass_check_config_alone_and_together(tmp_path, capsys):
     readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme[readme.index("## Config file"):readme.index("## How it behaves")]
+    start = readme.index("## Config file")
+    section = readme[start:readme.index("\n## ", start + 1)]
     blocks = [b.split("```", 1)[0] for b in section.split("```toml\n")[1:]]
     assert len(blocks) == 2 and "[outside]" in blocks[0] and "[inside]" in blocks[1]
     outside, inside = write(tmp_path, blocks[0], "outside.toml"), write(tmp_path, blocks[1], "inside.toml")
