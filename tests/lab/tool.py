@@ -1,6 +1,9 @@
 """Small programs the lab runs inside its network namespaces.
 
     tool.py echo HOST PORT                 UDP echo service (runs until killed)
+    tool.py tagged HOST FIRST-LAST NAME    UDP service on each port: answers "NAME PORT|" + the datagram
+    tool.py ask HOST PORT N PER            N client sockets, PER datagrams each (resent after 0.5 s, 6
+                                           tries); JSON: per socket the answers (to "tagged"), in order
     tool.py probe HOST PORT                one datagram; exit 0 if it comes back within 1 s
     tool.py converse HOST PORT N PER       N clients x PER datagrams, byte-checked; JSON result
     tool.py flow HOST PORT SECONDS         a datagram every 20 ms; prints the wall time of each echo
@@ -39,6 +42,47 @@ def echo(host: str, port: str) -> None:
     while True:
         data, addr = s.recvfrom(65536)
         s.sendto(data, addr)
+
+
+def tagged(host: str, ports: str, name: str) -> None:
+    import selectors
+    first, _, last = ports.partition("-")
+    sel = selectors.DefaultSelector()
+    for p in range(int(first), int(last or first) + 1):
+        s = socket.socket(fam(host), socket.SOCK_DGRAM)
+        s.bind((host, p))
+        sel.register(s, selectors.EVENT_READ, b"%s %d|" % (name.encode(), p))
+    while True:
+        for key, _ in sel.select():
+            data, addr = key.fileobj.recvfrom(65536)
+            key.fileobj.sendto(key.data + data, addr)
+
+
+def ask(host: str, port: str, n: str, per: str) -> None:
+    socks = []
+    for _ in range(int(n)):
+        s = socket.socket(fam(host), socket.SOCK_DGRAM)
+        s.connect((host, int(port)))
+        s.settimeout(0.5)
+        socks.append(s)
+    out = [[] for _ in socks]
+    for k in range(int(per)):
+        for i, s in enumerate(socks):
+            msg = b"client %d datagram %d" % (i, k)
+            answer = None
+            for _ in range(6):
+                s.send(msg)
+                try:
+                    while answer is None:
+                        got = s.recv(65536)
+                        if not any(got.endswith(b"|client %d datagram %d" % (i, j)) for j in range(k)):
+                            answer = got.decode(errors="replace")  # not a late answer to an earlier one
+                    break
+                except OSError:
+                    continue
+            if answer is not None:
+                out[i].append(answer)
+    print(json.dumps(out))
 
 
 def probe(host: str, port: str) -> int:
