@@ -35,10 +35,11 @@
  * Left untouched, for the agent to handle as it would without this program:
  * anything not addressed to this host (pkt_type), non-IP, non-UDP, IPv4 with
  * options, fragments (IPv4 MF or offset, any IPv6 extension header), short,
- * truncated or inconsistent packets, a zero IPv6 UDP checksum, control
- * messages (120 bytes starting with "UDPT"; in legacy mode every 40-byte
- * datagram), WireGuard handshakes (148 and 92 bytes) when the agent asks,
- * GSO/GRO packets that may hold one of those, unknown flows, flows whose new
+ * truncated or inconsistent packets, a zero IPv6 UDP checksum, what the
+ * flow's rule (its flags, core/classify.py's rule for that direction) says
+ * the agent must see: control messages (120 bytes starting with "UDPT"), every
+ * 40-byte datagram (legacy keepalives), WireGuard handshakes (148 and 92
+ * bytes), GSO/GRO packets that may hold one of those, unknown flows, flows whose new
  * ends are of another address family, packets the route lookup does not send
  * to a neighbour, and packets over the egress MTU.
  *
@@ -53,16 +54,18 @@
 #define WG_RESPONSE_LEN 92
 #define MAGIC 0x54504455 /* "UDPT" as a little-endian u32 */
 
-/* config flags */
-#define CFG_LEGACY 1
-#define CFG_WIREGUARD 2
+/* config flags (1 and 2 were the legacy and WireGuard rules, per flow now) */
 #define CFG_WILDCARD 4 /* some flow has a zero destination address: look it up too */
 #define CFG_AGENT_BEFORE 8 /* another agent's program runs before this one on lo */
 
 /* flow flags */
 #define F_V4 1          /* the new ends are IPv4 */
-#define F_SRC_IS_DST 2  /* the new source is the packet's destination (a wildcard listener) */
+#define F_SRC_IS_DST 2  /* the new source address is the packet's destination (a wildcard listener) */
 #define F_LOCAL 4       /* the new destination is a local address: straight into lo */
+/* The flow's rule (core/classify.py): which of its datagrams the agent must see. */
+#define F_CTRL 8        /* 120 bytes starting with "UDPT" (a control message) */
+#define F_LEN40 16      /* every 40-byte datagram (the legacy keepalive) */
+#define F_WG 32         /* 92 and 148 bytes (WireGuard handshake messages) */
 
 /* Per-CPU counters of what the program did, by reason (the loader names them in this order). */
 enum {
@@ -192,21 +195,22 @@ INLINE int count(__u32 reason)
 	return TCX_NEXT;
 }
 
-INLINE int special_len(__u32 n, __u32 cfg)
+/* The flow's rule by length alone: 0, or why a datagram of n bytes may be the agent's (a
+ * 120-byte one then only with the magic). */
+INLINE int special_len(__u32 n, __u32 rule)
 {
-	if (cfg & CFG_LEGACY) {
-		if (n == LEGACY_LEN)
-			return ST_CONTROL;
-	} else if (n == CTRL_LEN) {
+	if ((rule & F_LEN40) && n == LEGACY_LEN)
 		return ST_CONTROL;
-	}
-	if ((cfg & CFG_WIREGUARD) && (n == WG_INITIATION_LEN || n == WG_RESPONSE_LEN))
+	if ((rule & F_CTRL) && n == CTRL_LEN)
+		return ST_CONTROL;
+	if ((rule & F_WG) && (n == WG_INITIATION_LEN || n == WG_RESPONSE_LEN))
 		return ST_WIREGUARD;
 	return 0;
 }
 
-/* 0, or the reason why the agent must see this datagram (payload of plen bytes at poff). */
-INLINE int special(struct __sk_buff *skb, __u32 poff, __u32 plen, __u32 cfg)
+/* 0, or the reason why the agent must see this datagram (payload of plen bytes at poff), by the
+ * flow's rule (its flags). */
+INLINE int special(struct __sk_buff *skb, __u32 poff, __u32 plen, __u32 rule)
 {
 	__u32 gso = skb->gso_size;
 	int r;
@@ -215,13 +219,13 @@ INLINE int special(struct __sk_buff *skb, __u32 poff, __u32 plen, __u32 cfg)
 		/* GRO/GSO: segments of gso bytes, the last one shorter or equal */
 		__u32 last = plen % gso;
 
-		r = special_len(gso, cfg);
+		r = special_len(gso, rule);
 		if (r)
 			return r;
-		return special_len(last ? last : gso, cfg);
+		return special_len(last ? last : gso, rule);
 	}
-	r = special_len(plen, cfg);
-	if (r == ST_CONTROL && !(cfg & CFG_LEGACY)) {
+	r = special_len(plen, rule);
+	if (r == ST_CONTROL && plen == CTRL_LEN) {
 		__u32 magic = 0;
 
 		if (bpf_skb_load_bytes(skb, poff, &magic, 4) < 0)
@@ -311,9 +315,6 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (bswap16(udp.len) != tot - 20)
 		return count(ST_MALFORMED);
 	__u32 plen = tot - 28;
-	int r = special(skb, UDP4_OFF + 8, plen, cfg);
-	if (r)
-		return count(r);
 
 	struct flow_key k = {
 		.saddr = {0, 0, V4_MAPPED, ip.saddr},
@@ -330,12 +331,15 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (!f)
 		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;
+	int r = special(skb, UDP4_OFF + 8, plen, flags);
+	if (r)
+		return count(r);
 	if (!(flags & F_V4))
 		return count(ST_FAMILY);
 	if (ip.ttl <= 1)
 		return count(ST_TTL);
 	__u32 nsrc = flags & F_SRC_IS_DST ? ip.daddr : f->saddr[3];
-	__u16 nsport = flags & F_SRC_IS_DST ? udp.dest : f->sport;
+	__u16 nsport = f->sport;
 	__u32 ndst = f->daddr[3];
 	__u16 ndport = f->dport;
 
@@ -401,9 +405,6 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (bswap16(udp.len) != plen6 || udp.check == 0)
 		return count(ST_MALFORMED);
 	__u32 plen = plen6 - 8;
-	int r = special(skb, UDP6_OFF + 8, plen, cfg);
-	if (r)
-		return count(r);
 
 	struct flow_key k = {
 		.saddr = {ip.saddr[0], ip.saddr[1], ip.saddr[2], ip.saddr[3]},
@@ -422,6 +423,9 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (!f)
 		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;
+	int r = special(skb, UDP6_OFF + 8, plen, flags);
+	if (r)
+		return count(r);
 	if (flags & F_V4)
 		return count(ST_FAMILY);
 	if (ip.hop_limit <= 1)
@@ -431,19 +435,17 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	__u32 old[8] = {ip.saddr[0], ip.saddr[1], ip.saddr[2], ip.saddr[3],
 			ip.daddr[0], ip.daddr[1], ip.daddr[2], ip.daddr[3]};
 	__u32 new[8];
-	__u16 nsport;
+	__u16 nsport = f->sport;
 	if (flags & F_SRC_IS_DST) {
 		new[0] = ip.daddr[0];
 		new[1] = ip.daddr[1];
 		new[2] = ip.daddr[2];
 		new[3] = ip.daddr[3];
-		nsport = udp.dest;
 	} else {
 		new[0] = f->saddr[0];
 		new[1] = f->saddr[1];
 		new[2] = f->saddr[2];
 		new[3] = f->saddr[3];
-		nsport = f->sport;
 	}
 	new[4] = f->daddr[0];
 	new[5] = f->daddr[1];
