@@ -37,7 +37,7 @@
  * options, fragments (IPv4 MF or offset, any IPv6 extension header), short,
  * truncated or inconsistent packets, a zero IPv6 UDP checksum, what the
  * flow's rule (its flags, core/classify.py's rule for that direction) says
- * the agent must see: control messages (120 bytes starting with "UDPT"), every
+ * the agent must see: control messages (of the length the loader says, starting with "UDPT"), every
  * 40-byte datagram (legacy keepalives), WireGuard handshakes (148 and 92
  * bytes), GSO/GRO packets that may hold one of those, unknown flows, flows whose new
  * ends are of another address family, packets the route lookup does not send
@@ -47,8 +47,8 @@
  */
 #include "relay.h"
 
-/* Sizes of the datagrams the agent must see (src/udp_tunnel/wire/proto.py, core/wireguard.py) */
-#define CTRL_LEN 120
+/* Sizes of the datagrams the agent must see (src/udp_tunnel/wire/proto.py, core/wireguard.py; a control
+ * message's length comes from the loader, which takes it from wire/proto.py: struct config) */
 #define LEGACY_LEN 40
 #define WG_INITIATION_LEN 148
 #define WG_RESPONSE_LEN 92
@@ -63,7 +63,7 @@
 #define F_SRC_IS_DST 2  /* the new source address is the packet's destination (a wildcard listener) */
 #define F_LOCAL 4       /* the new destination is a local address: straight into lo */
 /* The flow's rule (core/classify.py): which of its datagrams the agent must see. */
-#define F_CTRL 8        /* 120 bytes starting with "UDPT" (a control message) */
+#define F_CTRL 8        /* ctrl_len bytes starting with "UDPT" (a control message) */
 #define F_LEN40 16      /* every 40-byte datagram (the legacy keepalive) */
 #define F_WG 32         /* 92 and 148 bytes (WireGuard handshake messages) */
 
@@ -163,6 +163,7 @@ struct flow {
 
 struct config {
 	__u32 flags;
+	__u32 ctrl_len; /* a control message: this many bytes, starting with the magic */
 };
 
 struct map_def flows SEC("maps") = {
@@ -196,12 +197,12 @@ INLINE int count(__u32 reason)
 }
 
 /* The flow's rule by length alone: 0, or why a datagram of n bytes may be the agent's (a
- * 120-byte one then only with the magic). */
-INLINE int special_len(__u32 n, __u32 rule)
+ * control message then only with the magic). */
+INLINE int special_len(__u32 n, __u32 rule, __u32 ctrl_len)
 {
 	if ((rule & F_LEN40) && n == LEGACY_LEN)
 		return ST_CONTROL;
-	if ((rule & F_CTRL) && n == CTRL_LEN)
+	if ((rule & F_CTRL) && n == ctrl_len)
 		return ST_CONTROL;
 	if ((rule & F_WG) && (n == WG_INITIATION_LEN || n == WG_RESPONSE_LEN))
 		return ST_WIREGUARD;
@@ -210,7 +211,7 @@ INLINE int special_len(__u32 n, __u32 rule)
 
 /* 0, or the reason why the agent must see this datagram (payload of plen bytes at poff), by the
  * flow's rule (its flags). */
-INLINE int special(struct __sk_buff *skb, __u32 poff, __u32 plen, __u32 rule)
+INLINE int special(struct __sk_buff *skb, __u32 poff, __u32 plen, __u32 rule, __u32 ctrl_len)
 {
 	__u32 gso = skb->gso_size;
 	int r;
@@ -219,13 +220,13 @@ INLINE int special(struct __sk_buff *skb, __u32 poff, __u32 plen, __u32 rule)
 		/* GRO/GSO: segments of gso bytes, the last one shorter or equal */
 		__u32 last = plen % gso;
 
-		r = special_len(gso, rule);
+		r = special_len(gso, rule, ctrl_len);
 		if (r)
 			return r;
-		return special_len(last ? last : gso, rule);
+		return special_len(last ? last : gso, rule, ctrl_len);
 	}
-	r = special_len(plen, rule);
-	if (r == ST_CONTROL && plen == CTRL_LEN) {
+	r = special_len(plen, rule, ctrl_len);
+	if (r == ST_CONTROL && plen == ctrl_len) {
 		__u32 magic = 0;
 
 		if (bpf_skb_load_bytes(skb, poff, &magic, 4) < 0)
@@ -292,7 +293,7 @@ INLINE int deliver(struct __sk_buff *skb, int where, __u32 ifindex, struct bpf_r
 	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
 }
 
-INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
+INLINE int relay4(struct __sk_buff *skb, __u32 cfg, __u32 ctrl_len, struct ethhdr *eth)
 {
 	struct iphdr ip;
 	struct udphdr udp;
@@ -331,7 +332,7 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (!f)
 		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;
-	int r = special(skb, UDP4_OFF + 8, plen, flags);
+	int r = special(skb, UDP4_OFF + 8, plen, flags, ctrl_len);
 	if (r)
 		return count(r);
 	if (!(flags & F_V4))
@@ -386,7 +387,7 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	return deliver(skb, where, ifindex, &nh, eth, cfg);
 }
 
-INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
+INLINE int relay6(struct __sk_buff *skb, __u32 cfg, __u32 ctrl_len, struct ethhdr *eth)
 {
 	struct ipv6hdr ip;
 	struct udphdr udp;
@@ -423,7 +424,7 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (!f)
 		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;
-	int r = special(skb, UDP6_OFF + 8, plen, flags);
+	int r = special(skb, UDP6_OFF + 8, plen, flags, ctrl_len);
 	if (r)
 		return count(r);
 	if (flags & F_V4)
@@ -511,9 +512,9 @@ int udpt_relay(struct __sk_buff *skb)
 	if (eth.proto != skb->protocol)
 		return count(ST_NOT_IP);
 	if (eth.proto == ETH_P_IP)
-		return relay4(skb, c->flags, &eth);
+		return relay4(skb, c->flags, c->ctrl_len, &eth);
 	if (eth.proto == ETH_P_IPV6)
-		return relay6(skb, c->flags, &eth);
+		return relay6(skb, c->flags, c->ctrl_len, &eth);
 	return count(ST_NOT_IP);
 }
 

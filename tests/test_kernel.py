@@ -26,10 +26,11 @@ from kernelnet import ZERO_MAC, Netns, datagram, eth, ip4, ip6, mac_of, parse, s
 from udp_tunnel.io import bpf
 from udp_tunnel.io.hostnat import NatRules, parse_iptables, parse_nft
 from udp_tunnel.io.kernel import KernelPath, KernelUnavailable, addr, find_object, kernel_version
+from udp_tunnel.wire import proto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIRECT, NEXT = 7, -1
-CTRL = b"UDPT" + bytes(116)
+CTRL = proto.MAGIC + bytes(proto.CTRL_LEN - 4)  # a control message as the agents send it
 
 
 def _why_not() -> str | None:
@@ -76,7 +77,7 @@ def test_the_compiled_object_has_one_program_three_maps_and_only_map_relocations
     obj = bpf.parse_object(_object_or_skip())
     assert obj.license == "Dual MIT/GPL"
     assert {n: (m.kind, m.key_size, m.value_size) for n, m in obj.maps.items()} == {
-        "flows": (bpf.MAP_HASH, 36, 64), "config": (bpf.MAP_ARRAY, 4, 4), "stats": (bpf.MAP_PERCPU_ARRAY, 4, 8)}
+        "flows": (bpf.MAP_HASH, 36, 64), "config": (bpf.MAP_ARRAY, 4, 8), "stats": (bpf.MAP_PERCPU_ARRAY, 4, 8)}
     assert obj.relocs and {name for _, name in obj.relocs} == {"flows", "config", "stats"}
     code = bpf.patch(obj, {"flows": 7, "config": 8, "stats": 9})
     for i, name in obj.relocs:
@@ -312,13 +313,13 @@ def test_what_the_agent_must_see_passes_untouched(trns, kp):
         verdict, out, moved = run(trns, kp, frame)
         assert (verdict, out, moved) == (NEXT, frame, {reason: 1}), what
     assert kp.counters()[C4][:2] == (0, 0) and kp.counters()[T4][:2] == (0, 0)
-    # a 120-byte datagram without the magic is data
-    verdict, _, moved = run(trns, kp, datagram(T4, L4, b"UDPX" + bytes(116)))
+    # a datagram of a control message's length without the magic is data
+    verdict, _, moved = run(trns, kp, datagram(T4, L4, b"UDPX" + bytes(proto.CTRL_LEN - 4)))
     assert verdict == REDIRECT and moved == {"relayed": 1}
 
 
 @needs_kernel
-def test_legacy_mode_leaves_every_40_byte_datagram_and_relays_120_byte_ones(trns):
+def test_legacy_mode_leaves_every_40_byte_datagram_and_relays_control_message_sized_ones(trns):
     with trns.entered():
         k = KernelPath.open(ifaces=["lo"], legacy=True)
     try:
@@ -358,7 +359,8 @@ def test_a_gso_packet_counts_its_segments_and_passes_if_a_segment_may_be_a_contr
     verdict, out, moved = run(trns, kp, frame, ctx=skb_ctx(ifindex, gso_size=100, gso_segs=3))
     assert verdict == REDIRECT and parse(out)["dst"] == "192.0.2.50"
     assert kp.counters()[C4][:2] == (3, 300)
-    for size, total in ((120, 240), (200, 320)):  # a 120-byte segment: first, or last
+    n = proto.CTRL_LEN
+    for size, total in ((n, 2 * n), (200, 200 + n)):  # a segment of a control message's length: first, or last
         frame = datagram(C4, L4, bytes(total))
         segs = -(-total // size)
         assert run(trns, kp, frame, ctx=skb_ctx(ifindex, gso_size=size, gso_segs=segs)) == (NEXT, frame,
@@ -631,7 +633,7 @@ def test_a_gso_send_is_relayed_as_its_datagrams_unless_one_may_be_a_control_mess
             got = [tunnel.recvfrom(2000) for _ in range(3)]
             assert [(len(d), a) for d, a in got] == [(1000, ("127.0.0.1", 5000))] * 2 + [(4, ("127.0.0.1", 5000))]
             assert k.counters()[client.getsockname()][:2] == (3, 2004)
-            client.setsockopt(socket.IPPROTO_UDP, 103, 120)  # segments of a control message's length
+            client.setsockopt(socket.IPPROTO_UDP, 103, proto.CTRL_LEN)  # segments of a control message's length
             client.sendto(CTRL * 3, ("127.0.0.1", 5000))
             assert [listen.recvfrom(200) for _ in range(3)] == [(CTRL, client.getsockname())] * 3
             client.setsockopt(socket.IPPROTO_UDP, 103, 200)  # the last, shorter segment is one

@@ -107,6 +107,7 @@ from udp_tunnel.core.classify import Kind
 from udp_tunnel.io import bpf
 from udp_tunnel.io.bpf import BpfError
 from udp_tunnel.io.hostnat import NatRules, Route, route_get
+from udp_tunnel.wire import proto
 
 OBJECT_NAME = "relay.bpf.o"
 PROGRAM = "udpt_relay"
@@ -116,8 +117,9 @@ CFG_WILDCARD, CFG_AGENT_BEFORE = 4, 8
 F_V4, F_SRC_IS_DST, F_LOCAL = 1, 2, 4
 F_CTRL, F_LEN40, F_WG = 8, 16, 32  # the flow's rule: which of its datagrams the agent must see
 NO_RULE = 1 << 16  # (not the program's) a rule the program cannot apply: the direction stays with the agent
-CTRL_LEN, LEGACY_LEN, WG_LENS = 120, 40, (92, 148)
-MAGIC = b"UDPT"
+CTRL_LEN, LEGACY_LEN, WG_LENS = proto.CTRL_LEN, proto.LEGACY_LEN, (92, 148)  # (the program is told CTRL_LEN)
+MAGIC = proto.MAGIC  # (the program's own, as a number: "UDPT")
+CONFIG = struct.Struct("<II")  # struct config: flags, the length of a control message
 KEY = struct.Struct("<16s16s2s2s")
 VALUE = struct.Struct("<16s16s2s2sIQQQ")
 ZERO16 = bytes(16)
@@ -608,7 +610,7 @@ class KernelPath(FlowTable):
         return self
 
     def _configure(self) -> None:
-        bpf.map_update(self.maps["config"], struct.pack("<I", 0), struct.pack("<I", self.config))
+        bpf.map_update(self.maps["config"], struct.pack("<I", 0), CONFIG.pack(self.config, CTRL_LEN))
 
     def _wildcard(self) -> None:
         if not self.config & CFG_WILDCARD:
