@@ -432,11 +432,14 @@ class FlowTable:
 
     def _keep(self, fkey: Hashable, why: str) -> None:
         """The agent relays fkey's direction from now on; what the kernel counted for it goes to deltas()."""
-        final = self._uninstall(fkey)
-        if final is not None and final[0]:
-            p, b, last = self.pending.get(fkey, (0, 0, None))
-            self.pending[fkey] = (p + final[0], b + final[1], final[2])
+        self._pend(fkey, self._uninstall(fkey))
         self.kept[fkey] = why
+
+    def _pend(self, fkey: Hashable, final: tuple[int, int, float | None] | None) -> None:
+        """What a direction counted before it left the map: for the next deltas()."""
+        if final is not None and final[0]:
+            p, b, _ = self.pending.get(fkey, (0, 0, None))
+            self.pending[fkey] = (p + final[0], b + final[1], final[2])
 
     def _uninstall(self, fkey: Hashable) -> tuple[int, int, float | None] | None:
         """Take fkey's entry out of the map: what it counted since the previous deltas(), or None."""
@@ -484,7 +487,7 @@ class FlowTable:
         for me, partner in ((ku, kd), (kd, ku)):
             old = self.partners.get(me)
             if old is not None and old != partner and self.partners.get(old) == me:
-                self._remove(old)
+                self._pend(old, self._remove(old))
                 del self.partners[old]
             self.partners[me] = partner
         up = self._install(ku, Entry(KEY.pack(c.raw, clis.raw, c.port, clis.port), lis, t,
