@@ -957,7 +957,7 @@ def test_an_agent_killed_with_sigkill_leaves_no_program_attached_and_the_next_at
 
 
 @needs_kernel
-def test_lo_s_settings_are_set_back_when_the_agent_that_turned_them_on_stops_last(ns_factory):
+def test_lo_s_settings_an_agent_turned_on_are_set_back_when_the_last_agent_stops(ns_factory):
     ns = ns_factory("sysctl")
     ns.sh("ip link add s0 type veth peer name s1 && ip link set s0 up && ip link set s1 up"
           " && ip addr add 198.51.100.1/24 dev s0 && ip route add default via 198.51.100.2")
@@ -979,9 +979,15 @@ def test_lo_s_settings_are_set_back_when_the_agent_that_turned_them_on_stops_las
         b.outside_bind(L4, ("203.0.113.8", 40000), T4B)
         assert setting() == "1"
         a.close()
-        assert setting() == "1"  # b still relays with it
+        assert setting() == "1"  # b still relays with it (it found it turned on by a, and holds it too)
         b.close()
-    # b found it on: it leaves it as it found it (documented: only the agent that turned it on sets it back)
+    assert setting() == "0"  # the last one out set it back
+    ns.sh(f"echo 1 > {forwarding}")  # on by the host's own choice: no agent turned it on
+    with ns.entered():
+        a = KernelPath.open(ifaces=["lo"])
+        a.outside_bind(L4, C4, T4)
+        assert not any("forwarding" in n for n in a.notes)
+        a.close()
     assert setting() == "1"
 
 

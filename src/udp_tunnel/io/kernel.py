@@ -83,16 +83,12 @@ the reason in `kept`):
   input route lookup takes a local source address (a relayed datagram
   always has one) and 127/8 for martians otherwise. Only what arrives on lo
   is concerned, and only this host sends there. (IPv6 needs neither.)
-close() sets back what this agent turned on, unless another agent's program is
-still attached to lo of the same namespace then (it may rely on them: the
-last one to stop sets them back, if it was one that turned them on). An
-agent killed with SIGKILL leaves them on.
+io/losettings.py sets them back when the last agent that relies on them stops (an agent
+killed with SIGKILL leaves what it turned on on).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import fcntl
 import importlib.resources
 import ipaddress
@@ -100,13 +96,14 @@ import os
 import platform
 import socket
 import struct
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from typing import NamedTuple, Protocol
 
 from udp_tunnel.core.classify import Kind
 from udp_tunnel.io import bpf
 from udp_tunnel.io.bpf import BpfError
 from udp_tunnel.io.hostnat import NatRules, Route, route_get
+from udp_tunnel.io.losettings import LoSettings
 from udp_tunnel.wire import proto
 
 OBJECT_NAME = "relay.bpf.o"
@@ -130,7 +127,6 @@ CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 FORWARDING = {4: "net/ipv4/conf/lo/forwarding", 6: "net/ipv6/conf/lo/forwarding"}
 ACCEPT_LOCAL, ROUTE_LOCALNET = "net/ipv4/conf/lo/accept_local", "net/ipv4/conf/lo/route_localnet"
 VERIFIER_LINES = 12
-CLONE_NEWNET = 0x40000000
 
 Counts = dict[Hashable, tuple[int, int, "float | None"]]
 
@@ -581,10 +577,7 @@ class KernelPath(FlowTable):
         self.links: dict[int, tuple[str, int]] = {}  # ifindex -> (name, link fd)
         self.routes: dict[tuple, Route | None] = {}
         self.nat = NatRules([], None)
-        self.sysctls: dict[str, str | None] = {}  # lo's settings checked: None (on), or why it cannot be
-        self.turned_on: dict[str, tuple[int, str]] = {}  # setting -> (its file, open, and what it was)
-        self.netns = _own_netns()
-        self.prog_id = bpf.prog_id(prog_fd) if prog_fd >= 0 else 0
+        self.lo = LoSettings()  # lo's settings turned on, set back at close
         self.ncpus = bpf.possible_cpus()
         self.config = 0
 
@@ -621,25 +614,8 @@ class KernelPath(FlowTable):
             self._configure()
 
     def _sysctl_on(self, name: str, why: str) -> str | None:
-        """Turn a sysctl of lo on if it is off (saying so in `notes`); None, or why it cannot be done."""
-        if name not in self.sysctls:
-            path = "/proc/sys/" + name
-            try:
-                with open(path) as f:
-                    old = f.read().strip()
-                if old == "0":
-                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # kept: it is this namespace's setting
-                    try:
-                        os.write(fd, b"1")
-                    except OSError:
-                        os.close(fd)
-                        raise
-                    self.turned_on[name] = (fd, old)
-                    self.notes.append(f"turned on {name.replace('/', '.')} ({why}; set back when the agent stops)")
-                self.sysctls[name] = None
-            except OSError as e:
-                self.sysctls[name] = f"{name.replace('/', '.')} is off and cannot be turned on ({e.strerror})"
-        return self.sysctls[name]
+        """Turn a setting of lo on if it is off (saying so in `notes`); None, or why it cannot be done."""
+        return self.lo.turn_on(name, why, self.notes)
 
     def _nat(self, src, oif: str | None) -> str | None:
         return self.nat.applies(src, oif)
@@ -702,7 +678,8 @@ class KernelPath(FlowTable):
             try:
                 me = bpf.prog_id(self.prog_fd)
                 ids = bpf.prog_query(LOOPBACK_IFINDEX).prog_ids
-                before = me not in ids or any(bpf.prog_name_by_id(i) == PROGRAM for i in ids[:ids.index(me)])
+                # (a program's name takes CAP_SYS_ADMIN to read: without it, any program before counts)
+                before = me not in ids or any(_name(i) in (PROGRAM, None) for i in ids[:ids.index(me)])
             except BpfError:
                 before = True  # can't tell: the round through lo is always right
         config = (self.config | CFG_AGENT_BEFORE) if before else (self.config & ~CFG_AGENT_BEFORE)
@@ -714,7 +691,7 @@ class KernelPath(FlowTable):
         """Attach to interfaces that appeared, let go of vanished ones, look again at addresses, routes and
         NAT rules, and put every installed flow right with them. Returns the interfaces newly attached."""
         added = self._attach()
-        self.sysctls.clear()
+        self.lo.checked.clear()
         self.nat = NatRules.load()
         self.routes.clear()
         self.reinstall()
@@ -738,30 +715,7 @@ class KernelPath(FlowTable):
         self.wanted.clear()
         self.partners.clear()
         self.by_key.clear()
-        self._set_back()
-
-    def _set_back(self) -> None:
-        """Set lo's settings this agent turned on back, unless another agent's program is on lo (checked
-        again after: one that came meanwhile found them on, and gets them on again)."""
-        if not self.turned_on:
-            return
-        try:
-            with _in_netns(self.netns):
-                if not _others_on_lo(self.prog_id):
-                    for fd, old in self.turned_on.values():
-                        os.pwrite(fd, old.encode(), 0)
-                    if _others_on_lo(self.prog_id):
-                        for fd, _ in self.turned_on.values():
-                            os.pwrite(fd, b"1", 0)
-        except OSError:
-            pass  # can't tell or can't switch: they stay on
-        finally:
-            for fd, _ in self.turned_on.values():
-                os.close(fd)
-            self.turned_on.clear()
-            if self.netns is not None:
-                os.close(self.netns)
-                self.netns = None
+        self.lo.close()
 
     # --- reading back ---
 
@@ -826,38 +780,9 @@ def _load_refused(e: BpfError, debug: bool) -> str:
     return f"loading the eBPF program: {e}"
 
 
-def _others_on_lo(mine: int) -> bool:
-    """Another agent's program is attached to lo (of the namespace this thread is in)."""
-    return any(i != mine and bpf.prog_name_by_id(i) == PROGRAM for i in bpf.prog_query(LOOPBACK_IFINDEX).prog_ids)
-
-
-def _own_netns() -> int | None:
-    """This thread's network namespace, held open (its settings are the ones turned on), or None."""
+def _name(prog_id: int) -> str | None:
+    """A program's name, "" if it is gone, None if this process may not know (no CAP_SYS_ADMIN)."""
     try:
-        return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        return bpf.prog_name_by_id(prog_id) or ""
+    except BpfError:
         return None
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def _in_netns(fd: int | None) -> Iterator[None]:
-    """Run the block in the namespace fd (this thread only; where the agent opened the path), if it is
-    not already the one this thread is in (tests switch namespaces; agents never do)."""
-    if fd is None:
-        raise OSError(0, "the namespace is not known")
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if os.fstat(here).st_ino == os.fstat(fd).st_ino:
-            yield
-            return
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-        try:
-            yield
-        finally:
-            _libc.setns(here, CLONE_NEWNET)
-    finally:
-        os.close(here)
