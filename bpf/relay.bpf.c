@@ -9,10 +9,16 @@
  *          listening on the wildcard address)
  *   value (new source, new destination, flags, counters)
  *
- * outside agent: client -> listen port   becomes  listen address+port -> tunnel
- *                tunnel -> listen port   becomes  listen address+port -> client
+ * outside agent: client -> its service's port  becomes  tunnel port -> tunnel
+ *                tunnel -> tunnel port         becomes  the client's service's port -> client
+ *                (one port for both with -l PORT)
  * inside agent:  outside -> tunnel socket becomes service socket -> service
  *                service -> service socket becomes tunnel socket -> outside
+ *
+ * Each entry carries its direction's rule (F_CTRL, F_LEN40, F_WG: which of its
+ * datagrams the agent must see, src/udp_tunnel/core/classify.py); a wildcard
+ * listener's entries take the address the datagram was sent to as their new
+ * source (F_SRC_IS_DST), and their new source port from the entry.
  *
  * Addresses are 16 bytes, IPv4 as ::ffff:a.b.c.d, ports in network order.
  *
@@ -21,7 +27,8 @@
  * an address of this host) is injected at the ingress of lo, so that every
  * tcx program of the host sees it again, in order (the other agent on the
  * same host rewrites it next: the up and the down direction need the two
- * programs in opposite orders), and then the stack delivers it; its MAC
+ * programs in opposite orders; only a flow towards an agent, F_TO_AGENT,
+ * needs that), and then the stack delivers it; its MAC
  * header gets lo's all-zero destination, or lo's stack would take it for
  * someone else's. (A packet already on lo goes on to the next program
  * instead, when the loader says no other agent's program runs before this
@@ -66,6 +73,8 @@
 #define F_CTRL 8        /* ctrl_len bytes starting with "UDPT" (a control message) */
 #define F_LEN40 16      /* every 40-byte datagram (the legacy keepalive) */
 #define F_WG 32         /* 92 and 148 bytes (WireGuard handshake messages) */
+#define F_TO_AGENT 64   /* the new destination is an agent (a tunnel, the outside agent), not a leaf (a client,
+			 * a service): on this host, another agent's program may relay it on */
 
 /* Per-CPU counters of what the program did, by reason (the loader names them in this order). */
 enum {
@@ -272,16 +281,18 @@ INLINE void account(struct flow *f, __u32 plen, __u32 gso_segs)
 
 /* Send the rewritten packet on. */
 INLINE int deliver(struct __sk_buff *skb, int where, __u32 ifindex, struct bpf_redir_neigh *nh,
-		   struct ethhdr *eth, __u32 cfg)
+		   struct ethhdr *eth, __u32 cfg, __u32 flags)
 {
 	if (where == 1) {
 		count(ST_RELAYED);
 		return bpf_redirect_neigh(ifindex, nh, sizeof(*nh), 0);
 	}
 	count(ST_LOCAL);
-	/* Already on lo, and no other agent's program ran before this one there: the programs after
-	 * this one see the packet as it is now, then the stack delivers it. Saves a pass through lo. */
-	if (skb->ifindex == LOOPBACK_IFINDEX && !(cfg & CFG_AGENT_BEFORE))
+	/* Already on lo, and no other agent's program ran before this one there, or none needs to
+	 * see it (it goes to a leaf: a client, a service): the programs after this one see the
+	 * packet as it is now, then the stack delivers it. Saves a pass through lo. (Were a leaf an
+	 * agent's socket after all, that agent would relay it itself.) */
+	if (skb->ifindex == LOOPBACK_IFINDEX && (!(cfg & CFG_AGENT_BEFORE) || !(flags & F_TO_AGENT)))
 		return TCX_NEXT;
 	/* into lo, whose address is all zeros: a packet from another device keeps its MAC
 	 * header, whose destination would make lo's stack take it for someone else's */
@@ -384,7 +395,7 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, __u32 ctrl_len, struct ethhd
 	/* no UDP checksum (IPv4 allows it): it stays zero, and skb->csum follows the ports */
 	bpf_skb_store_bytes(skb, UDP4_OFF, &newports, 4, udp.check ? 0 : BPF_F_RECOMPUTE_CSUM);
 	account(f, plen, skb->gso_segs);
-	return deliver(skb, where, ifindex, &nh, eth, cfg);
+	return deliver(skb, where, ifindex, &nh, eth, cfg, flags);
 }
 
 INLINE int relay6(struct __sk_buff *skb, __u32 cfg, __u32 ctrl_len, struct ethhdr *eth)
@@ -493,7 +504,7 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, __u32 ctrl_len, struct ethhd
 	bpf_skb_store_bytes(skb, IP6_ADDR_OFF, new, 32, 0);
 	bpf_skb_store_bytes(skb, UDP6_OFF, &newports, 4, 0);
 	account(f, plen, skb->gso_segs);
-	return deliver(skb, where, ifindex, &nh, eth, cfg);
+	return deliver(skb, where, ifindex, &nh, eth, cfg, flags);
 }
 
 SEC("tc")

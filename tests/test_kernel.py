@@ -30,6 +30,7 @@ from udp_tunnel.io.kernel import (
     F_CTRL,
     F_LEN40,
     F_SRC_IS_DST,
+    F_TO_AGENT,
     F_V4,
     F_WG,
     KEY,
@@ -209,12 +210,12 @@ def test_with_several_endpoints_the_up_direction_leaves_from_the_tunnel_port_and
     tunnel_port, service_port = ("192.0.2.1", 9999), ("192.0.2.1", 51820)
     assert t.outside_bind(tunnel_port, client, tunnel, client_listen=service_port, keys=((1, client), (0, tunnel)),
                           up_rule=0, down_rule=F_CTRL) == (True, True)
-    assert _table_entry(t, (1, client)) == (client, service_port, tunnel_port, tunnel, F_V4)
+    assert _table_entry(t, (1, client)) == (client, service_port, tunnel_port, tunnel, F_V4 | F_TO_AGENT)
     assert _table_entry(t, (0, tunnel)) == (tunnel, tunnel_port, service_port, client, F_V4 | F_CTRL)
     # listening on every address: the new source is where the datagram was sent, the port the endpoint's
     t.outside_bind(("::", 9999, 0, 0), client, tunnel, client_listen=("::", 51820, 0, 0),
                    keys=((1, client), (0, tunnel)), up_rule=0, down_rule=F_CTRL)
-    assert _table_entry(t, (1, client)) == (client, ("*", 51820), ("*", 9999), tunnel, F_V4 | F_SRC_IS_DST)
+    assert _table_entry(t, (1, client)) == (client, ("*", 51820), ("*", 9999), tunnel, F_V4 | F_SRC_IS_DST | F_TO_AGENT)
     assert _table_entry(t, (0, tunnel)) == (tunnel, ("*", 9999), ("*", 51820), client, F_V4 | F_SRC_IS_DST | F_CTRL)
     assert len(t.flows.items()) == 2 and t.kept == {}
 
@@ -533,7 +534,10 @@ def test_a_local_destination_goes_into_lo_with_lo_s_mac_from_any_device(trns, kp
 
 
 @needs_kernel
-def test_a_local_datagram_on_lo_goes_round_lo_again_only_if_another_agent_s_program_came_before(trns, kp):
+def test_a_local_datagram_for_an_agent_goes_round_lo_again_only_if_another_agent_s_program_came_before(trns, kp):
+    """On lo, a rewritten datagram for a local agent (here the outside agent: the tx direction) goes round lo
+    again when another agent's program ran before this one (that one may relay it on); one for a leaf (the
+    service: rx) goes on to the stack either way."""
     tl, outside, sl, service = ("127.0.0.1", 33000), ("127.0.0.1", 9999), ("127.0.0.1", 34000), \
         ("127.0.0.1", 51820)
     with trns.entered():
@@ -542,10 +546,15 @@ def test_a_local_datagram_on_lo_goes_round_lo_again_only_if_another_agent_s_prog
         with trns.entered():
             kp.inside_pipe(tl, outside, sl, service)
             second.inside_pipe(tl, outside, sl, service)
-        frame = datagram(outside, tl, b"x")
+        frame = datagram(service, sl, b"x")
         first_verdict, first_out, _ = run(trns, kp, frame)
         second_verdict, second_out, _ = run(trns, second, frame)
         assert (first_verdict, second_verdict) == (NEXT, REDIRECT) and first_out == second_out
+        assert parse(first_out)["dport"] == 9999
+        frame = datagram(outside, tl, b"x")
+        first_verdict, first_out, _ = run(trns, kp, frame)
+        second_verdict, second_out, _ = run(trns, second, frame)
+        assert (first_verdict, second_verdict) == (NEXT, NEXT) and first_out == second_out
         assert parse(first_out)["dport"] == 51820
     finally:
         second.close()
@@ -724,8 +733,9 @@ def test_a_table_that_sends_datagrams_round_in_a_circle_lets_them_go_at_the_ttl_
     try:
         with ns.entered():
             paths += [KernelPath.open(ifaces=["lo"]), KernelPath.open(ifaces=["lo"])]
-            # one agent: a -> b becomes c -> d; the other: c -> d becomes a -> b
-            assert paths[0].inside_pipe(b, a, c, d)[0] and paths[1].inside_pipe(d, c, a, b)[0]
+            # one agent: a -> b becomes c -> d; the other: c -> d becomes a -> b (each towards an agent, as a
+            # service's answer to the outside agent: such a datagram goes round lo for the other to see)
+            assert paths[0].inside_pipe(c, d, b, a)[1] and paths[1].inside_pipe(a, b, d, c)[1]
             sender, at_b, at_d = _udp(family, a), _udp(family, b), _udp(family, d)
             socks += [sender, at_b, at_d]
             if family == socket.AF_INET:

@@ -113,6 +113,7 @@ STATS = ("relayed", "local", "not_ip", "not_udp", "fragment", "ip_options", "mal
 CFG_WILDCARD, CFG_AGENT_BEFORE = 4, 8
 F_V4, F_SRC_IS_DST, F_LOCAL = 1, 2, 4
 F_CTRL, F_LEN40, F_WG = 8, 16, 32  # the flow's rule: which of its datagrams the agent must see
+F_TO_AGENT = 64  # the new destination is an agent (tunnel, outside agent): another agent here may relay it on
 NO_RULE = 1 << 16  # (not the program's) a rule the program cannot apply: the direction stays with the agent
 CTRL_LEN, LEGACY_LEN, WG_LENS = proto.CTRL_LEN, proto.LEGACY_LEN, (92, 148)  # (the program is told CTRL_LEN)
 MAGIC = proto.MAGIC  # (the program's own, as a number: "UDPT")
@@ -487,7 +488,7 @@ class FlowTable:
                 del self.partners[old]
             self.partners[me] = partner
         up = self._install(ku, Entry(KEY.pack(c.raw, clis.raw, c.port, clis.port), lis, t,
-                                     flags | _wild(lis) | self._rule(up_rule)))
+                                     flags | _wild(lis) | self._rule(up_rule) | F_TO_AGENT))
         down = self._install(kd, Entry(KEY.pack(t.raw, lis.raw, t.port, lis.port), clis, c,
                                        flags | _wild(clis) | self._rule(down_rule)))
         return up, down
@@ -516,7 +517,8 @@ class FlowTable:
             return False, False
         flags = F_V4 if tl.v4 else 0
         rx = self._install(kr, Entry(KEY.pack(o.raw, tl.raw, o.port, tl.port), sl, s, flags | self._rule(rx_rule)))
-        tx = self._install(kt, Entry(KEY.pack(s.raw, sl.raw, s.port, sl.port), tl, o, flags | self._rule(tx_rule)))
+        tx = self._install(kt, Entry(KEY.pack(s.raw, sl.raw, s.port, sl.port), tl, o,
+                                     flags | self._rule(tx_rule) | F_TO_AGENT))
         return rx, tx
 
     def inside_unpipe(self, tunnel_local: tuple, service_local: tuple,
