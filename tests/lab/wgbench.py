@@ -34,7 +34,17 @@ def box_busy() -> tuple[float, float]:
     return (sum(v) - idle) / tick, sum(v) / tick
 
 
+def udp_drops(lab: Lab) -> dict[str, int]:
+    """UDP datagrams dropped for a full receive buffer, per namespace that runs wireguard-go or an agent."""
+    out = {}
+    for ns in ("home", "work1", "vps"):
+        lines = [x.split() for x in lab.sh(ns, "cat /proc/net/snmp").stdout.splitlines() if x.startswith("Udp:")]
+        out[ns] = int(dict(zip(lines[0], lines[1], strict=True))["RcvbufErrors"])
+    return out
+
+
 def one(lab: Lab, tmp: str, datapath: str, seconds: int) -> dict:
+    os.makedirs(tmp, exist_ok=True)
     net = Net(lab, tmp)
     try:
         out, ins = net.pair(f"127.0.0.1:{WG_PORT}", PORT, datapath=datapath)
@@ -43,24 +53,27 @@ def one(lab: Lab, tmp: str, datapath: str, seconds: int) -> dict:
         server = lab.spawn("home", ["iperf3", "-s", "-1", "-B", "100.100.0.1"], "iperf-s.log") if iperf else \
             lab.spawn_tool("home", "tcpserve.log", "tcpserve", "100.100.0.1", "8080", str(400 << 20))
         time.sleep(0.5)
-        cpu0, box0 = [cpu_seconds(a["proc"].pid) for a in (out, ins)], box_busy()
+        cpu0, box0, drops0 = [cpu_seconds(a["proc"].pid) for a in (out, ins)], box_busy(), udp_drops(lab)
         if iperf:  # -R: home sends to work, as a file download from home would
             r = lab.sh("work1", f"iperf3 -c 100.100.0.1 -R -t {seconds} -J", check=False, timeout=seconds + 30)
             res = json.loads(r.stdout)
             mbit = res["end"]["sum_received"]["bits_per_second"] / 1e6
             wall = res["end"]["sum_received"]["seconds"]
+            retrans = res["end"]["sum_sent"].get("retransmits")
         else:
             r = lab.tool("work1", "tcpfetch", "100.100.0.1", "8080", str(400 << 20), timeout=300)
             res = json.loads(r.stdout)
-            mbit, wall = res["mbit_s"], res["seconds"]
-        cpu1, box1 = [cpu_seconds(a["proc"].pid) for a in (out, ins)], box_busy()
+            mbit, wall, retrans = res["mbit_s"], res["seconds"], None
+        cpu1, box1, drops1 = [cpu_seconds(a["proc"].pid) for a in (out, ins)], box_busy(), udp_drops(lab)
         lab.stop(server)
         kernel = [net.status(a)["datapath"] for a in (out, ins)]
         return {"datapath": datapath, "mbit_s": round(mbit, 1), "seconds": round(wall, 2),
                 "outside_cpu": round(cpu1[0] - cpu0[0], 3), "inside_cpu": round(cpu1[1] - cpu0[1], 3),
                 "box_busy": round(box1[0] - box0[0], 2), "paths": [k["path"] for k in kernel],
                 "relayed": [k.get("program", {}).get("relayed", 0) + k.get("program", {}).get("local", 0)
-                            for k in kernel], "tool": "iperf3" if iperf else "tcpfetch"}
+                            for k in kernel], "tool": "iperf3" if iperf else "tcpfetch", "retransmits": retrans,
+                "udp_rcvbuf_drops": {k: drops1[k] - drops0[k] for k in drops0},
+                "program": [{n: v for n, v in k.get("program", {}).items() if v} for k in kernel]}
     finally:
         net.stop_agents()
 
