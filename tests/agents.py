@@ -50,10 +50,12 @@ class Agent:
     """A running udp-tunnel process whose log goes to a file."""
 
     def __init__(self, name: str, args: list[str], tmp, key: str | None = "test-key", max_fds: int = 0,
-                 control: str | None = None, **envextra: str) -> None:
-        """control: the control socket a configuration file names (then not on the command line)."""
+                 control: str | None = None, preexec=None, **envextra: str) -> None:
+        """control: the control socket a configuration file names (then not on the command line);
+        preexec: called in the child before the agent runs (after the descriptor limit)."""
         self.name = name
         self.max_fds = max_fds
+        self.preexec = preexec
         self.control = control or str(tmp / f"{name}.sock")
         self.logpath = tmp / f"{name}.log"
         extra = dict(envextra)
@@ -69,6 +71,8 @@ class Agent:
         def limit() -> None:
             if self.max_fds:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))
+            if self.preexec:
+                self.preexec()
         self.proc = subprocess.Popen(command(*self.args), env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self.log_file, stderr=subprocess.STDOUT, preexec_fn=limit)
         self.wait_status(lambda s: True)

@@ -86,10 +86,11 @@ def choose(mode: str, *, legacy: bool = False, wireguard: bool = False, max_flow
         return Datapath(mode, "user", "--datapath user")
     try:
         kp = opener(legacy=legacy, wireguard=wireguard, max_flows=max_flows)
-    except KernelUnavailable as e:
+    except (KernelUnavailable, OSError) as e:
+        reason = e.reason if isinstance(e, KernelUnavailable) else str(e)
         if mode == "kernel":
-            raise DatapathError(f"--datapath kernel: the kernel path cannot run here: {e.reason}") from None
-        return Datapath(mode, "user", f"the kernel path cannot run here: {e.reason}")
+            raise DatapathError(f"--datapath kernel: the kernel path cannot run here: {reason}") from None
+        return Datapath(mode, "user", f"the kernel path cannot run here: {reason}")
     where = ", ".join(sorted(kp.attached))
     return Datapath(mode, "kernel", f"--datapath {mode}: eBPF at tc ingress of {where}", kp)
 
