@@ -49,10 +49,19 @@ class Datapath:
         self.services: dict[str, str] = {}
         self.describe: Callable[[Hashable], str] = str
         self.next_refresh = 0.0
+        self.notes_said = 0
 
     def line(self) -> str:
         """For the start line: which path, and why."""
         return f"datapath {self.path if self.path == 'kernel' else 'user space'} ({self.why})"
+
+    def new_notes(self) -> list[str]:
+        """What the kernel path changed or could not do since the last call (for the log)."""
+        if self.kp is None:
+            return []
+        notes = self.kp.notes[self.notes_said:]
+        self.notes_said = len(self.kp.notes)
+        return notes
 
     def refresh(self, now: float) -> None:
         """Now and then: new interfaces, routes, NAT rules (KernelPath.refresh)."""

@@ -66,7 +66,6 @@ class InsideLoop(Loop):
         super().__init__(core, log, **kw)
         self.datapath = datapath or Datapath("user", "user", "--datapath user")
         self.kernel: InsideKernel | None = None
-        self.notes_said = 0
         if self.datapath.kp is not None:
             self.kernel = InsideKernel(self.datapath.kp, core.rule)
             self.datapath.describe = inside_describe
@@ -89,15 +88,10 @@ class InsideLoop(Loop):
         if self.kernel is not None:
             self.kernel.count()  # the kernel's traffic, before the core looks at its meters
             self.datapath.refresh(now)
-            self.say_notes()
+            for note in self.datapath.new_notes():
+                self.log.info(f"kernel data path: {note}")
         super().tick(now)
         self._drained(now)
-
-    def say_notes(self) -> None:
-        notes = self.datapath.kp.notes
-        for note in notes[self.notes_said:]:
-            self.log.info(f"kernel data path: {note}")
-        self.notes_said = len(notes)
 
     def publish(self, now: float) -> None:
         if self.kernel is not None:

@@ -51,7 +51,6 @@ class OutsideLoop(Loop):
         self.next_save = 0.0
         self.datapath = datapath or Datapath("user", "user", "--datapath user")
         self.kernel: OutsideKernel | None = None
-        self.notes_said = 0
         self.addrs_of: dict[int, tuple] = {}  # endpoint -> its socket's address (the kernel path's)
         if self.datapath.kp is not None:  # the map follows the route table from now on
             self.kernel = OutsideKernel(self.datapath.kp, core.routes, self._endpoint_addr, lambda via: core.rules[via])
@@ -69,17 +68,12 @@ class OutsideLoop(Loop):
         if self.kernel is not None:
             self.kernel.count()  # the kernel's traffic, before the core looks at its meters
             self.datapath.refresh(now)
-            self.say_notes()
+            for note in self.datapath.new_notes():
+                self.log.info(f"kernel data path: {note}")
         super().tick(now)
         if self.state_path and now >= self.next_save:
             self.next_save = now + STATE_SAVE
             self.save_state()
-
-    def say_notes(self) -> None:
-        notes = self.datapath.kp.notes
-        for note in notes[self.notes_said:]:
-            self.log.info(f"kernel data path: {note}")
-        self.notes_said = len(notes)
 
     def publish(self, now: float) -> None:
         if self.kernel is not None:
