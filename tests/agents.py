@@ -20,6 +20,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "src")
 
 
+_KERNEL_WHY_NOT: list[str | None] = []
+
+
+def kernel_why_not() -> str | None:
+    """Why the agents cannot run the kernel data path here (checked once, in the calling thread's
+    network namespace), or None."""
+    if not _KERNEL_WHY_NOT:
+        why = None
+        if os.geteuid() != 0:
+            why = "needs root (a network namespace of its own, bpf)"
+        elif shutil.which("ip") is None:
+            why = "needs iproute2 (ip) for a network namespace"
+        else:
+            from udp_tunnel.io.kernel import available
+            why = available()
+        _KERNEL_WHY_NOT.append(why)
+    return _KERNEL_WHY_NOT[0]
+
+
 def free_port(family: int = socket.AF_INET) -> int:
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
@@ -62,6 +81,10 @@ class Agent:
         if key is not None:
             extra["UDP_TUNNEL_KEY"] = key
         self.args = args if control else args + ["--control", self.control]
+        if "--config" not in args and "--datapath" not in args:
+            # user space unless the test asks: as root `auto` would attach the kernel path to every interface
+            # of this host (the kernel path's tests run in network namespaces of their own: conftest.datapath)
+            self.args = self.args + ["--datapath", "user"]
         self.env = env(**extra)
         self.proc: subprocess.Popen | None = None
         self.start()

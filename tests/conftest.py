@@ -8,27 +8,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "src"))
 
-from agents import Agent, EchoService, UdpNat  # noqa: E402
+from agents import Agent, EchoService, UdpNat, kernel_why_not  # noqa: E402
 
 _NETNS = itertools.count()
-_KERNEL_WHY_NOT: list[str | None] = []
-
-
-def kernel_why_not() -> str | None:
-    """Why the agents cannot run the kernel data path here (checked once), or None."""
-    if not _KERNEL_WHY_NOT:
-        why = None
-        if os.geteuid() != 0:
-            why = "needs root (a network namespace of its own, bpf)"
-        elif shutil.which("ip") is None:
-            why = "needs iproute2 (ip) for a network namespace"
-        else:
-            from udp_tunnel.io.kernel import available
-            why = available()
-        _KERNEL_WHY_NOT.append(why)
-    return _KERNEL_WHY_NOT[0]
-
-
 @pytest.fixture(params=["user", "kernel"])
 def datapath(request):
     """Both data paths, the test's agents with --datapath user and --datapath kernel (or a file's

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from agents import ROOT, command, converse, env, free_port
+from agents import ROOT, command, converse, env, free_port, kernel_why_not
 from udp_tunnel import __version__
 from udp_tunnel.wire import proto
 
@@ -151,7 +151,6 @@ def test_make_builds_one_executable_that_runs_the_demo():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "15/15 datagrams came back intact (0 resent" in r.stdout and "demo OK" in r.stdout
     assert "warning" not in r.stdout and "error" not in r.stdout  # the happy path warns of nothing
-    from conftest import kernel_why_not
     if os.geteuid() == 0 and kernel_why_not() is None:
         assert "\ndata path: the kernel (--datapath auto: eBPF at tc ingress of lo): after each client's first " \
                "datagram, both agents' eBPF programs relayed its datagrams without waking the agents\n" in r.stdout

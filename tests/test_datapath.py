@@ -56,7 +56,7 @@ def test_an_agent_asked_for_the_kernel_path_without_privileges_refuses_to_start_
 
 
 def test_an_auto_agent_without_privileges_runs_in_user_space_and_says_why(lab):
-    out = lab.agent("outside", ["-l", f"127.0.0.1:{free_port()}", "-t", "1"],
+    out = lab.agent("outside", ["-l", f"127.0.0.1:{free_port()}", "-t", "1", "--datapath", "auto"],
                     preexec=_no_capabilities if os.geteuid() == 0 else None)
     why = "the kernel path cannot run here: needs root or CAP_NET_ADMIN and CAP_BPF"
     assert out.status()["datapath"] == {"path": "user", "mode": "auto", "why": why}

@@ -249,8 +249,8 @@ def echoes(target: tuple, n: int, size: int = 64) -> int:
 def test_status_counts_the_same_datagrams_and_bytes_with_either_path_and_the_kernel_carries_all_but_the_first(
         lab, host, datapath):
     """Status (and so expiry and the metrics) count what went through, whoever carried it. With the
-    kernel path the agents' processes see only the client's first datagram (it makes the tunnel); the
-    programs relay everything else: each counts 2n - 1 datagrams for n round trips."""
+    kernel path the agents' processes see at most the client's first datagram (it makes the tunnel);
+    the programs relay everything else: 2n - 1 datagrams (or 2n) for n round trips."""
     svc, out, ins, target, _ = start_pair(lab, host)
     n, size = 50, 64
     assert echoes(target, n, size) == n
@@ -265,7 +265,9 @@ def test_status_counts_the_same_datagrams_and_bytes_with_either_path_and_the_ker
         assert d["path"] == datapath
         if datapath == "kernel":
             assert (d["mode"], d["flows"], d["kept_count"]) == ("kernel", 2, 0)
-            assert d["program"]["local"] == 2 * n - 1 and d["program"]["relayed"] == 0
+            # (at the inside the first datagram is the kernel's too when it arrives after its pipe was made)
+            assert d["program"]["local"] in ((2 * n - 1,) if s is so else (2 * n - 1, 2 * n))
+            assert d["program"]["relayed"] == 0
         else:
             assert (d["mode"], d["why"]) == ("user", "--datapath user") and "program" not in d
     from udp_tunnel.ops import metrics

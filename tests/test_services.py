@@ -106,7 +106,8 @@ def expected(cid: bytes, n: int) -> list[bytes]:
 
 
 def datapath_line(datapath: str | None) -> str:
-    return f'datapath = "{datapath}"\n' if datapath else ""
+    """The agents' data path: user space unless the test asks for one (as tests/agents.py Agent)."""
+    return f'datapath = "{datapath or "user"}"\n'
 
 
 class Pair:
@@ -194,7 +195,9 @@ def test_three_services_two_ports_and_a_range_of_a_hundred_through_one_pair_of_a
             d = s["datapath"]
             assert d["path"] == datapath
             if datapath == "kernel":  # 60 clients, 2 directions each; 300 round trips, each first one the core's
-                assert (d["flows"], d["kept_count"], d["program"]["local"]) == (120, 0, 2 * 300 - 60)
+                # (at the inside a first datagram that arrives after its pipe was made is the kernel's too)
+                assert (d["flows"], d["kept_count"]) == (120, 0)
+                assert d["program"]["local"] == 2 * 300 - 60 if s is st else 540 <= d["program"]["local"] <= 600
     finally:
         pair.stop()
         for e in (ea, eb, er):

@@ -404,9 +404,11 @@ def test_twenty_new_clients_at_once_on_two_hosts_get_their_first_datagram_answer
 
 
 # 9 (issue 2: the outside host name is looked up again when the outside stops answering)
-def test_a_vps_that_changes_address_is_found_again_by_name(lab, net):
+@pytest.mark.parametrize("datapath", ["user", "kernel"])
+def test_a_vps_that_changes_address_is_found_again_by_name(lab, net, datapath):
+    """(With the kernel path the inside agent pipes its tunnels again from their new sockets.)"""
     lab.hosts("home", f"127.0.0.1 localhost\n{VPS4} vps.lab.test\n")
-    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9997, outside_addr="vps.lab.test:9997")
+    out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9997, outside_addr="vps.lab.test:9997", datapath=datapath)
     assert lab.tool("work1", "probe", VPS4, "9997").returncode == 0
     new = "198.51.100.11"
     try:
@@ -418,8 +420,10 @@ def test_a_vps_that_changes_address_is_found_again_by_name(lab, net):
         took = resumed_after(lab, "flow9.log", t, timeout=50)
         lab.stop(flow)
         print(f"the VPS moved to {new}: the inside agent found it again by name; "
-              f"traffic resumed after {took:.1f} s (keepalive {KEEPALIVE} s)")
+              f"traffic resumed after {took:.1f} s (keepalive {KEEPALIVE} s, {datapath} data path)")
         assert "outside agent address changed" in lab.log("inside-9997.log")
+        if datapath == "kernel":
+            kernel_path_in_use(net, ins)
     finally:
         lab.sh("vps", f"ip addr del {new}/28 dev eth0; ip addr add {VPS4}/28 dev eth0; "
                       "ip route replace default via 198.51.100.1", check=False)
