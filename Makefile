@@ -14,6 +14,10 @@ keepalive   ?= 25
 max_clients ?= 1000
 # install-outside: the WireGuard server's public key(s), comma-separated (`wg show wg0 public-key`)
 wireguard_key ?=
+# install-outside / install-inside: --datapath (auto, kernel or user; none given: the agent's default, auto).
+# Only datapath=kernel gives the unit what the kernel data path needs (CAP_BPF, CAP_NET_ADMIN, netlink, bpf(),
+# lo's settings); a unit without them runs auto as user space, and says why in its log.
+datapath ?=
 # install-outside / install-inside config=FILE: the agent's settings and services in a TOML file
 # (examples/), installed as $(CONFDIR)/outside.toml or inside.toml; the variables above are then unused
 config ?=
@@ -96,12 +100,19 @@ key:
 	  echo "made a new key in $(CONFDIR)/key: copy this file to the other end's $(CONFDIR)/key"; \
 	else echo "keeping the key in $(CONFDIR)/key (it must be the same on both ends)"; fi
 
+# What a unit gets for the kernel data path (datapath = "kernel"), on top of its capabilities: the bpf()
+# system call (@privileged otherwise), and write access to lo's settings it turns on (docs/kernel-path.md).
+KERNEL_LINES = \# the kernel data path (datapath kernel): bpf(), and the settings of lo it turns on while it runs\nSystemCallFilter=bpf\nReadWritePaths=-/proc/sys/net/ipv4/conf/lo -/proc/sys/net/ipv6/conf/lo
+
 # A unit from its template: $(1) the unit, $(2) capabilities, $(3) the header comment, $(4) description,
-# $(5) ExecStart, $(6) how the agent reads its key, $(7) LimitNOFILE, $(8) where to write it.
+# $(5) ExecStart, $(6) how the agent reads its key, $(7) LimitNOFILE, $(8) where to write it, $(9) "kernel"
+# for the kernel data path's lines, $(10) "yes" when the agent needs netlink (AF_NETLINK).
 # The arguments may name shell variables of the recipe ("$$desc").
 define unit_from_template
+	fam=; if [ "$(10)" = yes ]; then fam=" AF_NETLINK"; fi; \
+	kl='/^@KERNELPATH@$$/d'; if [ "$(9)" = kernel ]; then kl='s|^@KERNELPATH@$$|$(KERNEL_LINES)|'; fi; \
 	sed -e "s|@HEADER@|$(3)|" -e "s|@DESCRIPTION@|$(4)|" -e "s|@EXECSTART@|$(5)|" -e "s|@KEYACCESS@|$(6)|" \
-	    -e "s|@NOFILE@|$(7)|" -e "s|@CAPS@|$(2)|g" systemd/$(1).in > $(8).tmp && \
+	    -e "s|@NOFILE@|$(7)|" -e "s|@CAPS@|$(2)|g" -e "s|@FAMILIES@|$$fam|" -e "$$kl" systemd/$(1).in > $(8).tmp && \
 	chmod 644 $(8).tmp && mv $(8).tmp $(8)
 endef
 
@@ -109,9 +120,11 @@ endef
 is_outside = $(filter %outside.service,$(1))
 args_header = Installed by \`make $(if $(is_outside),install-outside,install-inside)\`; edit the Makefile variables, not this copy.
 args_exec = $(BINDIR)/udp-tunnel $(if $(is_outside),-l $(listen),-s $(service) -o $(outside)) -t $(keepalive) \
-            --max-clients $(max_clients)$(if $(wireguard_key), --wireguard-key $(wireguard_key),) --key-file %d/key
+            --max-clients $(max_clients)$(if $(wireguard_key), --wireguard-key $(wireguard_key),)$(if $(datapath), \
+            --datapath $(datapath),) --key-file %d/key
+kernel_caps = $(if $(filter kernel,$(datapath)),CAP_BPF CAP_NET_ADMIN)
 define render_unit
-	$(call unit_from_template,$(1),$(2),$(args_header),$(if $(is_outside),relay on $(listen),$(service) via $(outside)),$(args_exec),LoadCredential=key:$(CONFDIR)/key,$(shell echo $$(( 2 * $(max_clients) + 64 ))),$(DESTDIR)$(UNITDIR)/$(1))
+	$(call unit_from_template,$(1),$(strip $(2) $(kernel_caps)),$(args_header),$(if $(is_outside),relay on $(listen),$(service) via $(outside)),$(args_exec),LoadCredential=key:$(CONFDIR)/key,$(shell echo $$(( 2 * $(max_clients) + 64 ))),$(DESTDIR)$(UNITDIR)/$(1),$(datapath),$(if $(kernel_caps),yes))
 endef
 
 # The arguments are checked by the program itself (udp-tunnel --check-config: the same checks
@@ -121,13 +134,14 @@ check-outside-args: udp-tunnel
 	@[ -n "$(listen)" ] || { echo "usage: make install-outside listen=[HOST:]PORT [wireguard_key=PUBKEY]" >&2; exit 2; }
 	@$(PYTHON) ./udp-tunnel --check-config -l $(call q,$(listen)) -t $(call q,$(keepalive)) \
 	  --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key) \
-	  $(if $(wireguard_key),--wireguard-key $(call q,$(wireguard_key)),)
+	  $(if $(wireguard_key),--wireguard-key $(call q,$(wireguard_key)),) $(if $(datapath),--datapath $(call q,$(datapath)),)
 
 check-inside-args: udp-tunnel
 	@[ -n "$(service)" ] && [ -n "$(outside)" ] || \
 	  { echo "usage: make install-inside service=HOST:PORT outside=HOST:PORT" >&2; exit 2; }
 	@$(PYTHON) ./udp-tunnel --check-config -s $(call q,$(service)) -o $(call q,$(outside)) \
-	  -t $(call q,$(keepalive)) --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key)
+	  -t $(call q,$(keepalive)) --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key) \
+	  $(if $(datapath),--datapath $(call q,$(datapath)),)
 
 ifeq ($(config),)
 install-outside: check-outside-args install key
@@ -183,8 +197,9 @@ define install_config
 	install -m 640 $(call q,$(config)) "$$conf/$(1).toml.tmp"; [ -z "$$group" ] || chgrp "$$group" "$$conf/$(1).toml.tmp"; \
 	mv "$$conf/$(1).toml.tmp" "$$conf/$(1).toml"; \
 	nofile=$$(fact nofile); [ "$$nofile" -ge 65536 ] || nofile=65536; caps=$$(fact caps); desc=$$(fact description); \
+	datapath=$$(fact datapath); netlink=$$(fact netlink); \
 	before=$$([ ! -f "$$unit" ] || cksum < "$$unit"); \
-	$(call unit_from_template,udp-tunnel-$(1).service,$$caps,$(config_header),$$desc,$(config_exec),SupplementaryGroups=$(GROUP),$$nofile,$$unit); \
+	$(call unit_from_template,udp-tunnel-$(1).service,$$caps,$(config_header),$$desc,$(config_exec),SupplementaryGroups=$(GROUP),$$nofile,$$unit,$$datapath,$$netlink); \
 	if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 	  $(SYSTEMCTL) daemon-reload && $(SYSTEMCTL) enable udp-tunnel-$(1).service && \
 	  if [ "$$before" = "$$(cksum < "$$unit")" ]; then $(SYSTEMCTL) reload-or-restart udp-tunnel-$(1).service; \

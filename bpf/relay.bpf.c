@@ -9,10 +9,16 @@
  *          listening on the wildcard address)
  *   value (new source, new destination, flags, counters)
  *
- * outside agent: client -> listen port   becomes  listen address+port -> tunnel
- *                tunnel -> listen port   becomes  listen address+port -> client
+ * outside agent: client -> its service's port  becomes  tunnel port -> tunnel
+ *                tunnel -> tunnel port         becomes  the client's service's port -> client
+ *                (one port for both with -l PORT)
  * inside agent:  outside -> tunnel socket becomes service socket -> service
  *                service -> service socket becomes tunnel socket -> outside
+ *
+ * Each entry carries its direction's rule (F_CTRL, F_LEN40, F_WG: which of its
+ * datagrams the agent must see, src/udp_tunnel/core/classify.py); a wildcard
+ * listener's entries take the address the datagram was sent to as their new
+ * source (F_SRC_IS_DST), and their new source port from the entry.
  *
  * Addresses are 16 bytes, IPv4 as ::ffff:a.b.c.d, ports in network order.
  *
@@ -21,7 +27,8 @@
  * an address of this host) is injected at the ingress of lo, so that every
  * tcx program of the host sees it again, in order (the other agent on the
  * same host rewrites it next: the up and the down direction need the two
- * programs in opposite orders), and then the stack delivers it; its MAC
+ * programs in opposite orders; only a flow towards an agent, F_TO_AGENT,
+ * needs that), and then the stack delivers it; its MAC
  * header gets lo's all-zero destination, or lo's stack would take it for
  * someone else's. (A packet already on lo goes on to the next program
  * instead, when the loader says no other agent's program runs before this
@@ -35,10 +42,11 @@
  * Left untouched, for the agent to handle as it would without this program:
  * anything not addressed to this host (pkt_type), non-IP, non-UDP, IPv4 with
  * options, fragments (IPv4 MF or offset, any IPv6 extension header), short,
- * truncated or inconsistent packets, a zero IPv6 UDP checksum, control
- * messages (120 bytes starting with "UDPT"; in legacy mode every 40-byte
- * datagram), WireGuard handshakes (148 and 92 bytes) when the agent asks,
- * GSO/GRO packets that may hold one of those, unknown flows, flows whose new
+ * truncated or inconsistent packets, a zero IPv6 UDP checksum, what the
+ * flow's rule (its flags, core/classify.py's rule for that direction) says
+ * the agent must see: control messages (of the length the loader says, starting with "UDPT"), every
+ * 40-byte datagram (legacy keepalives), WireGuard handshakes (148 and 92
+ * bytes), GSO/GRO packets that may hold one of those, unknown flows, flows whose new
  * ends are of another address family, packets the route lookup does not send
  * to a neighbour, and packets over the egress MTU.
  *
@@ -46,23 +54,27 @@
  */
 #include "relay.h"
 
-/* Sizes of the datagrams the agent must see (src/udp_tunnel/wire/proto.py, core/wireguard.py) */
-#define CTRL_LEN 120
+/* Sizes of the datagrams the agent must see (src/udp_tunnel/wire/proto.py, core/wireguard.py; a control
+ * message's length comes from the loader, which takes it from wire/proto.py: struct config) */
 #define LEGACY_LEN 40
 #define WG_INITIATION_LEN 148
 #define WG_RESPONSE_LEN 92
 #define MAGIC 0x54504455 /* "UDPT" as a little-endian u32 */
 
-/* config flags */
-#define CFG_LEGACY 1
-#define CFG_WIREGUARD 2
+/* config flags (1 and 2 were the legacy and WireGuard rules, per flow now) */
 #define CFG_WILDCARD 4 /* some flow has a zero destination address: look it up too */
 #define CFG_AGENT_BEFORE 8 /* another agent's program runs before this one on lo */
 
 /* flow flags */
 #define F_V4 1          /* the new ends are IPv4 */
-#define F_SRC_IS_DST 2  /* the new source is the packet's destination (a wildcard listener) */
+#define F_SRC_IS_DST 2  /* the new source address is the packet's destination (a wildcard listener) */
 #define F_LOCAL 4       /* the new destination is a local address: straight into lo */
+/* The flow's rule (core/classify.py): which of its datagrams the agent must see. */
+#define F_CTRL 8        /* ctrl_len bytes starting with "UDPT" (a control message) */
+#define F_LEN40 16      /* every 40-byte datagram (the legacy keepalive) */
+#define F_WG 32         /* 92 and 148 bytes (WireGuard handshake messages) */
+#define F_TO_AGENT 64   /* the new destination is an agent (a tunnel, the outside agent), not a leaf (a client,
+			 * a service): on this host, another agent's program may relay it on */
 
 /* Per-CPU counters of what the program did, by reason (the loader names them in this order). */
 enum {
@@ -160,6 +172,7 @@ struct flow {
 
 struct config {
 	__u32 flags;
+	__u32 ctrl_len; /* a control message: this many bytes, starting with the magic */
 };
 
 struct map_def flows SEC("maps") = {
@@ -192,21 +205,22 @@ INLINE int count(__u32 reason)
 	return TCX_NEXT;
 }
 
-INLINE int special_len(__u32 n, __u32 cfg)
+/* The flow's rule by length alone: 0, or why a datagram of n bytes may be the agent's (a
+ * control message then only with the magic). */
+INLINE int special_len(__u32 n, __u32 rule, __u32 ctrl_len)
 {
-	if (cfg & CFG_LEGACY) {
-		if (n == LEGACY_LEN)
-			return ST_CONTROL;
-	} else if (n == CTRL_LEN) {
+	if ((rule & F_LEN40) && n == LEGACY_LEN)
 		return ST_CONTROL;
-	}
-	if ((cfg & CFG_WIREGUARD) && (n == WG_INITIATION_LEN || n == WG_RESPONSE_LEN))
+	if ((rule & F_CTRL) && n == ctrl_len)
+		return ST_CONTROL;
+	if ((rule & F_WG) && (n == WG_INITIATION_LEN || n == WG_RESPONSE_LEN))
 		return ST_WIREGUARD;
 	return 0;
 }
 
-/* 0, or the reason why the agent must see this datagram (payload of plen bytes at poff). */
-INLINE int special(struct __sk_buff *skb, __u32 poff, __u32 plen, __u32 cfg)
+/* 0, or the reason why the agent must see this datagram (payload of plen bytes at poff), by the
+ * flow's rule (its flags). */
+INLINE int special(struct __sk_buff *skb, __u32 poff, __u32 plen, __u32 rule, __u32 ctrl_len)
 {
 	__u32 gso = skb->gso_size;
 	int r;
@@ -215,13 +229,13 @@ INLINE int special(struct __sk_buff *skb, __u32 poff, __u32 plen, __u32 cfg)
 		/* GRO/GSO: segments of gso bytes, the last one shorter or equal */
 		__u32 last = plen % gso;
 
-		r = special_len(gso, cfg);
+		r = special_len(gso, rule, ctrl_len);
 		if (r)
 			return r;
-		return special_len(last ? last : gso, cfg);
+		return special_len(last ? last : gso, rule, ctrl_len);
 	}
-	r = special_len(plen, cfg);
-	if (r == ST_CONTROL && !(cfg & CFG_LEGACY)) {
+	r = special_len(plen, rule, ctrl_len);
+	if (r == ST_CONTROL && plen == ctrl_len) {
 		__u32 magic = 0;
 
 		if (bpf_skb_load_bytes(skb, poff, &magic, 4) < 0)
@@ -267,16 +281,18 @@ INLINE void account(struct flow *f, __u32 plen, __u32 gso_segs)
 
 /* Send the rewritten packet on. */
 INLINE int deliver(struct __sk_buff *skb, int where, __u32 ifindex, struct bpf_redir_neigh *nh,
-		   struct ethhdr *eth, __u32 cfg)
+		   struct ethhdr *eth, __u32 cfg, __u32 flags)
 {
 	if (where == 1) {
 		count(ST_RELAYED);
 		return bpf_redirect_neigh(ifindex, nh, sizeof(*nh), 0);
 	}
 	count(ST_LOCAL);
-	/* Already on lo, and no other agent's program ran before this one there: the programs after
-	 * this one see the packet as it is now, then the stack delivers it. Saves a pass through lo. */
-	if (skb->ifindex == LOOPBACK_IFINDEX && !(cfg & CFG_AGENT_BEFORE))
+	/* Already on lo, and no other agent's program ran before this one there, or none needs to
+	 * see it (it goes to a leaf: a client, a service): the programs after this one see the
+	 * packet as it is now, then the stack delivers it. Saves a pass through lo. (Were a leaf an
+	 * agent's socket after all, that agent would relay it itself.) */
+	if (skb->ifindex == LOOPBACK_IFINDEX && (!(cfg & CFG_AGENT_BEFORE) || !(flags & F_TO_AGENT)))
 		return TCX_NEXT;
 	/* into lo, whose address is all zeros: a packet from another device keeps its MAC
 	 * header, whose destination would make lo's stack take it for someone else's */
@@ -288,7 +304,7 @@ INLINE int deliver(struct __sk_buff *skb, int where, __u32 ifindex, struct bpf_r
 	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
 }
 
-INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
+INLINE int relay4(struct __sk_buff *skb, __u32 cfg, __u32 ctrl_len, struct ethhdr *eth)
 {
 	struct iphdr ip;
 	struct udphdr udp;
@@ -311,9 +327,6 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (bswap16(udp.len) != tot - 20)
 		return count(ST_MALFORMED);
 	__u32 plen = tot - 28;
-	int r = special(skb, UDP4_OFF + 8, plen, cfg);
-	if (r)
-		return count(r);
 
 	struct flow_key k = {
 		.saddr = {0, 0, V4_MAPPED, ip.saddr},
@@ -330,12 +343,15 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (!f)
 		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;
+	int r = special(skb, UDP4_OFF + 8, plen, flags, ctrl_len);
+	if (r)
+		return count(r);
 	if (!(flags & F_V4))
 		return count(ST_FAMILY);
 	if (ip.ttl <= 1)
 		return count(ST_TTL);
 	__u32 nsrc = flags & F_SRC_IS_DST ? ip.daddr : f->saddr[3];
-	__u16 nsport = flags & F_SRC_IS_DST ? udp.dest : f->sport;
+	__u16 nsport = f->sport;
 	__u32 ndst = f->daddr[3];
 	__u16 ndport = f->dport;
 
@@ -379,10 +395,10 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	/* no UDP checksum (IPv4 allows it): it stays zero, and skb->csum follows the ports */
 	bpf_skb_store_bytes(skb, UDP4_OFF, &newports, 4, udp.check ? 0 : BPF_F_RECOMPUTE_CSUM);
 	account(f, plen, skb->gso_segs);
-	return deliver(skb, where, ifindex, &nh, eth, cfg);
+	return deliver(skb, where, ifindex, &nh, eth, cfg, flags);
 }
 
-INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
+INLINE int relay6(struct __sk_buff *skb, __u32 cfg, __u32 ctrl_len, struct ethhdr *eth)
 {
 	struct ipv6hdr ip;
 	struct udphdr udp;
@@ -401,9 +417,6 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (bswap16(udp.len) != plen6 || udp.check == 0)
 		return count(ST_MALFORMED);
 	__u32 plen = plen6 - 8;
-	int r = special(skb, UDP6_OFF + 8, plen, cfg);
-	if (r)
-		return count(r);
 
 	struct flow_key k = {
 		.saddr = {ip.saddr[0], ip.saddr[1], ip.saddr[2], ip.saddr[3]},
@@ -422,6 +435,9 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	if (!f)
 		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;
+	int r = special(skb, UDP6_OFF + 8, plen, flags, ctrl_len);
+	if (r)
+		return count(r);
 	if (flags & F_V4)
 		return count(ST_FAMILY);
 	if (ip.hop_limit <= 1)
@@ -431,19 +447,17 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	__u32 old[8] = {ip.saddr[0], ip.saddr[1], ip.saddr[2], ip.saddr[3],
 			ip.daddr[0], ip.daddr[1], ip.daddr[2], ip.daddr[3]};
 	__u32 new[8];
-	__u16 nsport;
+	__u16 nsport = f->sport;
 	if (flags & F_SRC_IS_DST) {
 		new[0] = ip.daddr[0];
 		new[1] = ip.daddr[1];
 		new[2] = ip.daddr[2];
 		new[3] = ip.daddr[3];
-		nsport = udp.dest;
 	} else {
 		new[0] = f->saddr[0];
 		new[1] = f->saddr[1];
 		new[2] = f->saddr[2];
 		new[3] = f->saddr[3];
-		nsport = f->sport;
 	}
 	new[4] = f->daddr[0];
 	new[5] = f->daddr[1];
@@ -490,7 +504,7 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, struct ethhdr *eth)
 	bpf_skb_store_bytes(skb, IP6_ADDR_OFF, new, 32, 0);
 	bpf_skb_store_bytes(skb, UDP6_OFF, &newports, 4, 0);
 	account(f, plen, skb->gso_segs);
-	return deliver(skb, where, ifindex, &nh, eth, cfg);
+	return deliver(skb, where, ifindex, &nh, eth, cfg, flags);
 }
 
 SEC("tc")
@@ -509,9 +523,9 @@ int udpt_relay(struct __sk_buff *skb)
 	if (eth.proto != skb->protocol)
 		return count(ST_NOT_IP);
 	if (eth.proto == ETH_P_IP)
-		return relay4(skb, c->flags, &eth);
+		return relay4(skb, c->flags, c->ctrl_len, &eth);
 	if (eth.proto == ETH_P_IPV6)
-		return relay6(skb, c->flags, &eth);
+		return relay6(skb, c->flags, c->ctrl_len, &eth);
 	return count(ST_NOT_IP);
 }
 

@@ -20,6 +20,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "src")
 
 
+_KERNEL_WHY_NOT: list[str | None] = []
+
+
+def kernel_why_not() -> str | None:
+    """Why the agents cannot run the kernel data path here (checked once, in the calling thread's
+    network namespace), or None."""
+    if not _KERNEL_WHY_NOT:
+        why = None
+        if os.geteuid() != 0:
+            why = "needs root (a network namespace of its own, bpf)"
+        elif shutil.which("ip") is None:
+            why = "needs iproute2 (ip) for a network namespace"
+        else:
+            from udp_tunnel.io.kernel import available
+            why = available()
+        _KERNEL_WHY_NOT.append(why)
+    return _KERNEL_WHY_NOT[0]
+
+
 def free_port(family: int = socket.AF_INET) -> int:
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
@@ -50,16 +69,22 @@ class Agent:
     """A running udp-tunnel process whose log goes to a file."""
 
     def __init__(self, name: str, args: list[str], tmp, key: str | None = "test-key", max_fds: int = 0,
-                 control: str | None = None, **envextra: str) -> None:
-        """control: the control socket a configuration file names (then not on the command line)."""
+                 control: str | None = None, preexec=None, **envextra: str) -> None:
+        """control: the control socket a configuration file names (then not on the command line);
+        preexec: called in the child before the agent runs (after the descriptor limit)."""
         self.name = name
         self.max_fds = max_fds
+        self.preexec = preexec
         self.control = control or str(tmp / f"{name}.sock")
         self.logpath = tmp / f"{name}.log"
         extra = dict(envextra)
         if key is not None:
             extra["UDP_TUNNEL_KEY"] = key
         self.args = args if control else args + ["--control", self.control]
+        if "--config" not in args and "--datapath" not in args:
+            # user space unless the test asks: as root `auto` would attach the kernel path to every interface
+            # of this host (the kernel path's tests run in network namespaces of their own: conftest.datapath)
+            self.args = self.args + ["--datapath", "user"]
         self.env = env(**extra)
         self.proc: subprocess.Popen | None = None
         self.start()
@@ -69,6 +94,8 @@ class Agent:
         def limit() -> None:
             if self.max_fds:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_fds, self.max_fds))
+            if self.preexec:
+                self.preexec()
         self.proc = subprocess.Popen(command(*self.args), env=self.env, stdin=subprocess.DEVNULL,
                                      stdout=self.log_file, stderr=subprocess.STDOUT, preexec_fn=limit)
         self.wait_status(lambda s: True)

@@ -3,11 +3,21 @@
 Each inside tunnel socket gets a public address (as a NAT would give it);
 datagrams from the outside core go to a tunnel, a client or an attacker by
 address. Everything sent is recorded on `wire` so tests can replay it.
+
+With `kernel=True` the outside agent has the kernel data path: the route
+table's listener (io/datapath.py OutsideKernel) writes a dict-backed map
+(io/kernel.py FlowTable over a DictMap) as the real one does, and the
+simulated host relays a datagram whose source and destination are a key of
+that map itself, as the eBPF program would (counting into the map, never
+into the flow's meter), unless the entry's rule says the agent must see it;
+the loop adds the map's counters into the meters before the core's timer.
+After every step the map must hold exactly the route table's flows.
 """
 
 from __future__ import annotations
 
 import io
+import ipaddress
 import itertools
 import os
 import random
@@ -15,7 +25,27 @@ import socket
 
 from udp_tunnel.core.inside import ACTIVE, Close, InsideCore, OpenService, OpenTunnel, Resolve, Send, ToService
 from udp_tunnel.core.outside import OutsideCore
+from udp_tunnel.io.datapath import OutsideKernel, flags_of
+from udp_tunnel.io.kernel import F_CTRL, F_LEN40, F_SRC_IS_DST, F_WG, KEY, VALUE, DictMap, FlowTable, addr
 from udp_tunnel.ops.log import DEBUG, Log
+from udp_tunnel.wire import proto
+
+LISTEN = ("::", 9999, 0, 0)  # the outside agent's one endpoint: every address (dual-stack)
+
+
+def program_claims(flags: int, data: bytes) -> bool:
+    """What the eBPF program leaves to the agent of a known flow's datagram, by the entry's rule flags
+    (bpf/relay.bpf.c special())."""
+    n = len(data)
+    return bool((flags & F_CTRL and n == proto.CTRL_LEN and data[:4] == proto.MAGIC)
+                or (flags & F_LEN40 and n == proto.LEGACY_LEN) or (flags & F_WG and n in (92, 148)))
+
+
+def address_of(raw: bytes, port: bytes) -> tuple:
+    """A map's 16-byte address and port as the agent's dual-stack socket names it."""
+    ip = ipaddress.IPv6Address(raw)
+    host = f"::ffff:{ip.ipv4_mapped}" if ip.ipv4_mapped else str(ip)
+    return (host, int.from_bytes(port, "big"), 0, 0)
 
 
 def v6(ip: str, port: int) -> tuple:
@@ -26,7 +56,7 @@ class Sim:
     def __init__(self, key: bytes = b"secret", keepalive: float = 25.0, timeout: float = 60.0,
                  spares: int = 2, max_clients: int = 100, legacy: bool = False,
                  inside_key: bytes | None = None, now: float = 10_000.0, nat_timeout: float | None = None,
-                 seed: int | None = None, wireguard=None) -> None:
+                 seed: int | None = None, wireguard=None, kernel: bool = False) -> None:
         # ids and secrets from a seeded generator when the test must be repeatable
         self.random_bytes = random.Random(seed).randbytes if seed is not None else os.urandom
         self.now = now
@@ -35,6 +65,10 @@ class Sim:
         self.log = io.StringIO()
         self.wall_offset = 1.7e9  # wall clock = now + offset, settable per side
         self.wireguard = wireguard  # a function making a wireguard.Gate for each outside core, or None
+        self.kernel = kernel
+        self.flows: DictMap | None = None  # the kernel path's map (kernel=True), new with each outside agent
+        self.listener: OutsideKernel | None = None
+        self.kernel_relayed = 0  # datagrams the simulated program relayed
         self.outside = self.new_outside()
         self.new_inside = lambda: InsideCore(
             secret=inside_key if inside_key is not None else key, keepalive=keepalive, timeout=timeout,
@@ -60,11 +94,36 @@ class Sim:
         self.pump()
 
     def new_outside(self, **kw) -> OutsideCore:
-        return OutsideCore(secret=kw.pop("key", self.key), keepalive=self.keepalive,
+        core = OutsideCore(secret=kw.pop("key", self.key), keepalive=self.keepalive,
                            max_clients=self.max_clients, family=socket.AF_INET6, now=self.now,
                            log=Log(DEBUG, self.log), legacy=self.legacy, random_bytes=self.random_bytes,
                            wall=lambda: self.now + self.wall_offset,
                            wireguard=self.wireguard() if self.wireguard else None, **kw)
+        if self.kernel:  # a new process: a new program and map, the listener set before any route
+            self.flows = DictMap()
+            self.listener = OutsideKernel(FlowTable(self.flows), core.routes, lambda via: LISTEN,
+                                          lambda via: core.rules[via])
+            core.routes.listener = self.listener
+        return core
+
+    def _check_kernel_map(self) -> None:
+        """The map holds exactly the route table's flows: per source, the key (source, any local
+        address, the port) -> the flow's destination, from the port, by the endpoint's rule."""
+        o = self.outside
+        want = {}
+        lis = addr(LISTEN)
+        for via, a, f in o.routes.items():
+            src, dst = addr(a), addr(f.dst)
+            want[KEY.pack(src.raw, lis.raw, src.port, lis.port)] = (dst.raw, dst.port, lis.port, flags_of(o.rules[via]))
+        have = {}
+        for k, v in self.flows.items():
+            _, new_dst, new_sport, new_dport, flags, *_ = VALUE.unpack(v)
+            assert flags & F_SRC_IS_DST, "a wildcard listener's flows take the destination as their source"
+            have[k] = (new_dst, new_dport, new_sport, flags & (F_CTRL | F_LEN40 | F_WG))
+        if have != want:
+            raise AssertionError(f"the kernel map is not the route table: {len(have)} entries, {len(want)} routes, "
+                                 f"{len(set(have) ^ set(want))} keys differ")
+        assert not self.listener.table.kept, self.listener.table.kept
 
     def restart_outside(self, remember: bool = False) -> None:
         """A new outside agent; with `remember`, it read its predecessor's state file."""
@@ -140,6 +199,8 @@ class Sim:
                 self.outside.check_invariants()
                 self.inside.check_invariants(self.service_socket)
                 self._check_route_version()
+                if self.kernel:
+                    self._check_kernel_map()
             for data, addr, _ in out + self.forwarded:
                 self._down(data, addr)
             self.forwarded.clear()
@@ -162,6 +223,8 @@ class Sim:
         """What the outside loop does with a datagram from src: a known flow's data it forwards
         itself (counting into the flow), everything else goes to the core."""
         o = self.outside
+        if self.kernel and self._program(data, src):
+            return
         f = o.routes.get(src)
         if f is not None and not o.rule.core_sees(data):
             f.pkts += 1
@@ -169,6 +232,25 @@ class Sim:
             self.forwarded.append((data, f.dst, f.via))
         else:
             o.receive(data, src, self.now)
+
+    def _program(self, data: bytes, src: tuple) -> bool:
+        """The eBPF program on a datagram from src to the outside's port: True when it relayed it."""
+        s, lis = addr(src), addr(LISTEN)
+        key = KEY.pack(s.raw, lis.raw, s.port, lis.port)
+        raw = self.flows.lookup(key)
+        if raw is None:
+            return False
+        _, new_dst, _, new_dport, flags, packets, nbytes, _ = VALUE.unpack(raw)
+        claims = program_claims(flags, data)
+        assert claims == self.outside.rule.core_sees(data), "the program and the core's rule disagree"
+        if claims:
+            return False
+        fields = list(VALUE.unpack(raw))
+        fields[5:] = packets + 1, nbytes + len(data), int(self.now * 1e9)
+        self.flows.update(key, VALUE.pack(*fields))
+        self.kernel_relayed += 1
+        self.forwarded.append((data, address_of(new_dst, new_dport), 0))
+        return True
 
     def deliver_to_inside(self, tid: int, data: bytes) -> None:
         """What the inside loop does with a datagram on tunnel tid's socket."""
@@ -199,6 +281,8 @@ class Sim:
             if self.now >= self.inside.next_timer():
                 self.inside.on_timer(self.now)
             if self.now >= self.outside.next_timer():
+                if self.listener is not None:
+                    self.listener.count()  # the loop: the map's counters into the meters, first
                 self.outside.on_timer(self.now)
             self.pump()
 

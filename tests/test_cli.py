@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from agents import ROOT, command, converse, env, free_port
+from agents import ROOT, command, converse, env, free_port, kernel_why_not
 from udp_tunnel import __version__
 from udp_tunnel.wire import proto
 
@@ -131,14 +134,47 @@ def test_version_and_help():
 
 
 def test_make_builds_one_executable_that_runs_the_demo():
+    """As root (in a network namespace of its own: the kernel path attaches to every interface), the
+    demo runs the kernel path where it can, and says so; otherwise the agents relay, and it says why."""
     subprocess.run(["make", "-s", "-C", ROOT, "udp-tunnel"], check=True, timeout=60)
     exe = os.path.join(ROOT, "udp-tunnel")
     assert os.access(exe, os.X_OK)
     # runs with the standard library only: -I ignores user site-packages and PYTHON* variables
-    r = subprocess.run(["python3", "-I", exe, "demo"], capture_output=True, text=True, timeout=60)
+    argv = ["python3", "-I", exe, "demo"]
+    with contextlib.ExitStack() as stack:
+        if os.geteuid() == 0 and shutil.which("ip"):
+            from kernelnet import Netns
+            ns = Netns(f"utdemo{os.getpid() % 100000}")
+            stack.callback(ns.close)
+            argv = ["ip", "netns", "exec", ns.name, *argv]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "15/15 datagrams came back intact (0 resent" in r.stdout and "demo OK" in r.stdout
     assert "warning" not in r.stdout and "error" not in r.stdout  # the happy path warns of nothing
+    if os.geteuid() == 0 and kernel_why_not() is None:
+        assert "\ndata path: the kernel (--datapath auto: eBPF at tc ingress of lo): after each client's first " \
+               "datagram, both agents' eBPF programs relayed its datagrams without waking the agents\n" in r.stdout
+    else:
+        assert "\ndata path: the agents themselves, in user space (the kernel path cannot run here: " in r.stdout
+
+
+def _no_capabilities() -> None:
+    """In a child about to exec: root without any capability (none kept across the exec either)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+    header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0))  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capset(header, ctypes.create_string_buffer(24)) != 0:
+        os._exit(99)
+
+
+def test_the_demo_without_privileges_runs_in_user_space_and_says_why():
+    r = subprocess.run([sys.executable, "-m", "udp_tunnel", "demo"], capture_output=True, text=True, timeout=60,
+                       env=env(), preexec_fn=_no_capabilities if os.geteuid() == 0 else None)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "15/15 datagrams came back intact" in r.stdout and "demo OK" in r.stdout
+    assert ("\ndata path: the agents themselves, in user space (the kernel path cannot run here: needs root or "
+            "CAP_NET_ADMIN and CAP_BPF)\n") in r.stdout
 
 
 def test_no_key_is_said_loudly_at_start(lab):

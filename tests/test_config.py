@@ -92,7 +92,7 @@ def test_the_outside_example_reads_into_its_model():
                        max_clients_per_source=250),
         OutsideService("dns", Listen(None, PortRange(53, 53)), "friend", max_clients=100, max_clients_per_source=25))
     assert c.service("game").listen.ports.size == 6 and 27017 in c.service("game").listen.ports
-    assert c.services[0].where == f"{EXAMPLES}/outside.toml:45"  # where [services.wireguard] is
+    assert c.services[0].where == f"{EXAMPLES}/outside.toml:51"  # where [services.wireguard] is
 
 
 def test_the_inside_example_reads_into_its_model():
@@ -260,6 +260,14 @@ BAD = [
      "services: no service: add a [services.NAME] table with listen = \"PORT\" and key = \"NAME\""),
     ("services = 3\n[outside]\nlisten = \"9\"\n[keys.a]\nfile = \"k\"\n", 1,
      "services: must be a table ([services]), not a whole number"),
+    # the data path
+    (edit(OUTSIDE, 'listen = "9999"\n', 'listen = "9999"\ndatapath = "ebpf"\n'), 3,
+     "outside.datapath: must be one of 'auto', 'kernel', 'user', not 'ebpf'"),
+    (edit(INSIDE, 'key_file = "home.key"\n', 'key_file = "home.key"\ndatapath = true\n'), 4,
+     "inside.datapath: must be a string (in quotes), not true/false"),
+    (edit(OUTSIDE, 'key = "home"\n', 'key = "home"\ndatapath = "user"\n', ), 10,
+     "services.wireguard.datapath: unknown setting 'datapath' in [services.wireguard] (known: listen, key, "
+     "max_clients, max_clients_per_source, wireguard_key, legacy, max_clock_skew)"),
     # the inside
     (edit(INSIDE, 'service = "localhost:51820"\n', 'service = "localhost:51820"\nclient_address = "proxy"\n'), 7,
      "services.wireguard.client_address: must be one of 'off', 'transparent', 'proxy-v2', 'proxy-v2-first', "
@@ -373,11 +381,58 @@ def test_install_facts_say_the_role_key_files_descriptors_and_capability(capsys)
                           os.path.join(EXAMPLES, "outside.toml"))
     assert (code, err) == (0, "")
     assert out == ("role=outside\nkey_file=home.key\nkey_file=friend.key\nnofile=2272\n"
-                   "caps=CAP_NET_BIND_SERVICE\ndescription=relay on 9999: wireguard, game, dns\n")
+                   "caps=CAP_NET_BIND_SERVICE\ndatapath=user\nnetlink=no\n"
+                   "description=relay on 9999: wireguard, game, dns\n")
     code, out, err = main(capsys, "--check-config", "--print-install-facts", "--config",
                           os.path.join(EXAMPLES, "inside.toml"))
-    assert out == ("role=inside\nkey_file=home.key\nnofile=2068\ncaps=\n"
+    assert out == ("role=inside\nkey_file=home.key\nnofile=2068\ncaps=\ndatapath=user\nnetlink=no\n"
                    "description=wireguard, game via vps.example.com:9999\n")
+
+
+@pytest.mark.parametrize("text, caps, datapath", [
+    (edit(OUTSIDE, 'listen = "9999"\n', 'listen = "9999"\ndatapath = "kernel"\n'), "CAP_BPF CAP_NET_ADMIN", "kernel"),
+    (edit(OUTSIDE, 'listen = "9999"\n', 'listen = "9999"\ndatapath = "auto"\n'), "", "user"),
+    (edit(OUTSIDE, 'listen = "9999"\n', 'listen = "9999"\ndatapath = "kernel"\n').replace('"51820"', '"53"'),
+     "CAP_NET_BIND_SERVICE CAP_BPF CAP_NET_ADMIN", "kernel"),
+    (edit(INSIDE, 'key_file = "home.key"\n', 'key_file = "home.key"\ndatapath = "kernel"\n'),
+     "CAP_BPF CAP_NET_ADMIN", "kernel"),
+    (edit(INSIDE, '"localhost:51820"\n', '"localhost:51820"\nclient_address = "transparent"\n'),
+     "CAP_NET_ADMIN CAP_NET_RAW", "user"),
+    (edit(INSIDE, '"localhost:51820"\n', '"localhost:51820"\nclient_address = "transparent"\n')
+     .replace('key_file = "home.key"\n', 'key_file = "home.key"\ndatapath = "kernel"\n'),
+     "CAP_BPF CAP_NET_ADMIN CAP_NET_RAW", "kernel"),
+])
+def test_install_facts_give_the_kernel_path_and_transparent_mode_their_capabilities_only_when_on(
+        tmp_path, capsys, text, caps, datapath):
+    code, out, err = main(capsys, "--check-config", "--print-install-facts", "--config", write(tmp_path, text))
+    facts = dict(line.split("=", 1) for line in out.splitlines() if not line.startswith("key_file="))
+    assert (code, err) == (0, "")
+    assert (facts["caps"], facts["datapath"], facts["netlink"]) == (caps, datapath,
+                                                                   "yes" if "CAP_NET_ADMIN" in caps else "no")
+
+
+def test_the_data_path_comes_from_the_file_or_the_command_line_and_is_auto_by_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("UDP_TUNNEL_KEY", raising=False)
+    assert config.parse(OUTSIDE.encode(), "o.toml").datapath == "auto"
+    assert config.parse(INSIDE.encode(), "i.toml").datapath == "auto"
+    for mode in ("auto", "kernel", "user"):
+        o = config.parse(edit(OUTSIDE, 'listen = "9999"\n', f'listen = "9999"\ndatapath = "{mode}"\n').encode(),
+                         "o.toml")
+        i = config.parse(edit(INSIDE, '[inside]\n', f'[inside]\ndatapath = "{mode}"\n').encode(), "i.toml")
+        assert (o.datapath, i.datapath) == (mode, mode)
+        assert config.from_args(args("-l", "9999", "-k", "x", "--datapath", mode)).datapath == mode
+        assert config.from_args(args("-s", "h:1", "-o", "h:2", "-k", "x", "--datapath", mode)).datapath == mode
+    assert config.from_args(args("-l", "9999", "-k", "x")).datapath == "auto"
+    a = config.parse(OUTSIDE.encode(), "o.toml")
+    b = config.parse(edit(OUTSIDE, 'listen = "9999"\n', 'listen = "9999"\ndatapath = "user"\n').encode(), "o.toml")
+    assert config.changes(a, b).settings == ("datapath",)  # (a reload says it changes at the next start)
+
+
+def test_a_bad_datapath_on_the_command_line_is_one_line(capsys):
+    code, out, err = main(capsys, "--check-config", "-l", "9999", "-k", "x", "--datapath", "ebpf")
+    assert (code, out) == (2, "")
+    assert err == ("udp-tunnel: argument --datapath: invalid choice: 'ebpf' (choose from 'auto', 'kernel', 'user') "
+                   "(see udp-tunnel --help)\n")
 
 
 def test_the_readme_s_config_examples_pass_check_config_alone_and_together(tmp_path, capsys):

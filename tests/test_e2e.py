@@ -30,7 +30,7 @@ def start_pair(lab, host="127.0.0.1", t="1", outside_extra=(), inside_extra=(), 
 
 
 @pytest.mark.parametrize("host", HOSTS)
-def test_hundred_concurrent_clients_each_get_their_own_bytes_back(lab, host):
+def test_hundred_concurrent_clients_each_get_their_own_bytes_back(lab, host, datapath):
     svc, out, ins, target, _ = start_pair(lab, host, inside_extra=["--spares", "4"])
     r = converse(target, n_clients=100, per_client=20)
     assert r["done"] == 100 and r["complete"] == 2000, r
@@ -58,15 +58,21 @@ def test_a_burst_of_new_clients_each_gets_its_first_datagram_answered_without_re
     assert r["answered"] >= (n if n < 100 else 95), r
 
 
-def test_ipv4_client_reaches_a_tunnel_that_arrives_over_ipv6(lab):
+def test_ipv4_client_reaches_a_tunnel_that_arrives_over_ipv6(lab, datapath):
     svc = lab.echo("127.0.0.1")
     port = free_port(socket.AF_INET6)
     out = lab.agent("outside", ["-l", str(port), "-t", "1"])  # dual-stack
-    lab.agent("inside", ["-s", svc.addr, "-o", f"[::1]:{port}", "-t", "1"])
+    ins = lab.agent("inside", ["-s", svc.addr, "-o", f"[::1]:{port}", "-t", "1"])
     st = out.wait_status(lambda s: s["spares"] >= 1)
     assert all(t["endpoint"].startswith("[::1]") for t in st["tunnels"])
     r = converse(("127.0.0.1", port), n_clients=3, per_client=5)
     assert r["done"] == 3 and r["wrong"] == 0
+    if datapath == "kernel":  # the two ends of each direction differ in family: the agents relay them
+        for agent in (out, ins):
+            d = agent.wait_status(lambda s: s["datapath"]["kept_count"] == 6)["datapath"]
+            assert d["flows"] == 0 and set(d["kept"].values()) == {
+                "client and tunnel differ in address family" if agent is out else
+                "tunnel and service differ in address family"}
 
 
 def resumes_after(log: list, t: float, timeout: float = 15.0) -> float:
@@ -94,7 +100,7 @@ def flowing(target):
 
 
 @pytest.mark.parametrize("which", ["outside", "inside"])
-def test_traffic_resumes_after_an_agent_restarts(lab, which):
+def test_traffic_resumes_after_an_agent_restarts(lab, which, datapath):
     svc, out, ins, target, _ = start_pair(lab)
     with flowing(target) as log:
         resumes_after(log, 0)
@@ -124,7 +130,7 @@ def test_an_outside_restart_at_the_default_keepalive_resumes_within_a_second(lab
         assert len(svc.sources_by_client()[b"flow"]) == 1  # its own tunnel, its own service socket
 
 
-def test_forged_and_replayed_keepalives_never_receive_client_data(lab):
+def test_forged_and_replayed_keepalives_never_receive_client_data(lab, datapath):
     svc, out, ins, target, nat = start_pair(lab, via="nat")
     assert converse(target, n_clients=2, per_client=3)["done"] == 2
     time.sleep(2.5)  # a few keepalive rounds to capture
@@ -201,7 +207,7 @@ def converse_keep(target, n: int) -> list:
     return out
 
 
-def test_inside_sockets_take_datagrams_only_from_their_own_peers(lab):
+def test_inside_sockets_take_datagrams_only_from_their_own_peers(lab, datapath):
     svc, out, ins, target, _ = start_pair(lab)
     c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     c.connect(target)
@@ -223,3 +229,46 @@ def test_inside_sockets_take_datagrams_only_from_their_own_peers(lab):
         c.recv(100)
     c.close()
     stranger.close()
+
+
+def echoes(target: tuple, n: int, size: int = 64) -> int:
+    """One client: n datagrams of `size` bytes, each sent once and its echo waited for (no resending:
+    the counts below are exact). How many came back intact."""
+    ok = 0
+    with socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.connect(target)
+        c.settimeout(5)
+        for i in range(n):
+            msg = b"echo %04d " % i + bytes(size - 10)
+            c.send(msg)
+            ok += c.recv(65536) == msg
+    return ok
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_status_counts_the_same_datagrams_and_bytes_with_either_path_and_the_kernel_carries_all_but_the_first(
+        lab, host, datapath):
+    """Status (and so expiry and the metrics) count what went through, whoever carried it. With the
+    kernel path the agents' processes see at most the client's first datagram (it makes the tunnel);
+    the programs relay everything else: 2n - 1 datagrams (or 2n) for n round trips."""
+    svc, out, ins, target, _ = start_pair(lab, host)
+    n, size = 50, 64
+    assert echoes(target, n, size) == n
+    want = {"datagrams_in": n, "bytes_in": n * size, "datagrams_out": n, "bytes_out": n * size}
+    so = out.wait_status(lambda s: s["totals"] == want)
+    si = ins.wait_status(lambda s: s["totals"] == want)
+    [t] = [t for t in so["tunnels"] if t["state"] == "active"]
+    assert (t["to_inside"]["datagrams"], t["to_inside"]["bytes"], t["to_client"]["datagrams"]) == (n, n * size, n)
+    assert len(svc.seen) == n
+    for s in (so, si):
+        d = s["datapath"]
+        assert d["path"] == datapath
+        if datapath == "kernel":
+            assert (d["mode"], d["flows"], d["kept_count"]) == ("kernel", 2, 0)
+            # (at the inside the first datagram is the kernel's too when it arrives after its pipe was made)
+            assert d["program"]["local"] in ((2 * n - 1,) if s is so else (2 * n - 1, 2 * n))
+            assert d["program"]["relayed"] == 0
+        else:
+            assert (d["mode"], d["why"]) == ("user", "--datapath user") and "program" not in d
+    from udp_tunnel.ops import metrics
+    assert f'datapath="{datapath}"' in metrics.render(so)

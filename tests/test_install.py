@@ -291,3 +291,80 @@ def test_the_package_installs_into_a_scratch_root_and_runs_from_there(deb, tmp_p
     unit = (root / "lib/systemd/system/udp-tunnel-outside.service").read_text()
     assert "\nExecStart=/usr/bin/udp-tunnel --config /etc/udp-tunnel/outside.toml\n" in unit
     assert "\nSupplementaryGroups=udp-tunnel\n" in unit and re.search(r"@[A-Z]+@", unit) is None
+
+
+# --- the kernel data path and transparent mode: what their units get, only when on ---
+
+KERNEL_LINES = ("SystemCallFilter=bpf", "ReadWritePaths=-/proc/sys/net/ipv4/conf/lo -/proc/sys/net/ipv6/conf/lo",
+                "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK")
+
+
+def security(unit: str) -> str:
+    """systemd-analyze's exposure score of a unit file ("1.4 OK"), or "" where it can't say."""
+    if shutil.which("systemd-analyze") is None:
+        return ""
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", unit], capture_output=True, text=True,
+                       timeout=60)
+    last = (r.stdout.strip().splitlines() or [""])[-1]
+    return last.split(": ", 1)[-1] if "Overall exposure level" in last else ""
+
+
+def test_datapath_kernel_gives_the_unit_the_kernel_path_s_needs_and_the_default_units_stay_as_they_were(tmp_path):
+    make("install-outside", "listen=9999", *dirs(tmp_path))
+    make("install-inside", "service=127.0.0.1:51820", "outside=192.0.2.1:9999", *dirs(tmp_path))
+    plain = {r: (tmp_path / f"units/udp-tunnel-{r}.service").read_text() for r in ("outside", "inside")}
+    k = tmp_path / "k"
+    make("install-outside", "listen=9999", "datapath=kernel", f"PREFIX={tmp_path}/prefix", f"UNITDIR={k}/units",
+         f"CONFDIR={tmp_path}/conf")
+    make("install-inside", "service=127.0.0.1:51820", "outside=192.0.2.1:9999", "datapath=kernel",
+         f"PREFIX={tmp_path}/prefix", f"UNITDIR={k}/units", f"CONFDIR={tmp_path}/conf")
+    scores = {}
+    for role, unit in plain.items():
+        kernel = (k / f"units/udp-tunnel-{role}.service").read_text()
+        assert "AF_NETLINK" not in unit and "bpf" not in unit and "ReadWritePaths" not in unit
+        assert "\nCapabilityBoundingSet=\n" in unit and "\nAmbientCapabilities=\n" in unit
+        assert " --datapath " not in unit
+        assert "\nCapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN\n" in kernel
+        assert "\nAmbientCapabilities=CAP_BPF CAP_NET_ADMIN\n" in kernel
+        assert " --datapath kernel --key-file %d/key\n" in kernel
+        for line in KERNEL_LINES:
+            assert f"\n{line}\n" in kernel
+        # the rest of the sandbox is as without it
+        same = [x for x in unit.splitlines() if not x.startswith(("ExecStart=", "CapabilityBoundingSet=",
+                                                                   "AmbientCapabilities=", "RestrictAddressFamilies="))]
+        assert [x for x in kernel.splitlines() if x in same] == same
+        assert re.search(r"@[A-Z]+@", kernel) is None
+        if shutil.which("systemd-analyze"):
+            path = str(k / f"units/udp-tunnel-{role}.service")
+            r = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0 and "udp-tunnel" not in r.stderr, r.stderr
+        scores[role] = (security(str(tmp_path / f"units/udp-tunnel-{role}.service")), security(str(
+            k / f"units/udp-tunnel-{role}.service")))
+    print(f"systemd-analyze security (exposure, lower is better), default unit -> datapath=kernel: {scores}")
+
+
+@pytest.mark.parametrize("role, edit, caps, kernel", [
+    ("outside", ('datapath = "auto"\n', 'datapath = "kernel"\n'), "CAP_NET_BIND_SERVICE CAP_BPF CAP_NET_ADMIN", True),
+    ("outside", ('datapath = "auto"\n', 'datapath = "user"\n'), "CAP_NET_BIND_SERVICE", False),
+    ("inside", ('datapath = "auto"\n', 'datapath = "kernel"\n'), "CAP_BPF CAP_NET_ADMIN", True),
+    ("inside", ('client_address = "off"\n', 'client_address = "transparent"\n'), "CAP_NET_ADMIN CAP_NET_RAW", False),
+])
+def test_a_config_file_s_datapath_kernel_or_transparent_service_gives_its_unit_what_they_need(tmp_path, role, edit,
+                                                                                              caps, kernel):
+    text = open(os.path.join(EXAMPLES, f"{role}.toml")).read()
+    assert edit[0] in text
+    (tmp_path / f"{role}.toml").write_text(text.replace(edit[0], edit[1], 1))
+    make(f"install-{role}", f"config={tmp_path}/{role}.toml", *dirs(tmp_path))
+    unit = (tmp_path / f"units/udp-tunnel-{role}.service").read_text()
+    assert f"\nCapabilityBoundingSet={caps}\n" in unit and f"\nAmbientCapabilities={caps}\n" in unit
+    assert ("\nRestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK\n" in unit) == ("CAP_NET_ADMIN" in caps)
+    assert ("\nSystemCallFilter=bpf\n" in unit) == kernel and ("ReadWritePaths=" in unit) == kernel
+    assert re.search(r"@[A-Z]+@", unit) is None
+    score = security(str(tmp_path / "units" / f"udp-tunnel-{role}.service"))
+    print(f"{role} unit ({edit[1].strip()}): systemd-analyze security {score}")
+
+
+def test_a_bad_datapath_installs_nothing(tmp_path):
+    r = make("install-outside", "listen=9999", "datapath=ebpf", *dirs(tmp_path), check=False)
+    assert r.returncode != 0 and "--datapath: invalid choice: 'ebpf'" in r.stderr
+    assert not (tmp_path / "units").exists() and not (tmp_path / "prefix").exists()

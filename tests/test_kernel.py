@@ -23,13 +23,33 @@ import time
 import pytest
 
 from kernelnet import ZERO_MAC, Netns, datagram, eth, ip4, ip6, mac_of, parse, skb_ctx, udp, veth
+from udp_tunnel.core.classify import Classifier, Kind, inside_rule, outside_rule
 from udp_tunnel.io import bpf
 from udp_tunnel.io.hostnat import NatRules, parse_iptables, parse_nft
-from udp_tunnel.io.kernel import KernelPath, KernelUnavailable, addr, find_object, kernel_version
+from udp_tunnel.io.kernel import (
+    F_CTRL,
+    F_LEN40,
+    F_SRC_IS_DST,
+    F_TO_AGENT,
+    F_V4,
+    F_WG,
+    KEY,
+    NO_RULE,
+    VALUE,
+    DictMap,
+    FlowTable,
+    KernelPath,
+    KernelUnavailable,
+    addr,
+    find_object,
+    kernel_version,
+    rule_flags,
+)
+from udp_tunnel.wire import proto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REDIRECT, NEXT = 7, -1
-CTRL = b"UDPT" + bytes(116)
+CTRL = proto.MAGIC + bytes(proto.CTRL_LEN - 4)  # a control message as the agents send it
 
 
 def _why_not() -> str | None:
@@ -76,7 +96,7 @@ def test_the_compiled_object_has_one_program_three_maps_and_only_map_relocations
     obj = bpf.parse_object(_object_or_skip())
     assert obj.license == "Dual MIT/GPL"
     assert {n: (m.kind, m.key_size, m.value_size) for n, m in obj.maps.items()} == {
-        "flows": (bpf.MAP_HASH, 36, 64), "config": (bpf.MAP_ARRAY, 4, 4), "stats": (bpf.MAP_PERCPU_ARRAY, 4, 8)}
+        "flows": (bpf.MAP_HASH, 36, 64), "config": (bpf.MAP_ARRAY, 4, 8), "stats": (bpf.MAP_PERCPU_ARRAY, 4, 8)}
     assert obj.relocs and {name for _, name in obj.relocs} == {"flows", "config", "stats"}
     code = bpf.patch(obj, {"flows": 7, "config": 8, "stats": 9})
     for i, name in obj.relocs:
@@ -168,6 +188,99 @@ def test_a_missing_or_refused_program_is_one_line_with_the_verifier_s_first_line
         KernelPath.open(ifaces=["lo"], debug=True)
     assert e.value.reason.startswith("the kernel's verifier refused the eBPF program: ")
     assert "invalid read from stack" in e.value.reason and "\n" not in e.value.reason
+
+
+def _table_entry(table: FlowTable, fkey) -> tuple:
+    """(key: source, destination; value: new source, new destination, flags) of fkey's map entry, readable."""
+    e = table.entries[fkey]
+    src, dst, sport, dport = KEY.unpack(e.key)
+    nsrc, ndst, nsport, ndport, flags, *_ = VALUE.unpack(table.flows.lookup(e.key))
+
+    def a(raw, port):
+        ip = ipaddress.IPv6Address(raw)
+        return (str(ip.ipv4_mapped or ip) if any(raw) else "*", int.from_bytes(port, "big"))
+    return a(src, sport), a(dst, dport), a(nsrc, nsport), a(ndst, ndport), flags
+
+
+def test_with_several_endpoints_the_up_direction_leaves_from_the_tunnel_port_and_the_down_one_from_the_client_s():
+    """A client of the service on port 51820 (endpoint 1): its datagrams go up from the tunnel port 9999
+    (endpoint 0) where the tunnel registered, the tunnel's come back from 51820, where the client sent."""
+    t = FlowTable(DictMap())
+    client, tunnel = ("203.0.113.7", 40000), ("198.51.100.9", 41000)
+    tunnel_port, service_port = ("192.0.2.1", 9999), ("192.0.2.1", 51820)
+    assert t.outside_bind(tunnel_port, client, tunnel, client_listen=service_port, keys=((1, client), (0, tunnel)),
+                          up_rule=0, down_rule=F_CTRL) == (True, True)
+    assert _table_entry(t, (1, client)) == (client, service_port, tunnel_port, tunnel, F_V4 | F_TO_AGENT)
+    assert _table_entry(t, (0, tunnel)) == (tunnel, tunnel_port, service_port, client, F_V4 | F_CTRL)
+    # listening on every address: the new source is where the datagram was sent, the port the endpoint's
+    t.outside_bind(("::", 9999, 0, 0), client, tunnel, client_listen=("::", 51820, 0, 0),
+                   keys=((1, client), (0, tunnel)), up_rule=0, down_rule=F_CTRL)
+    assert _table_entry(t, (1, client)) == (client, ("*", 51820), ("*", 9999), tunnel, F_V4 | F_SRC_IS_DST | F_TO_AGENT)
+    assert _table_entry(t, (0, tunnel)) == (tunnel, ("*", 9999), ("*", 51820), client, F_V4 | F_SRC_IS_DST | F_CTRL)
+    assert len(t.flows.items()) == 2 and t.kept == {}
+
+
+def test_what_a_flow_counted_goes_to_its_meters_when_it_goes_and_nothing_is_counted_twice():
+    t = FlowTable(DictMap())
+    c, tun, lis = ("203.0.113.7", 40000), ("198.51.100.9", 41000), ("192.0.2.1", 9999)
+    t.outside_bind(lis, c, tun)
+
+    def relay(fkey, n, size):  # as the program counts
+        e = t.entries[fkey]
+        fields = list(VALUE.unpack(t.flows.lookup(e.key)))
+        fields[5] += n
+        fields[6] += n * size
+        t.flows.update(e.key, VALUE.pack(*fields))
+
+    relay(c, 3, 100)
+    assert {k: v[:2] for k, v in t.deltas().items()} == {c: (3, 300)}
+    relay(c, 2, 100)
+    relay(tun, 1, 50)
+    t.outside_bind(lis, c, ("198.51.100.9", 41001))  # rebinding: the tunnel's old flow goes, with its count
+    assert t.deltas() == {c: (2, 200, None), tun: (1, 50, None)} and tun not in t.entries and tun not in t.kept
+    relay(c, 4, 10)
+    final = t.outside_unbind(c, ("198.51.100.9", 41001))
+    assert {k: v[:2] for k, v in final.items()} == {c: (4, 40)} and t.deltas() == {} and t.flows.items() == []
+
+
+def test_a_direction_that_goes_back_to_the_agent_hands_what_it_counted_to_the_next_deltas():
+    class Natted(FlowTable):
+        nat = None
+
+        def _nat(self, src, oif):
+            return self.nat
+
+    t = Natted(DictMap())
+    c, tun, lis = ("203.0.113.7", 40000), ("198.51.100.9", 41000), ("192.0.2.1", 9999)
+    t.outside_bind(lis, c, tun)
+    e = t.entries[c]
+    fields = list(VALUE.unpack(t.flows.lookup(e.key)))
+    fields[5:7] = 5, 500
+    t.flows.update(e.key, VALUE.pack(*fields))
+    t.nat = "nft ip nat post handle 4"
+    t.reinstall()  # (refresh(): the host NATs now)
+    assert t.kept == {c: "this host NATs it (nft ip nat post handle 4)", tun: "this host NATs it (nft ip nat post "
+                      "handle 4)"} and t.flows.items() == []
+    assert t.deltas() == {c: (5, 500, None)} and t.deltas() == {}
+    t.nat = None
+    t.reinstall()
+    assert set(t.entries) == {c, tun} and t.kept == {}
+
+
+def test_the_program_s_rule_flags_are_the_core_s_rules_and_an_unknown_rule_stays_with_the_agent():
+    assert rule_flags(outside_rule(legacy=False, wireguard=False)) == F_CTRL
+    assert rule_flags(outside_rule(legacy=False, wireguard=True)) == F_CTRL | F_WG
+    assert rule_flags(outside_rule(legacy=True, wireguard=False)) == F_LEN40
+    assert rule_flags(outside_rule(legacy=True, wireguard=True)) == F_LEN40 | F_WG
+    assert rule_flags(inside_rule(legacy=False)) == F_CTRL and rule_flags(inside_rule(legacy=True)) == 0
+    assert rule_flags(Classifier({})) == 0
+    assert rule_flags(Classifier({50: (b"", Kind.CONTROL)})) is None  # a length the program does not know
+    assert rule_flags(Classifier({proto.CTRL_LEN: (b"XXXX", Kind.CONTROL)})) is None  # another magic
+    assert rule_flags(Classifier({92: (b"", Kind.HANDSHAKE)})) is None  # half of WireGuard's
+    t = FlowTable(DictMap())
+    c, tun, lis = ("203.0.113.7", 40000), ("198.51.100.9", 41000), ("192.0.2.1", 9999)
+    assert t.outside_bind(lis, c, tun, up_rule=NO_RULE, down_rule=F_CTRL) == (False, True)
+    assert t.kept == {c: "its rule of the datagrams the agent must see is not one the program knows"}
 
 
 # --- BPF_PROG_TEST_RUN on crafted packets ---
@@ -312,13 +425,31 @@ def test_what_the_agent_must_see_passes_untouched(trns, kp):
         verdict, out, moved = run(trns, kp, frame)
         assert (verdict, out, moved) == (NEXT, frame, {reason: 1}), what
     assert kp.counters()[C4][:2] == (0, 0) and kp.counters()[T4][:2] == (0, 0)
-    # a 120-byte datagram without the magic is data
-    verdict, _, moved = run(trns, kp, datagram(T4, L4, b"UDPX" + bytes(116)))
+    # a datagram of a control message's length without the magic is data
+    verdict, _, moved = run(trns, kp, datagram(T4, L4, b"UDPX" + bytes(proto.CTRL_LEN - 4)))
     assert verdict == REDIRECT and moved == {"relayed": 1}
 
 
 @needs_kernel
-def test_legacy_mode_leaves_every_40_byte_datagram_and_relays_120_byte_ones(trns):
+@pytest.mark.parametrize("rule", [outside_rule(False, False), outside_rule(False, True), outside_rule(True, False),
+                                  outside_rule(True, True), inside_rule(False), inside_rule(True)],
+                         ids=["v3", "v3-wireguard", "legacy", "legacy-wireguard", "inside", "inside-legacy"])
+def test_the_program_leaves_to_the_agent_exactly_what_the_core_s_rule_claims(trns, kp, rule):
+    with trns.entered():
+        assert kp.outside_bind(L4, C4, T4, up_rule=rule_flags(rule)) == (True, True)
+    n = proto.CTRL_LEN
+    for size in sorted({0, 1, 3, 4, 39, 40, 41, 91, 92, 93, 147, 148, 149, n - 1, n, n + 1, 200}):
+        for head in (b"", proto.MAGIC, b"UDPX", b"\x01\x00\x00\x00"):
+            payload = (head + bytes(size))[:size]
+            verdict, _, moved = run(trns, kp, datagram(C4, L4, payload))
+            claimed = rule.core_sees(payload)
+            assert (verdict == NEXT) == claimed, (size, head)
+            assert moved == ({"control": 1} if rule.kind(payload) is Kind.CONTROL else {"wireguard": 1} if claimed
+                             else {"relayed": 1}), (size, head)
+
+
+@needs_kernel
+def test_legacy_mode_leaves_every_40_byte_datagram_and_relays_control_message_sized_ones(trns):
     with trns.entered():
         k = KernelPath.open(ifaces=["lo"], legacy=True)
     try:
@@ -358,7 +489,8 @@ def test_a_gso_packet_counts_its_segments_and_passes_if_a_segment_may_be_a_contr
     verdict, out, moved = run(trns, kp, frame, ctx=skb_ctx(ifindex, gso_size=100, gso_segs=3))
     assert verdict == REDIRECT and parse(out)["dst"] == "192.0.2.50"
     assert kp.counters()[C4][:2] == (3, 300)
-    for size, total in ((120, 240), (200, 320)):  # a 120-byte segment: first, or last
+    n = proto.CTRL_LEN
+    for size, total in ((n, 2 * n), (200, 200 + n)):  # a segment of a control message's length: first, or last
         frame = datagram(C4, L4, bytes(total))
         segs = -(-total // size)
         assert run(trns, kp, frame, ctx=skb_ctx(ifindex, gso_size=size, gso_segs=segs)) == (NEXT, frame,
@@ -402,7 +534,10 @@ def test_a_local_destination_goes_into_lo_with_lo_s_mac_from_any_device(trns, kp
 
 
 @needs_kernel
-def test_a_local_datagram_on_lo_goes_round_lo_again_only_if_another_agent_s_program_came_before(trns, kp):
+def test_a_local_datagram_for_an_agent_goes_round_lo_again_only_if_another_agent_s_program_came_before(trns, kp):
+    """On lo, a rewritten datagram for a local agent (here the outside agent: the tx direction) goes round lo
+    again when another agent's program ran before this one (that one may relay it on); one for a leaf (the
+    service: rx) goes on to the stack either way."""
     tl, outside, sl, service = ("127.0.0.1", 33000), ("127.0.0.1", 9999), ("127.0.0.1", 34000), \
         ("127.0.0.1", 51820)
     with trns.entered():
@@ -411,10 +546,15 @@ def test_a_local_datagram_on_lo_goes_round_lo_again_only_if_another_agent_s_prog
         with trns.entered():
             kp.inside_pipe(tl, outside, sl, service)
             second.inside_pipe(tl, outside, sl, service)
-        frame = datagram(outside, tl, b"x")
+        frame = datagram(service, sl, b"x")
         first_verdict, first_out, _ = run(trns, kp, frame)
         second_verdict, second_out, _ = run(trns, second, frame)
         assert (first_verdict, second_verdict) == (NEXT, REDIRECT) and first_out == second_out
+        assert parse(first_out)["dport"] == 9999
+        frame = datagram(outside, tl, b"x")
+        first_verdict, first_out, _ = run(trns, kp, frame)
+        second_verdict, second_out, _ = run(trns, second, frame)
+        assert (first_verdict, second_verdict) == (NEXT, NEXT) and first_out == second_out
         assert parse(first_out)["dport"] == 51820
     finally:
         second.close()
@@ -593,8 +733,9 @@ def test_a_table_that_sends_datagrams_round_in_a_circle_lets_them_go_at_the_ttl_
     try:
         with ns.entered():
             paths += [KernelPath.open(ifaces=["lo"]), KernelPath.open(ifaces=["lo"])]
-            # one agent: a -> b becomes c -> d; the other: c -> d becomes a -> b
-            assert paths[0].inside_pipe(b, a, c, d)[0] and paths[1].inside_pipe(d, c, a, b)[0]
+            # one agent: a -> b becomes c -> d; the other: c -> d becomes a -> b (each towards an agent, as a
+            # service's answer to the outside agent: such a datagram goes round lo for the other to see)
+            assert paths[0].inside_pipe(c, d, b, a)[1] and paths[1].inside_pipe(a, b, d, c)[1]
             sender, at_b, at_d = _udp(family, a), _udp(family, b), _udp(family, d)
             socks += [sender, at_b, at_d]
             if family == socket.AF_INET:
@@ -631,7 +772,7 @@ def test_a_gso_send_is_relayed_as_its_datagrams_unless_one_may_be_a_control_mess
             got = [tunnel.recvfrom(2000) for _ in range(3)]
             assert [(len(d), a) for d, a in got] == [(1000, ("127.0.0.1", 5000))] * 2 + [(4, ("127.0.0.1", 5000))]
             assert k.counters()[client.getsockname()][:2] == (3, 2004)
-            client.setsockopt(socket.IPPROTO_UDP, 103, 120)  # segments of a control message's length
+            client.setsockopt(socket.IPPROTO_UDP, 103, proto.CTRL_LEN)  # segments of a control message's length
             client.sendto(CTRL * 3, ("127.0.0.1", 5000))
             assert [listen.recvfrom(200) for _ in range(3)] == [(CTRL, client.getsockname())] * 3
             client.setsockopt(socket.IPPROTO_UDP, 103, 200)  # the last, shorter segment is one
@@ -823,6 +964,41 @@ def test_an_agent_killed_with_sigkill_leaves_no_program_attached_and_the_next_at
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
+
+
+@needs_kernel
+def test_lo_s_settings_an_agent_turned_on_are_set_back_when_the_last_agent_stops(ns_factory):
+    ns = ns_factory("sysctl")
+    ns.sh("ip link add s0 type veth peer name s1 && ip link set s0 up && ip link set s1 up"
+          " && ip addr add 198.51.100.1/24 dev s0 && ip route add default via 198.51.100.2")
+    forwarding = "/proc/sys/net/ipv4/conf/lo/forwarding"
+
+    def setting() -> str:
+        return ns.sh(f"cat {forwarding}").strip()
+
+    with ns.entered():
+        a = KernelPath.open(ifaces=["lo", "s0"])
+        assert setting() == "0"
+        assert a.outside_bind(L4, C4, T4) == (True, True)  # to another host: routes are looked up from lo
+        assert setting() == "1" and any("turned on net.ipv4.conf.lo.forwarding" in n for n in a.notes)
+    a.close()  # (from another namespace: it goes back to its own to set them back)
+    assert setting() == "0"
+    with ns.entered():
+        a, b = KernelPath.open(ifaces=["lo"]), KernelPath.open(ifaces=["lo"])
+        a.outside_bind(L4, C4, T4)
+        b.outside_bind(L4, ("203.0.113.8", 40000), T4B)
+        assert setting() == "1"
+        a.close()
+        assert setting() == "1"  # b still relays with it (it found it turned on by a, and holds it too)
+        b.close()
+    assert setting() == "0"  # the last one out set it back
+    ns.sh(f"echo 1 > {forwarding}")  # on by the host's own choice: no agent turned it on
+    with ns.entered():
+        a = KernelPath.open(ifaces=["lo"])
+        a.outside_bind(L4, C4, T4)
+        assert not any("forwarding" in n for n in a.notes)
+        a.close()
+    assert setting() == "1"
 
 
 # --- the host's own NAT ---

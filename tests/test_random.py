@@ -257,3 +257,49 @@ def test_no_sequence_of_events_lets_junk_take_a_tunnel_in_wireguard_mode(steps):
         run.check_registrations()
     run.sim.advance(3 * KEEPALIVE + 10, step=1.0)
     run.check_admission()
+
+
+# --- the kernel data path (issue 19): the map follows the route table ---
+
+@SETTINGS
+@given(st.lists(STEP, max_size=40))
+def test_with_the_kernel_path_the_map_is_the_route_table_after_every_step_and_no_client_gets_another_s_datagram(
+        steps):
+    """The outside agent with the kernel path (sim.py, kernel=True): after every step its map holds
+    exactly the route table's flows (Sim.pump checks), the simulated program claims exactly what the
+    core's rule claims, and what the program relays (counted in the map only) keeps the tunnels alive
+    as it would in user space: no cross-talk, only the inside's registrations."""
+    run = Run(key=b"secret", kernel=True)
+    for s in steps:
+        run.step(s)
+        run.check_no_cross_talk()
+        run.check_registrations()
+    run.sim.advance(3 * KEEPALIVE + 10, step=1.0)
+    run.check_no_cross_talk()
+
+
+@SETTINGS
+@given(st.lists(STEP, max_size=40))
+def test_with_the_kernel_path_no_sequence_of_events_breaks_a_legacy_pair(steps):
+    run = Run(key=b"secret", legacy=True, kernel=True)
+    for s in steps:
+        run.step(s)
+    run.sim.advance(3 * KEEPALIVE + 20, step=1.0)
+
+
+def test_the_simulated_program_carries_a_client_s_traffic_and_the_core_sees_it_in_its_meters():
+    """The counting contract: what the program relays reaches the flows' meters before the core's timer
+    (an active client is not expired), and a flow that goes hands over what it counted."""
+    sim = Sim(key=b"secret", keepalive=KEEPALIVE, timeout=30, spares=2, max_clients=6, kernel=True)
+    client = CLIENTS[0]
+    sim.send(b"first", client)  # the core's: it makes the tunnel
+    [t] = [t for t in sim.outside.tunnels.values() if t.client == client]
+    for i in range(40):
+        sim.send(b"data %d" % i, client)
+        sim.advance(1.0)
+    assert sim.kernel_relayed == 40 and (t.up.pkts, t.up.bytes) == (41, 5 + sum(len(b"data %d" % i) for i in
+                                                                                  range(40)))
+    assert sim.outside.tunnels.get(t.tid) is t and t.client == client  # 40 s of traffic: still bound
+    sim.advance(3 * KEEPALIVE + 20, step=1.0)  # idle: it expires, and its flows leave the map
+    assert t.client is None or sim.outside.tunnels.get(t.tid) is not t
+    assert sim.flows.items() == []

@@ -105,13 +105,19 @@ def expected(cid: bytes, n: int) -> list[bytes]:
     return [cid + b" %04d " % k + bytes((k * 7 + i) % 251 for i in range(40)) for k in range(n)]
 
 
+def datapath_line(datapath: str | None) -> str:
+    """The agents' data path: user space unless the test asks for one (as tests/agents.py Agent)."""
+    return f'datapath = "{datapath or "user"}"\n'
+
+
 class Pair:
     """An outside and an inside agent from configuration files in tmp."""
 
     def __init__(self, tmp, services: dict[str, tuple[str, str]], keys: dict[str, str] | None = None,
                  inside_keys: dict[str, tuple[str, list[str]]] | None = None,
-                 keyed: dict[str, str] | None = None) -> None:
+                 keyed: dict[str, str] | None = None, datapath: str | None = None) -> None:
         self.tmp = tmp
+        self.datapath = datapath
         self.tport = free_range(1)
         keys = keys or {"home": "a home key of some length"}
         for k, v in keys.items():
@@ -126,7 +132,7 @@ class Pair:
         for k, (name, svcs) in (inside_keys or {"home": ("inside", list(services))}).items():
             path = tmp / f"{name}.toml"
             body = (f'[inside]\noutside = "{HOST}:{self.tport}"\nkey_file = "{k}.key"\nkeepalive = 2\n'
-                    f'control = "{tmp / (name + ".sock")}"\n')
+                    f'control = "{tmp / (name + ".sock")}"\n{datapath_line(datapath)}')
             for s in svcs:
                 body += f'\n[services.{s}]\nservice = "{HOST}:{services[s][1]}"\n'
             path.write_text(body)
@@ -134,7 +140,7 @@ class Pair:
 
     def write_outside(self, services: dict[str, tuple[str, str]], keyed: dict[str, str] | None = None) -> None:
         body = f'[outside]\nlisten = "{HOST}:{self.tport}"\nkeepalive = 2\ncontrol = "{self.tmp / "outside.sock"}"\n'
-        body += 'state_file = "none"\n'
+        body += 'state_file = "none"\n' + datapath_line(getattr(self, "datapath", None))
         for k in self.keys:
             body += f'\n[keys.{k}]\nfile = "{k}.key"\n'
         for name, (listen, _) in services.items():
@@ -147,11 +153,13 @@ class Pair:
             a.stop()
 
 
-def test_three_services_two_ports_and_a_range_of_a_hundred_through_one_pair_of_agents(tmp_path):
+def test_three_services_two_ports_and_a_range_of_a_hundred_through_one_pair_of_agents(tmp_path, datapath):
+    """(With the kernel path, each client's datagrams go up from the tunnel port and its answers come
+    back from the port it sent to: its connected socket takes nothing else.)"""
     a, b, r = free_range(1), free_range(1), free_range(100)
     ea, eb, er = Echo(free_range(1)), Echo(free_range(1)), Echo(free_range(100), 100)
     pair = Pair(tmp_path, {"wg": (str(a), str(ea.first)), "game": (f"{r}-{r + 99}", f"{er.first}-{er.first + 99}"),
-                           "dns": (str(b), str(eb.first))})
+                           "dns": (str(b), str(eb.first))}, datapath=datapath)
     try:
         pair.outside.wait_status(lambda s: s["spares"] >= 2)
         targets = [(a, b"wg%02d" % i) for i in range(20)] + [(b, b"dns%02d" % i) for i in range(20)] \
@@ -183,17 +191,24 @@ def test_three_services_two_ports_and_a_range_of_a_hundred_through_one_pair_of_a
             assert f'udp_tunnel_service_datagrams_total{{service="{name}",direction="in"}} 100' in body
         inside = pair.insides[0].status()
         assert {k: v["clients"] for k, v in inside["services"].items()} == {"wg": 20, "game": 20, "dns": 20}
+        for s in (st, inside):
+            d = s["datapath"]
+            assert d["path"] == datapath
+            if datapath == "kernel":  # 60 clients, 2 directions each; 300 round trips, each first one the core's
+                # (at the inside a first datagram that arrives after its pipe was made is the kernel's too)
+                assert (d["flows"], d["kept_count"]) == (120, 0)
+                assert d["program"]["local"] == 2 * 300 - 60 if s is st else 540 <= d["program"]["local"] <= 600
     finally:
         pair.stop()
         for e in (ea, eb, er):
             e.close()
 
 
-def test_two_inside_agents_with_their_own_keys_serve_only_their_own_services(tmp_path):
+def test_two_inside_agents_with_their_own_keys_serve_only_their_own_services(tmp_path, datapath):
     ea, eb = Echo(free_range(1)), Echo(free_range(1))
     a, b = free_range(1), free_range(1)
     pair = Pair.__new__(Pair)
-    pair.tmp, pair.tport = tmp_path, free_range(1)
+    pair.tmp, pair.tport, pair.datapath = tmp_path, free_range(1), datapath
     pair.keys = {"home": "the home agent's key", "friend": "the friend's agent key"}
     for k, v in pair.keys.items():
         (tmp_path / f"{k}.key").write_text(v + "\n")
@@ -207,7 +222,7 @@ def test_two_inside_agents_with_their_own_keys_serve_only_their_own_services(tmp
     for key, name, svcs in (("home", "home", ["mine"]), ("friend", "friend", ["theirs", "mine"])):
         path = tmp_path / f"{name}.toml"
         body = (f'[inside]\noutside = "{HOST}:{pair.tport}"\nkey_file = "{key}.key"\nkeepalive = 2\n'
-                f'control = "{tmp_path / (name + ".sock")}"\n')
+                f'control = "{tmp_path / (name + ".sock")}"\n{datapath_line(datapath)}')
         for s in svcs:
             port = services[s][1] if s == "theirs" or name == "home" else eb.first
             body += f'\n[services.{s}]\nservice = "{HOST}:{port}"\n'
@@ -229,13 +244,13 @@ def test_two_inside_agents_with_their_own_keys_serve_only_their_own_services(tmp
 
 
 @pytest.mark.parametrize("change", ["add", "remove", "limit"])
-def test_a_reload_under_traffic_loses_no_datagram_of_the_services_it_does_not_touch(tmp_path, change):
+def test_a_reload_under_traffic_loses_no_datagram_of_the_services_it_does_not_touch(tmp_path, change, datapath):
     import signal
     ea, eb = Echo(free_range(1)), Echo(free_range(1))
     a, b, c = free_range(1), free_range(1), free_range(1)
     ec = Echo(free_range(1))
     services = {"steady": (str(a), str(ea.first)), "other": (str(b), str(eb.first))}
-    pair = Pair(tmp_path, services)
+    pair = Pair(tmp_path, services, datapath=datapath)
     result: dict = {}
     try:
         pair.outside.wait_status(lambda s: s["spares"] >= 2)

@@ -22,6 +22,7 @@ from udp_tunnel.addr import resolve, show
 from udp_tunnel.core.inside import InsideCore
 from udp_tunnel.core.outside import Endpoint, OutsideCore, Service
 from udp_tunnel.core.wireguard import Gate
+from udp_tunnel.io.datapath import Datapath, DatapathError, choose
 from udp_tunnel.io.inside import inside_loop
 from udp_tunnel.io.loop import Loop
 from udp_tunnel.io.outside import outside_loop
@@ -45,6 +46,7 @@ class Started:
     info: dict  # fixed facts shown with every snapshot
     secrets: dict[str, bytes] = field(default_factory=dict)  # key name -> secret
     origins: dict[str, str] = field(default_factory=dict)  # key name -> where it came from
+    datapath: Datapath | None = None
 
 
 def run(cfg: config.Config) -> int:
@@ -79,6 +81,17 @@ def secrets_of(keys) -> tuple[dict[str, bytes], dict[str, str]]:
     try:
         return ({k.name: config.read_key(k) for k in keys}, {k.name: k.origin for k in keys})
     except config.ConfigError as e:
+        raise StartError(str(e)) from None
+
+
+def open_datapath(cfg: config.Config, legacy: bool, max_flows: int, close: list) -> Datapath:
+    """The data path cfg asks for (StartError, one line, for datapath "kernel" where it can't run;
+    the sockets in `close` are closed then)."""
+    try:
+        return choose(cfg.datapath, legacy=legacy, max_flows=max(1024, max_flows))
+    except DatapathError as e:
+        for s in close:
+            s.close()
         raise StartError(str(e)) from None
 
 
@@ -174,8 +187,10 @@ def start_outside(cfg: config.OutsideConfig, log: Log, now: float, name: str) ->
         for s in socks:
             s.close()
         raise StartError(f"{e.strerror or e} (or --state-file PATH)") from None
+    # two directions per tunnel that can carry a client, and room for the keys added by a reload
+    dp = open_datapath(cfg, legacy, 2 * core.max_tunnels + 256, socks)
+    loop = outside_loop(core, socks, log, state_path=state, datapath=dp)  # (the map follows the routes from here)
     remember(core, state, log, now)
-    loop = outside_loop(core, socks, log, state_path=state)
     desc = f"outside agent listening on {where(socks[0])}"
     if len(cfg.services) > 1 or cfg.services[0].listen != cfg.listen:
         desc += f" for tunnels, serving {', '.join(f'{s.name} on {s.listen}' for s in cfg.services)}"
@@ -183,7 +198,7 @@ def start_outside(cfg: config.OutsideConfig, log: Log, now: float, name: str) ->
     if wg:
         n = sum(len(s.wireguard_keys) for s in wg)
         desc += f", admitting only WireGuard handshakes for {n} server key{'s' if n > 1 else ''}"
-    return Started(loop, desc, {"listen": where(socks[0])}, secrets, origins)
+    return Started(loop, desc, {"listen": where(socks[0])}, secrets, origins, dp)
 
 
 def reached(sock: socket.socket) -> tuple | None:
@@ -229,21 +244,27 @@ def start_inside(cfg: config.InsideConfig, log: Log, now: float) -> Started:
     secret = secrets[cfg.key.name]
     raise_fd_limit(2 * cfg.max_clients + 2 * cfg.spares + 64)
     outside_addr = resolve(cfg.outside.host, cfg.outside.ports.first, "--outside", cfg.family or socket.AF_UNSPEC)
-    targets = service_targets(cfg, log)
     legacy = any(s.legacy for s in cfg.services)
+    dp = open_datapath(cfg, legacy, 2 * cfg.max_clients + 64, [])
+    try:
+        targets = service_targets(cfg, log)
+    except BaseException:
+        dp.close()
+        raise
     core = InsideCore(secret=secret, keepalive=cfg.keepalive, timeout=max(s.timeout for s in cfg.services),
                       spares=cfg.spares, max_clients=cfg.max_clients, now=now, log=log, legacy=legacy,
                       services=tuple(targets))
     core.start(now)
     loop = inside_loop(core, (cfg.outside.host, cfg.outside.ports.first), outside_addr, targets, log,
-                       family=cfg.family or socket.AF_UNSPEC)
+                       family=cfg.family or socket.AF_UNSPEC, datapath=dp)
     resolved = show(outside_addr[1])
     given = str(cfg.outside)
     served = ", ".join(f"{n} {t}" + (f" ({t.mode})" if t.mode != "off" else "") for n, t in targets.items())
     info = {"service": served if len(targets) > 1 else str(next(iter(targets.values()))),
             "outside": resolved if resolved == given else f"{given} ({resolved})"}
     what = f"service {info['service']}" if len(targets) == 1 else f"services {served}"
-    return Started(loop, f"inside agent for {what} via outside agent {info['outside']}", info, secrets, origins)
+    return Started(loop, f"inside agent for {what} via outside agent {info['outside']}", info, secrets, origins,
+                   dp)
 
 
 # --- status, metrics, the start line, SIGHUP ---
@@ -275,6 +296,7 @@ def start_line(cfg: config.Config, started: Started, log: Log, control: str | No
     else:
         key = f"{len(keys)} keys"
     log.info(f"udp-tunnel {__version__}: {started.desc}, protocol {protocol}, {key}, keepalive {cfg.keepalive:g} s"
+             + (f", {started.datapath.line()}" if started.datapath else "")
              + (f", status on {control}" if control else "")
              + (f", metrics on http://{show(cfg.metrics)}/metrics" if cfg.metrics else ""))
     for name, secret, origin in keys:

@@ -117,6 +117,10 @@ def _tuning_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--wireguard-key", metavar="PUBKEY", action="append",
                    help="outside: admit only WireGuard clients of the server with this public key "
                         "(base64, as 'wg show' prints it; repeat or separate by commas for several)")
+    g.add_argument("--datapath", metavar="MODE", choices=("auto", "kernel", "user"),
+                   help="who relays the datagrams of known flows: auto (the kernel, through an eBPF program, where "
+                        "it can: root or CAP_BPF and CAP_NET_ADMIN, Linux 6.6+; else this process; the default), "
+                        "kernel (or refuse to start), user (always this process)")
     g.add_argument("--max-clock-skew", metavar="SECONDS", type=number,
                    help="outside --legacy: refuse keepalives whose clock is further off (default 120, 0: off)")
     fam = g.add_mutually_exclusive_group()

@@ -39,6 +39,7 @@ ITEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")  # a service's or a key's n
 CLIENT_ADDRESS = ("off", "transparent", "proxy-v2", "proxy-v2-first")
 FAMILIES = {"any": None, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 LOG = ("normal", "verbose", "quiet")
+DATAPATHS = ("auto", "kernel", "user")  # as io/datapath.py MODES
 DEFAULT = "default"  # the one service (and key) of a command line
 
 
@@ -141,6 +142,7 @@ class OutsideConfig:
     family: int | None = None  # None (both), socket.AF_INET (-4), socket.AF_INET6 (-6)
     verbose: bool = False
     quiet: bool = False
+    datapath: str = "auto"  # one of DATAPATHS (--datapath)
     role = "outside"
 
     def key(self, name: str) -> Key:
@@ -176,6 +178,7 @@ class InsideConfig:
     family: int | None = None
     verbose: bool = False
     quiet: bool = False
+    datapath: str = "auto"
     role = "inside"
 
     def service(self, name: str) -> InsideService:
@@ -202,7 +205,7 @@ def from_args(a) -> Config:
         key = Key(DEFAULT, origin="", max_clients=a.max_clients)
     metrics = split_hostport(a.metrics, "--metrics") if a.metrics else None
     common = dict(source="command line", name=a.name, control=a.control, metrics=metrics, family=a.family,
-                  verbose=a.verbose, quiet=a.quiet)
+                  verbose=a.verbose, quiet=a.quiet, datapath=getattr(a, "datapath", None) or "auto")
     if a.listen is not None:
         host, port = parse_listen(a.listen)
         listen = Listen(host, PortRange(port, port))
@@ -520,10 +523,12 @@ class _Reader:
         if "log" in t:
             log = self.choice(keys + ("log",), t["log"], LOG)
             out["verbose"], out["quiet"] = log == "verbose", log == "quiet"
+        if "datapath" in t:
+            out["datapath"] = self.choice(keys + ("datapath",), t["datapath"], DATAPATHS)
         return out
 
 
-GENERAL = ("name", "control", "metrics", "family", "log")
+GENERAL = ("name", "control", "metrics", "family", "log", "datapath")
 OUTSIDE = ("listen", "keepalive", "state_file", *GENERAL)
 KEY = ("file", "insecure_no_key", "max_clients")
 OUTSIDE_SERVICE = ("listen", "key", "max_clients", "max_clients_per_source", "wireguard_key", "legacy",
@@ -863,18 +868,26 @@ def changes(old: Config, new: Config) -> Changes:
 def install_facts(cfg: Config) -> list[tuple[str, str]]:
     """What `make install-*` needs to know of a file, as (name, value) pairs: its role, each key
     file it names (key_file, once per file), the descriptors the agent may need (nofile, for
-    LimitNOFILE=), caps (CAP_NET_BIND_SERVICE when a port below 1024 is listened on) and a
-    description for the unit. A key file is as written in the file: a relative name is beside it."""
+    LimitNOFILE=), caps (CAP_NET_BIND_SERVICE when a port below 1024 is listened on; CAP_BPF and
+    CAP_NET_ADMIN with datapath = "kernel"; CAP_NET_ADMIN and CAP_NET_RAW for a service with
+    client_address = "transparent"), the data path (datapath: kernel, or user for auto and user:
+    the unit gives the kernel path what it needs only when it is asked for), whether the agent
+    needs netlink (netlink: yes or no) and a description for the unit. A key file is as written in
+    the file: a relative name is beside it."""
+    caps = ["CAP_BPF", "CAP_NET_ADMIN"] if cfg.datapath == "kernel" else []
     if isinstance(cfg, OutsideConfig):
         files = [k.given for k in cfg.keys if k.given]
         low = min([cfg.listen.ports.first] + [s.listen.ports.first for s in cfg.services])
         nofile = sum(s.listen.ports.size for s in cfg.services) + 2 * sum(k.max_clients for k in cfg.keys) + 64
-        caps = "CAP_NET_BIND_SERVICE" if low < 1024 else ""
+        caps = (["CAP_NET_BIND_SERVICE"] if low < 1024 else []) + caps
         what = f"relay on {cfg.listen}: {', '.join(s.name for s in cfg.services)}"
     else:
         files = [cfg.key.given] if cfg.key.given else []
         nofile = 2 * cfg.max_clients + 2 * cfg.spares + 64
-        caps = ""
+        if any(s.client_address == "transparent" for s in cfg.services):
+            caps = list(dict.fromkeys(caps + ["CAP_NET_ADMIN", "CAP_NET_RAW"]))
         what = f"{', '.join(s.name for s in cfg.services)} via {cfg.outside}"
-    return [("role", cfg.role), *(("key_file", f) for f in files), ("nofile", str(nofile)), ("caps", caps),
+    netlink = "yes" if "CAP_NET_ADMIN" in caps else "no"
+    return [("role", cfg.role), *(("key_file", f) for f in files), ("nofile", str(nofile)), ("caps", " ".join(caps)),
+            ("datapath", "kernel" if cfg.datapath == "kernel" else "user"), ("netlink", netlink),
             ("description", what)]

@@ -1,4 +1,6 @@
-"""`udp-tunnel demo`: both agents, a UDP echo service and three clients on loopback."""
+"""`udp-tunnel demo`: both agents, a UDP echo service and three clients on loopback, and which
+data path carried the datagrams (the kernel's eBPF program where it can run, as root on Linux
+6.6+ with the program built by `make`; else the agents themselves, and why)."""
 
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ def agent_command() -> list[str]:
             "from udp_tunnel.cli import main; sys.exit(main())"]
 
 
-def start_agent(name: str, args: list[str], env: dict) -> subprocess.Popen:
-    """Start an agent and relay its log; return once it said it started (or after 5 s)."""
+def start_agent(name: str, args: list[str], env: dict, paths: dict | None = None) -> subprocess.Popen:
+    """Start an agent and relay its log; return once it said it started (or after 5 s). `paths`:
+    the agent's name -> its start line's data path ("kernel (...)" or "user space (...)")."""
     p = subprocess.Popen(agent_command() + args, env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     started = threading.Event()
@@ -40,6 +43,8 @@ def start_agent(name: str, args: list[str], env: dict) -> subprocess.Popen:
             line = line.rstrip("\n")
             if line[:1] == "<" and line[2:3] == ">":
                 line = f"{PRIO.get(line[1], '?')}: {line[3:]}"
+            if paths is not None and ", datapath " in line and name not in paths:
+                paths[name] = line.split(", datapath ", 1)[1].split(", status on ", 1)[0]
             try:
                 print(f"  [{name}] {line}", flush=True)
             except (BrokenPipeError, ValueError):  # the reader of our output is gone
@@ -134,14 +139,16 @@ def demo(argv: list[str]) -> int:
     print(f"  UDP echo service on 127.0.0.1:{sport} (stands for the WireGuard server at home)")
     print(f"  outside agent:  udp-tunnel -l 127.0.0.1:{oport} -t 1   (key from UDP_TUNNEL_KEY)")
     print(f"  inside agent:   udp-tunnel -s 127.0.0.1:{sport} -o 127.0.0.1:{oport} -t 1")
-    print(f"  {clients_n} clients send {per_client} datagrams each to the outside agent\n")
+    print(f"  {clients_n} clients send {per_client} datagrams each to the outside agent")
+    print("  both agents with --datapath auto: the kernel relays known flows where it can, else the agents\n")
     seen: set = set()
     stop = threading.Event()
     threading.Thread(target=echo_service, args=(service, seen, stop), daemon=True).start()
     quiet = ["--control", "none"]  # the demo leaves nothing behind for `udp-tunnel status`
-    agents = [start_agent("outside", ["-l", f"127.0.0.1:{oport}", "-t", "1", *quiet], env),
+    paths: dict[str, str] = {}
+    agents = [start_agent("outside", ["-l", f"127.0.0.1:{oport}", "-t", "1", *quiet], env, paths),
               start_agent("inside", ["-s", f"127.0.0.1:{sport}", "-o", f"127.0.0.1:{oport}", "-t", "1", *quiet],
-                          env)]
+                          env, paths)]
     try:
         ok, sent, rtts = run_clients(oport, clients_n, per_client)
     finally:
@@ -153,6 +160,19 @@ def demo(argv: list[str]) -> int:
           f"to it the inside agent is the client")
     if rtts:
         print(f"round trip through both agents: median {sorted(rtts)[len(rtts) // 2] * 1000:.2f} ms")
+    print(datapath_summary(paths))
     good = ok == total and len(seen) == clients_n and all(p.returncode == 0 for p in agents)
     print("demo OK" if good else "demo FAILED")
     return 0 if good else 1
+
+
+def datapath_summary(paths: dict[str, str]) -> str:
+    """Which data path carried the clients' datagrams, from the agents' start lines."""
+    said = [paths.get(name, "") for name in ("outside", "inside")]
+    if all(p.startswith("kernel") for p in said):
+        return (f"data path: the kernel ({said[0].split('(', 1)[-1].rstrip(')')}): after each client's first "
+                "datagram, both agents' eBPF programs relayed its datagrams without waking the agents")
+    if said[0] and said[0] == said[1]:
+        return f"data path: the agents themselves, in user space ({said[0].split('(', 1)[-1].rstrip(')')})"
+    return "data path: " + "; ".join(f"{name} agent {p or 'unknown'}" for name, p in zip(("outside", "inside"), said,
+                                                                                          strict=True))

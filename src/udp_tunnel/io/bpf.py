@@ -2,7 +2,7 @@
 the one kind of ELF object bpf/relay.bpf.c compiles to.
 
 Only what the kernel data path (io/kernel.py) and its tests need: maps
-(create, update, lookup, delete, batch lookup), program load (with the
+(create, update, lookup, delete, lookup-and-delete, batch lookup), program load (with the
 verifier's log when it refuses), tcx links (BPF_LINK_CREATE with
 BPF_TCX_INGRESS: the link is a file descriptor, so the program is detached
 when the last descriptor closes, even when the process is killed),
@@ -33,7 +33,7 @@ SYS_BPF = {"x86_64": 321, "amd64": 321, "aarch64": 280, "arm64": 280}
 # commands
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY, PROG_LOAD = 0, 1, 2, 3, 4, 5
 PROG_TEST_RUN, PROG_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD, PROG_QUERY = 10, 13, 15, 16
-MAP_LOOKUP_BATCH, LINK_CREATE = 24, 28
+MAP_LOOKUP_AND_DELETE_ELEM, MAP_LOOKUP_BATCH, LINK_CREATE = 21, 24, 28
 
 # map types, program types, attach types
 MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY = 1, 2, 6
@@ -111,6 +111,20 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     struct.pack_into("=IxxxxQQ", a, 0, fd, _ptr(k), _ptr(v))
     try:
         call(MAP_LOOKUP_ELEM, a, "looking up a map entry")
+    except BpfError as e:
+        if e.errno == 2:  # ENOENT
+            return None
+        raise
+    return v.raw
+
+
+def map_pop(fd: int, key: bytes, value_size: int) -> bytes | None:
+    """Look an entry up and delete it in one step (a hash map: Linux 5.14); None if it is not there."""
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_size)
+    a = _attr()
+    struct.pack_into("=IxxxxQQ", a, 0, fd, _ptr(k), _ptr(v))
+    try:
+        call(MAP_LOOKUP_AND_DELETE_ELEM, a, "taking a map entry")
     except BpfError as e:
         if e.errno == 2:  # ENOENT
             return None
@@ -287,72 +301,98 @@ LD_IMM64 = 0x18
 PSEUDO_MAP_FD = 1
 
 
+class _Elf:
+    """The sections and symbols of an ELF64 little-endian object, as parse_object reads them."""
+
+    def __init__(self, data: bytes) -> None:
+        if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+            raise ValueError("not a little-endian 64-bit ELF object")
+        if struct.unpack_from("<H", data, 18)[0] != 247:  # EM_BPF
+            raise ValueError("not a BPF object")
+        self.data = data
+        shoff = struct.unpack_from("<Q", data, 40)[0]
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 58)
+        # each section: [name offset, type, file offset, size, link, info, entsize]
+        self.sections = []
+        for i in range(shnum):
+            name, kind, _, _, off, size, link, info, _, entsize = struct.unpack_from("<IIQQQQIIQQ", data,
+                                                                                       shoff + i * shentsize)
+            self.sections.append([name, kind, off, size, link, info, entsize])
+        self.names = [self.string(s[0], self.sections[shstrndx]) for s in self.sections]
+        self.by_name = {n: i for i, n in enumerate(self.names)}
+
+    def string(self, off: int, tab) -> str:
+        start = tab[2] + off
+        return self.data[start:self.data.index(b"\0", start)].decode()
+
+    def body(self, i: int) -> bytes:
+        s = self.sections[i]
+        return self.data[s[2]:s[2] + s[3]]
+
+    def symbols(self) -> list[tuple[str, int, int, int]]:
+        """(name, section index, value, size) of every symbol."""
+        symtab_i = next((i for i, s in enumerate(self.sections) if s[1] == 2), None)  # SHT_SYMTAB
+        if symtab_i is None:
+            raise ValueError("no symbol table")
+        symtab = self.sections[symtab_i]
+        symstr = self.sections[symtab[4]]
+        out = []
+        for j in range(symtab[3] // 24):
+            st_name, _, _, st_shndx, st_value, st_size = struct.unpack_from("<IBBHQQ", self.data, symtab[2] + j * 24)
+            out.append((self.string(st_name, symstr), st_shndx, st_value, st_size))
+        return out
+
+
 def parse_object(data: bytes, section: str = "tc") -> BpfObject:
     """Read a little-endian ELF64 BPF object (one program section); ValueError says what is wrong."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ValueError("not a little-endian 64-bit ELF object")
-    if struct.unpack_from("<H", data, 18)[0] != 247:  # EM_BPF
-        raise ValueError("not a BPF object")
-    shoff = struct.unpack_from("<Q", data, 40)[0]
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 58)
-    sections = []
-    for i in range(shnum):
-        name, kind, _, _, off, size, link, info, _, entsize = struct.unpack_from("<IIQQQQIIQQ", data,
-                                                                                   shoff + i * shentsize)
-        sections.append([name, kind, off, size, link, info, entsize])
-    strtab = sections[shstrndx]
-
-    def sname(off: int, tab) -> str:
-        start = tab[2] + off
-        return data[start:data.index(b"\0", start)].decode()
-
-    names = [sname(s[0], strtab) for s in sections]
-    by_name = {n: i for i, n in enumerate(names)}
-    if section not in by_name:
+    elf = _Elf(data)
+    if section not in elf.by_name:
         raise ValueError(f"no program section '{section}'")
-    prog_i = by_name[section]
-    _, _, off, size, *_ = sections[prog_i]
-    insns = data[off:off + size]
-    lic = b""
-    if "license" in by_name:
-        s = sections[by_name["license"]]
-        lic = data[s[2]:s[2] + s[3]].split(b"\0", 1)[0]
-    symtab_i = next((i for i, s in enumerate(sections) if s[1] == 2), None)  # SHT_SYMTAB
-    if symtab_i is None:
-        raise ValueError("no symbol table")
-    symtab = sections[symtab_i]
-    symstr = sections[symtab[4]]
-    symbols = []
-    for j in range(symtab[3] // 24):
-        st_name, _, _, st_shndx, st_value, st_size = struct.unpack_from("<IBBHQQ", data, symtab[2] + j * 24)
-        symbols.append((sname(st_name, symstr), st_shndx, st_value, st_size))
-    maps_i = by_name.get("maps")
+    prog_i = elf.by_name[section]
+    insns = elf.body(prog_i)
+    lic = elf.body(elf.by_name["license"]).split(b"\0", 1)[0] if "license" in elf.by_name else b""
+    symbols = elf.symbols()
+    maps_i = elf.by_name.get("maps")
+    maps, at = _maps(elf, maps_i, symbols)
+    relocs = _relocations(elf, prog_i, maps_i, symbols, at, insns)
+    return BpfObject(insns, lic.decode(), maps, relocs)
+
+
+def _maps(elf: _Elf, maps_i: int | None, symbols) -> tuple[dict[str, MapDef], dict[int, str]]:
+    """The map definitions by name, and the map names by their offset in the maps section."""
     maps: dict[str, MapDef] = {}
     at: dict[int, str] = {}
-    if maps_i is not None:
-        ms = sections[maps_i]
-        for name, shndx, value, size in symbols:
-            if shndx == maps_i and name:
-                if size < 20:
-                    raise ValueError(f"map {name}: definition of {size} bytes")
-                maps[name] = MapDef(*struct.unpack_from("<IIIII", data, ms[2] + value))
-                at[value] = name
+    if maps_i is None:
+        return maps, at
+    ms = elf.sections[maps_i]
+    for name, shndx, value, size in symbols:
+        if shndx == maps_i and name:
+            if size < 20:
+                raise ValueError(f"map {name}: definition of {size} bytes")
+            maps[name] = MapDef(*struct.unpack_from("<IIIII", elf.data, ms[2] + value))
+            at[value] = name
+    return maps, at
+
+
+def _relocations(elf: _Elf, prog_i: int, maps_i: int | None, symbols, at: dict[int, str],
+                 insns: bytes) -> list[tuple[int, str]]:
+    """(instruction index, map name) of every map reference of the program section."""
     relocs: list[tuple[int, str]] = []
-    for s in sections:
+    for s in elf.sections:
         if s[1] == 9 and s[5] == prog_i:  # SHT_REL for the program section
             for j in range(s[3] // 16):
-                r_offset, r_info = struct.unpack_from("<QQ", data, s[2] + j * 16)
+                r_offset, r_info = struct.unpack_from("<QQ", elf.data, s[2] + j * 16)
                 sym, kind = r_info >> 32, r_info & 0xFFFFFFFF
                 name, shndx, value, _ = symbols[sym]
                 if kind != R_BPF_64_64 or shndx != maps_i:
-                    raise ValueError(f"relocation of type {kind} against '{name or names[shndx]}' "
+                    raise ValueError(f"relocation of type {kind} against '{name or elf.names[shndx]}' "
                                      "(only map references are supported)")
                 if insns[r_offset] != LD_IMM64:
                     raise ValueError(f"map relocation at instruction {r_offset // 8} is not ld_imm64")
                 relocs.append((r_offset // 8, at[value]))
         elif s[1] == 4 and s[5] == prog_i:  # SHT_RELA
             raise ValueError("RELA relocations are not supported")
-    return BpfObject(insns, lic.decode(), maps, relocs)
+    return relocs
 
 
 def patch(obj: BpfObject, fds: dict[str, int]) -> bytes:

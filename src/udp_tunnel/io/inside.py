@@ -25,6 +25,7 @@ from functools import partial
 from udp_tunnel.addr import AddrError, resolve, show
 from udp_tunnel.core.inside import Close, InsideCore, MoveService, OpenService, OpenTunnel, Resolve, Send, ToService
 from udp_tunnel.io import fastio
+from udp_tunnel.io.datapath import Datapath, InsideKernel, inside_describe
 from udp_tunnel.io.loop import BATCH, Loop, bufsizes
 from udp_tunnel.io.services import ServiceError, ServiceTarget
 from udp_tunnel.ops.log import Log
@@ -61,8 +62,13 @@ class InsideLoop(Loop):
 
     def __init__(self, core: InsideCore, outside: tuple[str, int], outside_addr: tuple[int, tuple],
                  services: dict[str, ServiceTarget] | tuple[int, tuple], log: Log, family: int = socket.AF_UNSPEC,
-                 **kw) -> None:
+                 datapath: Datapath | None = None, **kw) -> None:
         super().__init__(core, log, **kw)
+        self.datapath = datapath or Datapath("user", "user", "--datapath user")
+        self.kernel: InsideKernel | None = None
+        if self.datapath.kp is not None:
+            self.kernel = InsideKernel(self.datapath.kp, core.rule)
+            self.datapath.describe = inside_describe
         self.outside_name = outside
         self.outside_family, self.outside_addr = outside_addr
         if isinstance(services, tuple):  # one service, as the command line's: (family, address)
@@ -80,8 +86,33 @@ class InsideLoop(Loop):
     def tick(self, now: float) -> None:
         if self.resolving is not None and self.resolving.done():
             self._resolved(now)
+        if self.kernel is not None:
+            self.kernel.count()  # the kernel's traffic, before the core looks at its meters
+            self.datapath.refresh(now)
+            for note in self.datapath.new_notes():
+                self.log.info(f"kernel data path: {note}")
         super().tick(now)
         self._drained(now)
+
+    def publish(self, now: float) -> None:
+        if self.kernel is not None:
+            self.kernel.count()
+            self.datapath.services = {
+                name: f"client_address {t.mode}: the agent handles each datagram (the kernel path relays "
+                      "services with client_address \"off\" only)"
+                for name, t in self.services.items() if t.mode != "off"}
+        self.info["datapath"] = self.datapath.snapshot()
+        super().publish(now)
+
+    def _kernel_pipe(self, p: Pipe) -> None:
+        """The pair to the kernel, where its service sees the agent (client_address "off")."""
+        if self.kernel is not None and p.ssock is not None and p.framing is None and p.target is not None \
+                and p.target.mode == "off":
+            self.kernel.pipe(p.tid, p.tsock, p.ssock, p.rx, p.tx)
+
+    def _kernel_unpipe(self, p: Pipe) -> None:
+        if self.kernel is not None and p.tid in self.kernel.piped:
+            self.kernel.unpipe(p.tid)
 
     def after_core(self, now: float) -> None:
         while self.core.has_output():
@@ -142,6 +173,7 @@ class InsideLoop(Loop):
         p.target, p.client, p.ssock, p.framing = target, a.client, p.conn.sock, p.conn.framing
         bufsizes(p.ssock)
         self.watch(p.ssock.fileno(), partial(self.on_service, p))
+        self._kernel_pipe(p)
 
     def _move_service(self, p: Pipe, client: tuple) -> None:
         """The client moved: the service sees its new address (a new socket where the mode needs
@@ -210,6 +242,7 @@ class InsideLoop(Loop):
         self.core.socket_failed(tid)
 
     def _close_pipe(self, p: Pipe) -> None:
+        self._kernel_unpipe(p)
         del self.pipes[p.tid]
         for s in (p.tsock, p.ssock, *p.retired):
             if s is not None:
@@ -235,6 +268,7 @@ class InsideLoop(Loop):
         self.after_core(now)
 
     def _reconnect(self, p: Pipe) -> None:
+        self._kernel_unpipe(p)
         self.unwatch(p.tsock.fileno())
         p.tsock.close()
         try:
@@ -244,6 +278,7 @@ class InsideLoop(Loop):
             self._lost_socket(p.tid)
             return
         self.watch(p.tsock.fileno(), partial(self.on_tunnel, p))
+        self._kernel_pipe(p)
 
     def shutdown(self, now: float) -> None:
         self.core.shutdown(now)
@@ -277,6 +312,7 @@ class InsideLoop(Loop):
             for line in said:
                 self.log.info(line)
         self.resolver.shutdown(wait=False, cancel_futures=True)
+        self.datapath.close()
         super().close()
 
 

@@ -14,12 +14,14 @@ and its maps.
 
     kp = KernelPath.open(ifaces=None, legacy=False, wireguard=False, max_flows=8192, debug=False)
     # (KernelUnavailable(reason), one line, if it cannot run here; available() -> reason or None)
-    # outside agent, where it binds a client to a tunnel (and on every change of either address):
-    kp.outside_bind(listen, client, tunnel)  -> (up, down): which directions the kernel now relays
-    kp.outside_unbind(client, tunnel)
+    # outside agent, where the route table binds a client to a tunnel (and on every change of either address):
+    kp.outside_bind(listen, client, tunnel, client_listen=None, keys=None, up_rule=None, down_rule=None)
+        -> (up, down): which directions the kernel now relays
+    kp.outside_unbind(client, tunnel, keys=None) -> {key: (packets, bytes, last)} not yet in deltas()
     # inside agent, once a tunnel has its service socket:
-    kp.inside_pipe(tunnel_local, outside, service_local, service) -> (rx, tx)
-    kp.inside_unpipe(tunnel_local, service_local)
+    kp.inside_pipe(tunnel_local, outside, service_local, service, keys=None, rx_rule=None, tx_rule=None)
+        -> (rx, tx)
+    kp.inside_unpipe(tunnel_local, service_local, keys=None) -> {key: (packets, bytes, last)}
     kp.deltas()    # {flow key: (packets, bytes, last seen)} moved since the previous call
     kp.counters()  # {flow key: (packets, bytes, last seen)} since the flow was installed
     kp.stats()     # {reason: packets}: what the program did with everything it saw
@@ -27,41 +29,46 @@ and its maps.
     kp.kept        # {flow key: why the agent relays it itself}; kp.notes: what open() changed
     kp.close()
 
-How the loops use it. The core stays the only source of truth; the loop
-mirrors its route table into the map where it changes its own route cache:
-- outside: for each client bound to a tunnel, outside_bind(listen socket's
-  address, client, tunnel address), again whenever either address changes
-  (rebinding, roaming: the old partner's flow goes by itself), and
-  outside_unbind when the tunnel loses its client (unbind, expiry, close).
-  open(legacy=core.legacy, wireguard=core.wg is not None, max_flows=2 *
-  max_clients + 64 or more).
+`FlowTable` is the part that keeps the map as the agent asked for it (the
+entries, their counters, what is kept and why), with the map and the host's
+answers (routes, NAT, settings) behind a few methods: `KernelPath` is a
+FlowTable over the real map and host; the tests' simulator runs one over a
+dict (`DictMap`). io/datapath.py connects either to the agents' loops.
+
+Where the loops call it (io/datapath.py does it for them):
+- outside: the route table's listener (core/routes.py). A client's datagrams
+  arrive on its service's endpoint (`client_listen`) and go up from the tunnel
+  port's (`listen`); the tunnel's arrive on the tunnel port and go down from
+  the client's endpoint. Each direction carries the rule (`rule_flags` of
+  core/classify.py's Classifier) of the endpoint its datagrams arrive on. The
+  keys are the route table's: (endpoint, source address).
 - inside: inside_pipe(tunnel socket's getsockname(), its getpeername(),
   service socket's getsockname(), service address) once the service socket
-  is open (the first datagram went through the core as before), again if the
-  outside's address changes; inside_unpipe when the pair closes.
-- before each core timer: for each (key, (packets, bytes, _)) in deltas(),
-  add them to the meter of that flow (outside: core.route[key]; inside: the
-  tunnel's rx meter for its tunnel_local, its tx meter for its
-  service_local), so that expiry, status and metrics see the kernel's
-  traffic as if the loop had counted it.
+  is open (the first datagram went through the core as before), again after a
+  reconnect to a new outside address; inside_unpipe when the pair closes.
+- before each core timer (and before a status snapshot): for each (key,
+  (packets, bytes, _)) in deltas(), add them to the meter of that flow; and
+  what outside_unbind / inside_unpipe return, to the meters of the flow that
+  goes, so that expiry, status and metrics see the kernel's traffic as if the
+  loop had counted it.
 - refresh() now and then (a minute), stats() and kept for `status`.
 
 Addresses are tuples as the agent's sockets give them (IPv4 clients of a
 dual-stack socket as ("::ffff:a.b.c.d", port, 0, 0)); a listen address of
 "", "0.0.0.0" or "::" means any local address. Flow keys are the tuples passed
-in: at the outside the source of the flow (client or tunnel: the keys of the
-core's route table); at the inside the local socket the flow arrives at
-(tunnel_local: outside -> service, service_local: service -> outside). The
-counters count UDP payload bytes, as the user-space path's meters do; a GSO
-or GRO packet counts as the datagrams it holds. `last seen` is on the
-time.monotonic() clock (bpf_ktime_get_ns is CLOCK_MONOTONIC); None if never.
+in `keys` (by default: at the outside the source of the flow, client or
+tunnel; at the inside the local socket the flow arrives at, tunnel_local:
+outside -> service, service_local: service -> outside). The counters count
+UDP payload bytes, as the user-space path's meters do; a GSO or GRO packet
+counts as the datagrams it holds. `last seen` is on the time.monotonic()
+clock (bpf_ktime_get_ns is CLOCK_MONOTONIC); None if never.
 
 A direction is not installed (and the agent goes on relaying it itself) when
-its two ends differ in address family, or when it would leave through an
-interface on which this host source-NATs that traffic (io/hostnat.py): the
-program sends packets out past netfilter. Everything the program does not
-relay reaches the agent's sockets exactly as without it (see the program's
-header for the list).
+its two ends differ in address family, when its rule is one the program
+cannot apply, or when it would leave through an interface on which this host
+source-NATs that traffic (io/hostnat.py): the program sends packets out past
+netfilter. Everything the program does not relay reaches the agent's sockets
+exactly as without it (see the program's header for the list).
 
 Settings of lo are turned on when a flow needs them, and the change is said
 in `notes` (a flow that needs one that cannot be set stays with the agent,
@@ -76,7 +83,8 @@ the reason in `kept`):
   input route lookup takes a local source address (a relayed datagram
   always has one) and 127/8 for martians otherwise. Only what arrives on lo
   is concerned, and only this host sends there. (IPv6 needs neither.)
-They stay on after the agent exits: another agent may rely on them.
+io/losettings.py sets them back when the last agent that relies on them stops (an agent
+killed with SIGKILL leaves what it turned on on).
 """
 
 from __future__ import annotations
@@ -88,18 +96,28 @@ import os
 import platform
 import socket
 import struct
-from typing import NamedTuple
+from collections.abc import Hashable
+from typing import NamedTuple, Protocol
 
+from udp_tunnel.core.classify import Kind
 from udp_tunnel.io import bpf
 from udp_tunnel.io.bpf import BpfError
 from udp_tunnel.io.hostnat import NatRules, Route, route_get
+from udp_tunnel.io.losettings import LoSettings
+from udp_tunnel.wire import proto
 
 OBJECT_NAME = "relay.bpf.o"
 PROGRAM = "udpt_relay"
 STATS = ("relayed", "local", "not_ip", "not_udp", "fragment", "ip_options", "malformed", "control", "wireguard",
          "unknown", "family", "ttl", "no_route", "mtu", "fwd_disabled", "error", "otherhost")
-CFG_LEGACY, CFG_WIREGUARD, CFG_WILDCARD, CFG_AGENT_BEFORE = 1, 2, 4, 8
+CFG_WILDCARD, CFG_AGENT_BEFORE = 4, 8
 F_V4, F_SRC_IS_DST, F_LOCAL = 1, 2, 4
+F_CTRL, F_LEN40, F_WG = 8, 16, 32  # the flow's rule: which of its datagrams the agent must see
+F_TO_AGENT = 64  # the new destination is an agent (tunnel, outside agent): another agent here may relay it on
+NO_RULE = 1 << 16  # (not the program's) a rule the program cannot apply: the direction stays with the agent
+CTRL_LEN, LEGACY_LEN, WG_LENS = proto.CTRL_LEN, proto.LEGACY_LEN, (92, 148)  # (the program is told CTRL_LEN)
+MAGIC = proto.MAGIC  # (the program's own, as a number: "UDPT")
+CONFIG = struct.Struct("<II")  # struct config: flags, the length of a control message
 KEY = struct.Struct("<16s16s2s2s")
 VALUE = struct.Struct("<16s16s2s2sIQQQ")
 ZERO16 = bytes(16)
@@ -110,6 +128,8 @@ CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 FORWARDING = {4: "net/ipv4/conf/lo/forwarding", 6: "net/ipv6/conf/lo/forwarding"}
 ACCEPT_LOCAL, ROUTE_LOCALNET = "net/ipv4/conf/lo/accept_local", "net/ipv4/conf/lo/route_localnet"
 VERIFIER_LINES = 12
+
+Counts = dict[Hashable, tuple[int, int, "float | None"]]
 
 
 class KernelUnavailable(Exception):  # noqa: N818 (the name the issue gives it)
@@ -141,6 +161,34 @@ def addr(a: tuple) -> Addr:
     if ip.version == 4:
         return Addr(b"\0" * 10 + b"\xff\xff" + ip.packed, ip, struct.pack("!H", port), True)
     return Addr(ip.packed, ip, struct.pack("!H", port), False)
+
+
+def rule_flags(rule) -> int | None:
+    """The program's flags for a core/classify.py Classifier (the datagrams of a flow the agent must
+    see), or None when the program cannot apply that rule. Asked through the rule's own `lengths`
+    and `kind`, so that the two can't drift apart unnoticed."""
+    flags = 0
+    lengths = set(rule.lengths)
+
+    def kind(n: int, head: bytes = b"") -> Kind:
+        return rule.kind(head + bytes(n - len(head)))
+
+    if CTRL_LEN in lengths:
+        if kind(CTRL_LEN) is not Kind.DATA or kind(CTRL_LEN, MAGIC) is not Kind.CONTROL:
+            return None
+        flags |= F_CTRL
+    if LEGACY_LEN in lengths:
+        if kind(LEGACY_LEN) is not Kind.CONTROL:
+            return None
+        flags |= F_LEN40
+    wg = [n for n in WG_LENS if n in lengths]
+    if wg:
+        if len(wg) != len(WG_LENS) or any(kind(n) is not Kind.HANDSHAKE for n in WG_LENS):
+            return None
+        flags |= F_WG
+    if lengths - {CTRL_LEN, LEGACY_LEN, *WG_LENS}:
+        return None
+    return flags
 
 
 def find_object() -> bytes:
@@ -219,29 +267,319 @@ def available(debug: bool = False) -> str | None:
 
 class Entry(NamedTuple):
     key: bytes
-    new_src: Addr  # raw zero: the packet's destination (F_SRC_IS_DST)
+    new_src: Addr  # raw zero: the packet's destination address (F_SRC_IS_DST); the port is always new_src's
     new_dst: Addr
     flags: int
 
 
-class KernelPath:
+# --- the map ---
+
+class FlowMap(Protocol):
+    """The program's flow map, by its raw keys and values (KEY, VALUE)."""
+
+    def update(self, key: bytes, value: bytes) -> None: ...
+    def lookup(self, key: bytes) -> bytes | None: ...
+    def pop(self, key: bytes) -> bytes | None: ...
+    def items(self) -> list[tuple[bytes, bytes]]: ...
+
+
+class BpfFlowMap:
+    """The real map, through bpf(2)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def update(self, key: bytes, value: bytes) -> None:
+        bpf.map_update(self.fd, key, value)
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return bpf.map_lookup(self.fd, key, VALUE.size)
+
+    def pop(self, key: bytes) -> bytes | None:
+        """The entry's value as it was when it went (nothing counted in between is lost)."""
+        return bpf.map_pop(self.fd, key, VALUE.size)
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return bpf.map_items(self.fd, KEY.size, VALUE.size)
+
+
+class DictMap:
+    """A map in a dict, for tests and the simulator: `size` entries at most, as the kernel's."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.size = size
+
+    def update(self, key: bytes, value: bytes) -> None:
+        if key not in self.data and len(self.data) >= self.size:
+            raise BpfError(7, "updating a map entry")  # E2BIG, as the kernel says it
+        self.data[key] = value
+
+    def lookup(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+    def pop(self, key: bytes) -> bytes | None:
+        return self.data.pop(key, None)
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return list(self.data.items())
+
+
+def counts_of(raw: bytes) -> tuple[int, int, int]:
+    """(packets, bytes, last seen in ns) of a raw map value."""
+    return VALUE.unpack(raw)[5:]
+
+
+class FlowTable:
+    """The flow map as the agent asked for it: what is installed (`entries`), what was asked for
+    (`wanted`), what stays with the agent and why (`kept`), and the counters read back. The host's
+    answers come from the methods `_route`, `_sysctl_on`, `_nat` and `_wildcard` (none here:
+    every destination is another host's, reached without NAT); KernelPath answers them for real."""
+
+    def __init__(self, flows: FlowMap, default_rule: int = F_CTRL) -> None:
+        self.flows = flows
+        self.default_rule = default_rule  # for a direction given no rule of its own
+        self.entries: dict[Hashable, Entry] = {}  # flow key (as the agent gave it) -> what is in the map
+        self.by_key: dict[bytes, Hashable] = {}  # map key -> flow key
+        self.last: dict[Hashable, tuple[int, int]] = {}  # flow key -> counters at the previous deltas()
+        self.kept: dict[Hashable, str] = {}  # flow key -> why that direction stays with the agent
+        self.wanted: dict[Hashable, Entry] = {}  # flow key -> what the agent asked for (installed or kept)
+        self.partners: dict[Hashable, Hashable] = {}  # outside: client -> its tunnel, tunnel -> its client
+        self.notes: list[str] = []  # what was changed or could not be done, for the log
+        self.pending: Counts = {}  # counted by directions that went back to the agent, for the next deltas()
+
+    # --- the host (KernelPath answers for real) ---
+
+    def _route(self, dst: Addr, src: Addr) -> Route | None:
+        return None
+
+    def _sysctl_on(self, name: str, why: str) -> str | None:
+        return None
+
+    def _nat(self, src, oif: str | None) -> str | None:
+        return None
+
+    def _wildcard(self) -> None:
+        """A flow with any local address as its destination is in the map from now on."""
+
+    # --- installing ---
+
+    def _why_kept(self, want: Entry) -> tuple[int, str | None]:
+        """The flags the route adds (F_LOCAL), and why the direction must stay with the agent (or None)."""
+        _, new_src, new_dst, flags = want
+        if new_dst.ip is None:
+            raise ValueError("a flow goes to an address, not to any address")
+        r = self._route(new_dst, new_src)
+        if r is not None and r.local:
+            # IPv4 into lo without the route a local sender's packet carries: the input route lookup takes a
+            # local source, and 127/8, for martians unless lo accepts them (lo only: what arrives on lo was
+            # sent by this host)
+            why = None
+            if new_dst.v4:
+                why = self._sysctl_on(ACCEPT_LOCAL, "lets relayed datagrams from a local address in")
+                if new_dst.ip.is_loopback:
+                    why = why or self._sysctl_on(ROUTE_LOCALNET, "lets relayed datagrams to 127.0.0.0/8 in")
+            return F_LOCAL, why
+        src = new_src.ip if new_src.ip is not None else (r.prefsrc if r else None)
+        why = self._nat(src, r.oif if r else None)
+        why = f"this host NATs it ({why})" if why else None
+        # bpf_fib_lookup answers only where forwarding is on; looking up from lo, as the stack does for
+        # local senders, needs it on lo alone, which makes nothing forwarded (nothing arrives on lo to be)
+        why = why or self._sysctl_on(FORWARDING[4 if new_dst.v4 else 6], "lets the program look up routes")
+        return 0, why
+
+    def _install(self, fkey: Hashable, want: Entry) -> bool:
+        """Put one direction in the map (keeping its counters), or take it out and say why in `kept`."""
+        self.wanted[fkey] = want
+        more, why = 0, "its rule of the datagrams the agent must see is not one the program knows"
+        if not want.flags & NO_RULE:
+            more, why = self._why_kept(want)
+        if why:
+            self._keep(fkey, why)
+            return False
+        entry = want._replace(flags=want.flags | more)
+        if self.entries.get(fkey) == entry:
+            return True  # as it is (its counters go on)
+        if entry.flags & F_SRC_IS_DST:
+            self._wildcard()
+        try:
+            self.flows.update(entry.key, self._value(fkey, entry))
+        except BpfError as e:  # the table is full (E2BIG), or out of memory: the agent relays this one
+            self._keep(fkey, f"the kernel's flow table refused it: {e.strerror}")
+            return False
+        self.entries[fkey] = entry
+        self.by_key[entry.key] = fkey
+        self.kept.pop(fkey, None)
+        return True
+
+    def _value(self, fkey: Hashable, entry: Entry) -> bytes:
+        """The map value for entry, with the counters of what was installed for fkey before (a new
+        address of the same flow keeps them)."""
+        packets = nbytes = last = 0
+        old = self.entries.get(fkey)
+        if old is not None:
+            raw = self.flows.pop(old.key) if old.key != entry.key else self.flows.lookup(old.key)
+            if raw is not None:
+                packets, nbytes, last = counts_of(raw)
+            if old.key != entry.key:
+                self.by_key.pop(old.key, None)
+                self.entries.pop(fkey)
+        new_src, new_dst = entry.new_src, entry.new_dst
+        return VALUE.pack(new_src.raw, new_dst.raw, new_src.port, new_dst.port, entry.flags, packets, nbytes, last)
+
+    def _keep(self, fkey: Hashable, why: str) -> None:
+        """The agent relays fkey's direction from now on; what the kernel counted for it goes to deltas()."""
+        self._pend(fkey, self._uninstall(fkey))
+        self.kept[fkey] = why
+
+    def _pend(self, fkey: Hashable, final: tuple[int, int, float | None] | None) -> None:
+        """What a direction counted before it left the map: for the next deltas()."""
+        if final is not None and final[0]:
+            p, b, _ = self.pending.get(fkey, (0, 0, None))
+            self.pending[fkey] = (p + final[0], b + final[1], final[2])
+
+    def _uninstall(self, fkey: Hashable) -> tuple[int, int, float | None] | None:
+        """Take fkey's entry out of the map: what it counted since the previous deltas(), or None."""
+        e = self.entries.pop(fkey, None)
+        p0, b0 = self.last.pop(fkey, (0, 0))
+        if e is None:
+            return None
+        self.by_key.pop(e.key, None)
+        raw = self.flows.pop(e.key)
+        if raw is None:
+            return None
+        packets, nbytes, last = counts_of(raw)
+        return packets - p0, nbytes - b0, last / 1e9 if last else None
+
+    def _remove(self, fkey: Hashable) -> tuple[int, int, float | None] | None:
+        self.wanted.pop(fkey, None)
+        self.kept.pop(fkey, None)
+        return self._uninstall(fkey)
+
+    def _rule(self, rule: int | None) -> int:
+        """A direction's rule flags: as given (NO_RULE: one the program cannot apply), or open()'s."""
+        return self.default_rule if rule is None else rule
+
+    # --- the two roles ---
+
+    def outside_bind(self, listen: tuple, client: tuple, tunnel: tuple, client_listen: tuple | None = None,
+                     keys: tuple[Hashable, Hashable] | None = None, up_rule: int | None = None,
+                     down_rule: int | None = None) -> tuple[bool, bool]:
+        """The kernel relays client -> client_listen (its service's port; default: listen) to the tunnel
+        from listen (the tunnel port), and tunnel -> listen to the client from client_listen. A wildcard
+        listen address sends from the address the datagram was sent to. `keys`: the flow keys of the up
+        and the down direction (default: client, tunnel); the rules: rule_flags() of the rule of the
+        endpoint each direction arrives on (default: open()'s). Returns which of (up, down) it now relays."""
+        client_listen = listen if client_listen is None else client_listen
+        ku, kd = keys if keys is not None else (client, tunnel)
+        lis, clis, c, t = addr(listen), addr(client_listen), addr(client), addr(tunnel)
+        if c.v4 != t.v4 or any(x.ip is not None and x.v4 != c.v4 for x in (lis, clis)):
+            for k in (ku, kd):
+                self._remove(k)
+                self.kept[k] = "client and tunnel differ in address family"
+            return False, False
+        flags = F_V4 if c.v4 else 0
+        # a client that moved to another tunnel, or a tunnel that carries another client now (roaming):
+        # the flow of the old partner goes, as it goes from the core's route table
+        for me, partner in ((ku, kd), (kd, ku)):
+            old = self.partners.get(me)
+            if old is not None and old != partner and self.partners.get(old) == me:
+                self._pend(old, self._remove(old))
+                del self.partners[old]
+            self.partners[me] = partner
+        up = self._install(ku, Entry(KEY.pack(c.raw, clis.raw, c.port, clis.port), lis, t,
+                                     flags | _wild(lis) | self._rule(up_rule) | F_TO_AGENT))
+        down = self._install(kd, Entry(KEY.pack(t.raw, lis.raw, t.port, lis.port), clis, c,
+                                       flags | _wild(clis) | self._rule(down_rule)))
+        return up, down
+
+    def outside_unbind(self, client: tuple, tunnel: tuple, keys: tuple[Hashable, Hashable] | None = None) -> Counts:
+        """Both directions go back to the agent. Returns what they counted since the previous deltas()."""
+        out = {}
+        for k in keys if keys is not None else (client, tunnel):
+            final = self._remove(k)
+            self.partners.pop(k, None)
+            if final is not None and final[0]:
+                out[k] = final
+        return out
+
+    def inside_pipe(self, tunnel_local: tuple, outside: tuple, service_local: tuple, service: tuple,
+                    keys: tuple[Hashable, Hashable] | None = None, rx_rule: int | None = None,
+                    tx_rule: int | None = None) -> tuple[bool, bool]:
+        """The kernel relays outside -> tunnel socket as service socket -> service, and service -> service
+        socket as tunnel socket -> outside. Returns which of (rx, tx) it now relays."""
+        kr, kt = keys if keys is not None else (tunnel_local, service_local)
+        tl, o, sl, s = addr(tunnel_local), addr(outside), addr(service_local), addr(service)
+        if not (tl.v4 == o.v4 == sl.v4 == s.v4):
+            for k in (kr, kt):
+                self._remove(k)
+                self.kept[k] = "tunnel and service differ in address family"
+            return False, False
+        flags = F_V4 if tl.v4 else 0
+        rx = self._install(kr, Entry(KEY.pack(o.raw, tl.raw, o.port, tl.port), sl, s, flags | self._rule(rx_rule)))
+        tx = self._install(kt, Entry(KEY.pack(s.raw, sl.raw, s.port, sl.port), tl, o,
+                                     flags | self._rule(tx_rule) | F_TO_AGENT))
+        return rx, tx
+
+    def inside_unpipe(self, tunnel_local: tuple, service_local: tuple,
+                      keys: tuple[Hashable, Hashable] | None = None) -> Counts:
+        out = {}
+        for k in keys if keys is not None else (tunnel_local, service_local):
+            final = self._remove(k)
+            if final is not None and final[0]:
+                out[k] = final
+        return out
+
+    def reinstall(self) -> None:
+        """Every direction asked for, put right with what the host says now."""
+        for fkey, e in list(self.wanted.items()):
+            self._install(fkey, e)
+
+    # --- reading back ---
+
+    def counters(self) -> Counts:
+        """Every installed flow: (packets, bytes, last seen on the time.monotonic() clock or None)."""
+        out = {}
+        for key, raw in self.flows.items():
+            fkey = self.by_key.get(key)
+            if fkey is None:
+                continue
+            packets, nbytes, last = counts_of(raw)
+            out[fkey] = (packets, nbytes, last / 1e9 if last else None)
+        return out
+
+    def deltas(self) -> Counts:
+        """The flows that moved since the previous call: (new packets, new bytes, last seen)."""
+        out, self.pending = self.pending, {}
+        for fkey, (packets, nbytes, last) in self.counters().items():
+            p0, b0 = self.last.get(fkey, (0, 0))
+            if packets != p0:
+                p, b, _ = out.get(fkey, (0, 0, None))
+                out[fkey] = (p + packets - p0, b + nbytes - b0, last)
+                self.last[fkey] = (packets, nbytes)
+        return out
+
+
+def _wild(a: Addr) -> int:
+    """F_SRC_IS_DST for a wildcard address: the new source is where the datagram was sent."""
+    return F_SRC_IS_DST if a.ip is None else 0
+
+
+# --- the program on this host ---
+
+class KernelPath(FlowTable):
     def __init__(self, prog_fd: int, maps: dict[str, int], max_flows: int, ifaces: list[str] | None,
-                 notes: list[str]) -> None:
+                 notes: list[str], default_rule: int = F_CTRL) -> None:
+        super().__init__(BpfFlowMap(maps["flows"]), default_rule)
         self.prog_fd = prog_fd
         self.maps = maps
         self.max_flows = max_flows
         self.ifaces = ifaces
-        self.notes = notes  # what open()/refresh() changed or could not do, for the log
+        self.notes = notes
         self.links: dict[int, tuple[str, int]] = {}  # ifindex -> (name, link fd)
-        self.entries: dict[tuple, Entry] = {}  # flow key (as the agent gave it) -> what is in the map
-        self.by_key: dict[bytes, tuple] = {}  # map key -> flow key
-        self.last: dict[tuple, tuple[int, int]] = {}  # flow key -> counters at the previous deltas()
-        self.kept: dict[tuple, str] = {}  # flow key -> why that direction stays with the agent
         self.routes: dict[tuple, Route | None] = {}
         self.nat = NatRules([], None)
-        self.wanted: dict[tuple, Entry] = {}  # flow key -> what the agent asked for (installed or kept)
-        self.partners: dict[tuple, tuple] = {}  # outside: client -> its tunnel, tunnel -> its client
-        self.sysctls: dict[str, str | None] = {}  # lo's settings checked: None (on), or why it cannot be
+        self.lo = LoSettings()  # lo's settings turned on, set back at close
         self.ncpus = bpf.possible_cpus()
         self.config = 0
 
@@ -251,48 +589,13 @@ class KernelPath:
     def open(cls, *, ifaces: list[str] | None = None, legacy: bool = False, wireguard: bool = False,
              max_flows: int = 8192, debug: bool = False) -> KernelPath:
         """Load the program and attach it (to `ifaces`, or every suitable interface); KernelUnavailable if
-        that cannot be done here. With `debug`, a verifier refusal carries the verifier's first lines."""
-        if platform.system() != "Linux":
-            raise KernelUnavailable("needs Linux")
-        if platform.machine() not in bpf.SYS_BPF:
-            raise KernelUnavailable(f"the bpf() system call number is not known here for {platform.machine()}")
-        if kernel_version() < (6, 6):
-            raise KernelUnavailable(f"needs Linux 6.6 or later for tcx links (this is {platform.release()})")
-        problem = capability_problem()
-        if problem:
-            raise KernelUnavailable(problem)
+        that cannot be done here. With `debug`, a verifier refusal carries the verifier's first lines.
+        `legacy` and `wireguard`: the rule of directions given none (as core/classify.py's outside rule)."""
+        _check_system()
+        prog_fd, maps = _load(max_flows, debug)
+        rule = (F_LEN40 if legacy else F_CTRL) | (F_WG if wireguard else 0)
+        self = cls(prog_fd, maps, max_flows, ifaces, [], rule)
         try:
-            obj = bpf.parse_object(find_object())
-        except ValueError as e:
-            raise KernelUnavailable(f"the compiled eBPF program is unusable: {e}") from None
-        maps: dict[str, int] = {}
-        prog_fd = -1
-        try:
-            for name, m in obj.maps.items():
-                size = max_flows if name == "flows" else m.max_entries
-                maps[name] = bpf.map_create(m.kind, m.key_size, m.value_size, size, name=f"udpt_{name}",
-                                            flags=m.flags)
-            prog_fd = bpf.prog_load(bpf.PROG_SCHED_CLS, bpf.patch(obj, maps), obj.license, PROGRAM)
-        except BpfError as e:
-            for fd in maps.values():
-                os.close(fd)
-            if e.errno in (1, 13) and not e.log:  # EPERM, EACCES
-                raise KernelUnavailable(f"the kernel refused to load the eBPF program ({e.strerror}): "
-                                        "needs root or CAP_BPF and CAP_NET_ADMIN") from None
-            if e.log:
-                reason = "the kernel's verifier refused the eBPF program"
-                if debug:
-                    lines = [x for x in e.log.splitlines() if x.strip()]
-                    reason += ": " + " | ".join(lines[:VERIFIER_LINES])
-                else:
-                    reason += " (run with debug logging to see why)"
-                raise KernelUnavailable(reason) from None
-            raise KernelUnavailable(f"loading the eBPF program: {e}") from None
-        except ValueError as e:
-            raise KernelUnavailable(f"the compiled eBPF program is unusable: {e}") from None
-        self = cls(prog_fd, maps, max_flows, ifaces, [])
-        try:
-            self.config = (CFG_LEGACY if legacy else 0) | (CFG_WIREGUARD if wireguard else 0)
             self._configure()
             self.nat = NatRules.load()
             self._attach(first=True)
@@ -305,23 +608,28 @@ class KernelPath:
         return self
 
     def _configure(self) -> None:
-        bpf.map_update(self.maps["config"], struct.pack("<I", 0), struct.pack("<I", self.config))
+        bpf.map_update(self.maps["config"], struct.pack("<I", 0), CONFIG.pack(self.config, CTRL_LEN))
+
+    def _wildcard(self) -> None:
+        if not self.config & CFG_WILDCARD:
+            self.config |= CFG_WILDCARD  # from now on, a miss is looked up again with any destination address
+            self._configure()
 
     def _sysctl_on(self, name: str, why: str) -> str | None:
-        """Turn a sysctl of lo on if it is off (saying so in `notes`); None, or why it cannot be done."""
-        if name not in self.sysctls:
-            path = "/proc/sys/" + name
+        """Turn a setting of lo on if it is off (saying so in `notes`); None, or why it cannot be done."""
+        return self.lo.turn_on(name, why, self.notes)
+
+    def _nat(self, src, oif: str | None) -> str | None:
+        return self.nat.applies(src, oif)
+
+    def _route(self, dst: Addr, src: Addr) -> Route | None:
+        k = (dst.ip, src.ip)
+        if k not in self.routes:
             try:
-                with open(path) as f:
-                    on = f.read().strip() != "0"
-                if not on:
-                    with open(path, "w") as f:
-                        f.write("1")
-                    self.notes.append(f"turned on {name.replace('/', '.')} ({why})")
-                self.sysctls[name] = None
-            except OSError as e:
-                self.sysctls[name] = f"{name.replace('/', '.')} is off and cannot be turned on ({e.strerror})"
-        return self.sysctls[name]
+                self.routes[k] = route_get(dst.ip, src.ip)
+            except OSError:
+                self.routes[k] = None
+        return self.routes[k]
 
     def _wanted(self) -> dict[int, str]:
         if self.ifaces is None:
@@ -372,7 +680,8 @@ class KernelPath:
             try:
                 me = bpf.prog_id(self.prog_fd)
                 ids = bpf.prog_query(LOOPBACK_IFINDEX).prog_ids
-                before = me not in ids or any(bpf.prog_name_by_id(i) == PROGRAM for i in ids[:ids.index(me)])
+                # (a program's name takes CAP_SYS_ADMIN to read: without it, any program before counts)
+                before = me not in ids or any(_name(i) in (PROGRAM, None) for i in ids[:ids.index(me)])
             except BpfError:
                 before = True  # can't tell: the round through lo is always right
         config = (self.config | CFG_AGENT_BEFORE) if before else (self.config & ~CFG_AGENT_BEFORE)
@@ -384,11 +693,10 @@ class KernelPath:
         """Attach to interfaces that appeared, let go of vanished ones, look again at addresses, routes and
         NAT rules, and put every installed flow right with them. Returns the interfaces newly attached."""
         added = self._attach()
-        self.sysctls.clear()
+        self.lo.checked.clear()
         self.nat = NatRules.load()
         self.routes.clear()
-        for fkey, e in list(self.wanted.items()):
-            self._install(fkey, e)
+        self.reinstall()
         return added
 
     @property
@@ -409,157 +717,9 @@ class KernelPath:
         self.wanted.clear()
         self.partners.clear()
         self.by_key.clear()
-
-    # --- the flow table ---
-
-    def _route(self, dst: Addr, src: Addr) -> Route | None:
-        k = (dst.ip, src.ip)
-        if k not in self.routes:
-            try:
-                self.routes[k] = route_get(dst.ip, src.ip)
-            except OSError:
-                self.routes[k] = None
-        return self.routes[k]
-
-    def _install(self, fkey: tuple, want: Entry) -> bool:
-        """Put one direction in the map (keeping its counters), or take it out and say why in `kept`."""
-        key, new_src, new_dst, flags = want
-        if new_dst.ip is None:
-            raise ValueError("a flow goes to an address, not to any address")
-        self.wanted[fkey] = want
-        r = self._route(new_dst, new_src)
-        if r is not None and r.local:
-            flags |= F_LOCAL
-            # IPv4 into lo without the route a local sender's packet carries: the input route lookup takes a
-            # local source, and 127/8, for martians unless lo accepts them (lo only: what arrives on lo was
-            # sent by this host)
-            why = None
-            if new_dst.v4:
-                why = self._sysctl_on(ACCEPT_LOCAL, "lets relayed datagrams from a local address in")
-                if new_dst.ip.is_loopback:
-                    why = why or self._sysctl_on(ROUTE_LOCALNET, "lets relayed datagrams to 127.0.0.0/8 in")
-        else:
-            src = new_src.ip if new_src.ip is not None else (r.prefsrc if r else None)
-            why = self.nat.applies(src, r.oif if r else None)
-            why = f"this host NATs it ({why})" if why else None
-            # bpf_fib_lookup answers only where forwarding is on; looking up from lo, as the stack does for
-            # local senders, needs it on lo alone, which makes nothing forwarded (nothing arrives on lo to be)
-            why = why or self._sysctl_on(FORWARDING[4 if new_dst.v4 else 6], "lets the program look up routes")
-        if why:
-            self._uninstall(fkey)
-            self.kept[fkey] = why
-            return False
-        old = self.entries.get(fkey)
-        packets = nbytes = last = 0
-        if old is not None:
-            raw = bpf.map_lookup(self.maps["flows"], old.key, VALUE.size)
-            if raw is not None:
-                packets, nbytes, last = VALUE.unpack(raw)[5:]
-            if old.key != key:
-                bpf.map_delete(self.maps["flows"], old.key)
-                self.by_key.pop(old.key, None)
-        value = VALUE.pack(new_src.raw, new_dst.raw, new_src.port, new_dst.port, flags, packets, nbytes, last)
-        try:
-            if flags & F_SRC_IS_DST and not self.config & CFG_WILDCARD:
-                self.config |= CFG_WILDCARD  # from now on, a miss is looked up again with any destination address
-                self._configure()
-            bpf.map_update(self.maps["flows"], key, value)
-        except BpfError as e:  # the table is full (E2BIG), or out of memory: the agent relays this one
-            self.entries.pop(fkey, None)
-            self.last.pop(fkey, None)
-            self.by_key.pop(key, None)
-            try:
-                bpf.map_delete(self.maps["flows"], key)
-            except BpfError:
-                pass
-            self.kept[fkey] = f"the kernel's flow table refused it: {e.strerror}"
-            return False
-        self.entries[fkey] = Entry(key, new_src, new_dst, flags)
-        self.by_key[key] = fkey
-        self.kept.pop(fkey, None)
-        return True
-
-    def _uninstall(self, fkey: tuple) -> None:
-        e = self.entries.pop(fkey, None)
-        self.last.pop(fkey, None)
-        if e is not None:
-            bpf.map_delete(self.maps["flows"], e.key)
-            self.by_key.pop(e.key, None)
-
-    def _remove(self, fkey: tuple) -> None:
-        self._uninstall(fkey)
-        self.wanted.pop(fkey, None)
-        self.kept.pop(fkey, None)
-
-    def outside_bind(self, listen: tuple, client: tuple, tunnel: tuple) -> tuple[bool, bool]:
-        """The kernel relays client -> listen port to the tunnel and tunnel -> listen port to the client,
-        from the listen address (the one each datagram was sent to, for a wildcard listener).
-        Returns which of (up, down) it now relays."""
-        lis, c, t = addr(listen), addr(client), addr(tunnel)
-        if c.v4 != t.v4 or (lis.ip is not None and lis.v4 != c.v4):
-            for k in (client, tunnel):
-                self._remove(k)
-                self.kept[k] = "client and tunnel differ in address family"
-            return False, False
-        flags = (F_V4 if c.v4 else 0) | (0 if lis.ip is not None else F_SRC_IS_DST)
-        # a client that moved to another tunnel, or a tunnel that carries another client now (roaming):
-        # the flow of the old partner goes, as it goes from the core's route table
-        for me, partner in ((client, tunnel), (tunnel, client)):
-            old = self.partners.get(me)
-            if old is not None and old != partner and self.partners.get(old) == me:
-                self._remove(old)
-                del self.partners[old]
-            self.partners[me] = partner
-        up = self._install(client, Entry(KEY.pack(c.raw, lis.raw, c.port, lis.port), lis, t, flags))
-        down = self._install(tunnel, Entry(KEY.pack(t.raw, lis.raw, t.port, lis.port), lis, c, flags))
-        return up, down
-
-    def outside_unbind(self, client: tuple, tunnel: tuple) -> None:
-        for k in (client, tunnel):
-            self._remove(k)
-            self.partners.pop(k, None)
-
-    def inside_pipe(self, tunnel_local: tuple, outside: tuple, service_local: tuple,
-                    service: tuple) -> tuple[bool, bool]:
-        """The kernel relays outside -> tunnel socket as service socket -> service, and service -> service
-        socket as tunnel socket -> outside. Returns which of (rx, tx) it now relays."""
-        tl, o, sl, s = addr(tunnel_local), addr(outside), addr(service_local), addr(service)
-        if not (tl.v4 == o.v4 == sl.v4 == s.v4):
-            for k in (tunnel_local, service_local):
-                self._remove(k)
-                self.kept[k] = "tunnel and service differ in address family"
-            return False, False
-        flags = F_V4 if tl.v4 else 0
-        rx = self._install(tunnel_local, Entry(KEY.pack(o.raw, tl.raw, o.port, tl.port), sl, s, flags))
-        tx = self._install(service_local, Entry(KEY.pack(s.raw, sl.raw, s.port, sl.port), tl, o, flags))
-        return rx, tx
-
-    def inside_unpipe(self, tunnel_local: tuple, service_local: tuple) -> None:
-        self._remove(tunnel_local)
-        self._remove(service_local)
+        self.lo.close()
 
     # --- reading back ---
-
-    def counters(self) -> dict[tuple, tuple[int, int, float | None]]:
-        """Every installed flow: (packets, bytes, last seen on the time.monotonic() clock or None)."""
-        out = {}
-        for key, raw in bpf.map_items(self.maps["flows"], KEY.size, VALUE.size):
-            fkey = self.by_key.get(key)
-            if fkey is None:
-                continue
-            packets, nbytes, last = VALUE.unpack(raw)[5:]
-            out[fkey] = (packets, nbytes, last / 1e9 if last else None)
-        return out
-
-    def deltas(self) -> dict[tuple, tuple[int, int, float | None]]:
-        """The flows that moved since the previous call: (new packets, new bytes, last seen)."""
-        out = {}
-        for fkey, (packets, nbytes, last) in self.counters().items():
-            p0, b0 = self.last.get(fkey, (0, 0))
-            if packets != p0:
-                out[fkey] = (packets - p0, nbytes - b0, last)
-                self.last[fkey] = (packets, nbytes)
-        return out
 
     def stats(self) -> dict[str, int]:
         """What the program did with the packets it saw, by reason, summed over the CPUs."""
@@ -572,3 +732,59 @@ class KernelPath:
     def test_run(self, packet: bytes, ctx: bytes = b"", flags: int = 0) -> bpf.TestRun:
         """Run the program once on a packet (BPF_PROG_TEST_RUN), for tests."""
         return bpf.prog_test_run(self.prog_fd, packet, ctx, flags)
+
+
+def _check_system() -> None:
+    """KernelUnavailable if this system or process cannot run the program at all."""
+    if platform.system() != "Linux":
+        raise KernelUnavailable("needs Linux")
+    if platform.machine() not in bpf.SYS_BPF:
+        raise KernelUnavailable(f"the bpf() system call number is not known here for {platform.machine()}")
+    if kernel_version() < (6, 6):
+        raise KernelUnavailable(f"needs Linux 6.6 or later for tcx links (this is {platform.release()})")
+    problem = capability_problem()
+    if problem:
+        raise KernelUnavailable(problem)
+
+
+def _load(max_flows: int, debug: bool) -> tuple[int, dict[str, int]]:
+    """The program loaded with maps of its own: (its fd, map name -> fd); KernelUnavailable (one line)."""
+    try:
+        obj = bpf.parse_object(find_object())
+    except ValueError as e:
+        raise KernelUnavailable(f"the compiled eBPF program is unusable: {e}") from None
+    maps: dict[str, int] = {}
+    try:
+        for name, m in obj.maps.items():
+            size = max_flows if name == "flows" else m.max_entries
+            maps[name] = bpf.map_create(m.kind, m.key_size, m.value_size, size, name=f"udpt_{name}", flags=m.flags)
+        return bpf.prog_load(bpf.PROG_SCHED_CLS, bpf.patch(obj, maps), obj.license, PROGRAM), maps
+    except BpfError as e:
+        for fd in maps.values():
+            os.close(fd)
+        raise KernelUnavailable(_load_refused(e, debug)) from None
+    except ValueError as e:
+        for fd in maps.values():
+            os.close(fd)
+        raise KernelUnavailable(f"the compiled eBPF program is unusable: {e}") from None
+
+
+def _load_refused(e: BpfError, debug: bool) -> str:
+    """Why the kernel refused to load the program, in one line."""
+    if e.errno in (1, 13) and not e.log:  # EPERM, EACCES
+        return f"the kernel refused to load the eBPF program ({e.strerror}): needs root or CAP_BPF and CAP_NET_ADMIN"
+    if e.log:
+        reason = "the kernel's verifier refused the eBPF program"
+        if debug:
+            lines = [x for x in e.log.splitlines() if x.strip()]
+            return reason + ": " + " | ".join(lines[:VERIFIER_LINES])
+        return reason + " (run with debug logging to see why)"
+    return f"loading the eBPF program: {e}"
+
+
+def _name(prog_id: int) -> str | None:
+    """A program's name, "" if it is gone, None if this process may not know (no CAP_SYS_ADMIN)."""
+    try:
+        return bpf.prog_name_by_id(prog_id) or ""
+    except BpfError:
+        return None

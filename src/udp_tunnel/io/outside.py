@@ -22,6 +22,7 @@ from functools import partial
 
 from udp_tunnel.core.outside import OutsideCore
 from udp_tunnel.io import fastio
+from udp_tunnel.io.datapath import Datapath, OutsideKernel, outside_describe
 from udp_tunnel.io.loop import BATCH, Loop, ReceiveInterruptedError, bufsizes
 from udp_tunnel.ops.log import Log
 from udp_tunnel.wire import statefile
@@ -37,7 +38,7 @@ class OutsideLoop(Loop):
     socket per endpoint of the core, the tunnel port first."""
 
     def __init__(self, core: OutsideCore, socks: list[socket.socket] | socket.socket, log: Log,
-                 state_path: str | None = None, **kw) -> None:
+                 state_path: str | None = None, datapath: Datapath | None = None, **kw) -> None:
         super().__init__(core, log, **kw)
         self.socks = [socks] if isinstance(socks, socket.socket) else list(socks)
         self.sock = self.socks[0]
@@ -48,12 +49,37 @@ class OutsideLoop(Loop):
         self.state_path = state_path
         self.saved = b""
         self.next_save = 0.0
+        self.datapath = datapath or Datapath("user", "user", "--datapath user")
+        self.kernel: OutsideKernel | None = None
+        self.addrs_of: dict[int, tuple] = {}  # endpoint -> its socket's address (the kernel path's)
+        if self.datapath.kp is not None:  # the map follows the route table from now on
+            self.kernel = OutsideKernel(self.datapath.kp, core.routes, self._endpoint_addr, lambda via: core.rules[via])
+            self.datapath.describe = outside_describe
+            core.routes.listener = self.kernel
+            self.kernel.sync()
+
+    def _endpoint_addr(self, via: int) -> tuple:
+        a = self.addrs_of.get(via)
+        if a is None:
+            a = self.addrs_of[via] = self.socks[via].getsockname()
+        return a
 
     def tick(self, now: float) -> None:
+        if self.kernel is not None:
+            self.kernel.count()  # the kernel's traffic, before the core looks at its meters
+            self.datapath.refresh(now)
+            for note in self.datapath.new_notes():
+                self.log.info(f"kernel data path: {note}")
         super().tick(now)
         if self.state_path and now >= self.next_save:
             self.next_save = now + STATE_SAVE
             self.save_state()
+
+    def publish(self, now: float) -> None:
+        if self.kernel is not None:
+            self.kernel.count()
+        self.info["datapath"] = self.datapath.snapshot()
+        super().publish(now)
 
     def after_core(self, now: float) -> None:
         self.flush()
@@ -95,6 +121,8 @@ class OutsideLoop(Loop):
             self.flush()
 
     def close(self) -> None:
+        self.core.routes.listener = None
+        self.datapath.close()
         super().close()
         for s in self.socks:
             if s is not None:
@@ -119,10 +147,12 @@ class PlainOutsideLoop(OutsideLoop):
         sock.setblocking(False)
         self.socks.append(sock)
         via = len(self.socks) - 1
+        self.addrs_of.pop(via, None)
         self.watch(sock.fileno(), partial(self._on_udp, via))
         return via
 
     def remove_socket(self, via: int) -> None:
+        self.addrs_of.pop(via, None)
         s = self.socks[via]
         if s is not None:
             self.unwatch(s.fileno())

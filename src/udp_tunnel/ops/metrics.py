@@ -46,8 +46,18 @@ def render(s: dict) -> str:
 
 def _agent(out: list[str], s: dict) -> None:
     tot = s.get("totals", {})
-    _metric(out, "info", "gauge", "Agent role, protocol and version.",
-            [({"role": s["role"], "protocol": s["protocol"], "version": s.get("version", "")}, 1)])
+    dp = s.get("datapath") or {}
+    _metric(out, "info", "gauge", "Agent role, protocol, version and data path (kernel or user).",
+            [({"role": s["role"], "protocol": s["protocol"], "version": s.get("version", ""),
+               "datapath": dp.get("path", "user")}, 1)])
+    if dp.get("path") == "kernel":
+        _metric(out, "datapath_directions", "gauge", "Flow directions relayed by the kernel path's program "
+                "(kernel) and kept in user space (user).",
+                [({"where": "kernel"}, dp.get("flows", 0)), ({"where": "user"}, dp.get("kept_count", 0))])
+        if dp.get("program"):
+            _metric(out, "kernel_packets_total", "counter", "What the kernel path's program did with the packets "
+                    "it saw, by reason (relayed, local: it relayed them; the others went to the stack as they were).",
+                    [({"reason": k}, v) for k, v in sorted(dp["program"].items())])
     _metric(out, "uptime_seconds", "gauge", "Seconds since the agent started.", [({}, f"{s['uptime']:.3f}")])
     _metric(out, "tunnels", "gauge", "Tunnels by state.",
             [({"state": "active"}, s["clients"]), ({"state": "spare"}, s["spares"])])

@@ -345,6 +345,7 @@ def _agent_lines(s: dict) -> list[str]:
         if s.get(key):
             lines.append(f"  {key}: {s[key]}")
     lines.append(f"  protocol: {s['protocol']}")
+    lines += _datapath_lines(s.get("datapath"))
     wg = s.get("wireguard")  # outside with --wireguard-key
     if wg:
         lines.append(f"  wireguard: admitting only handshakes valid for {wg['keys']} server key"
@@ -354,6 +355,27 @@ def _agent_lines(s: dict) -> list[str]:
     lines.append(f"  tunnels: {s['clients']} active, {s['spares']} spare")
     if s.get("waiting"):
         lines.append(f"  new clients waiting for a tunnel: {s['waiting']}")
+    return lines
+
+
+def _datapath_lines(d: dict | None) -> list[str]:
+    """Which data path runs and why; with the kernel path, what it relays, what stays in user
+    space and why, what it changed on the host and what its program did."""
+    if not d:
+        return []
+    if d["path"] != "kernel":
+        return [f"  datapath: user space ({d['why']})"]
+    kept = d.get("kept_count", 0)
+    lines = [f"  datapath: kernel ({d['why']}): {d.get('flows', 0)} direction(s) relayed in the kernel"
+             + (f", {kept} in user space" if kept else "")]
+    lines += [f"    in user space: {k}: {why}" for k, why in d.get("kept", {}).items()]
+    if kept > len(d.get("kept", {})):
+        lines.append(f"    (and {kept - len(d['kept'])} more in user space)")
+    lines += [f"    service {name} in user space: {why}" for name, why in d.get("services_kept", {}).items()]
+    lines += [f"    note: {n}" for n in d.get("notes", [])]
+    done = {k: v for k, v in (d.get("program") or {}).items() if v}
+    if done:
+        lines.append("    program: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in done.items()))
     return lines
 
 
