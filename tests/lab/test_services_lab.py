@@ -21,6 +21,8 @@ import pytest
 from netlab import ROOT, VPS4, Lab, wait_for
 from test_lab import WG_PORT, Net, wg_ping, wireguard
 
+from agents import kernel_why_not
+
 pytestmark = pytest.mark.netns
 
 TPORT = 9990  # the tunnel port; WireGuard's clients send to netlab's PORT (9999), as test_lab's
@@ -52,8 +54,9 @@ def net(lab, tmp_path, request):
         print(logs)
 
 
-def outside_file(lab: Lab, tmp: str, services: list[str]) -> str:
+def outside_file(lab: Lab, tmp: str, services: list[str], datapath: str = "user") -> str:
     body = (f'[outside]\nlisten = "{TPORT}"\nkeepalive = 5\ncontrol = "{tmp}/outside.sock"\nstate_file = "none"\n'
+            f'datapath = "{datapath}"\n'
             f'[keys.home]\nfile = "home.key"\n[keys.friend]\nfile = "friend.key"\nmax_clients = 4\n')
     table = {
         "wireguard": f'listen = "9999"\nkey = "home"\nwireguard_key = "{lab.wg_keys["home"][1]}"\n',
@@ -69,8 +72,8 @@ def outside_file(lab: Lab, tmp: str, services: list[str]) -> str:
     return path
 
 
-def inside_file(tmp: str, key: str, services: dict[str, str]) -> str:
-    body = (f'[inside]\noutside = "{VPS4}:{TPORT}"\nkey_file = "{key}.key"\nkeepalive = 5\n'
+def inside_file(tmp: str, key: str, services: dict[str, str], datapath: str = "user") -> str:
+    body = (f'[inside]\noutside = "{VPS4}:{TPORT}"\nkey_file = "{key}.key"\nkeepalive = 5\ndatapath = "{datapath}"\n'
             f'control = "{tmp}/inside-{key}.sock"\nname = "inside-{key}"\n')
     for name, target in services.items():
         body += f'[services.{name}]\nservice = "{target}"\n'
@@ -93,13 +96,13 @@ def start(net: Net, ns: str, name: str, cfg: str) -> dict:
 HOME = {"wireguard": f"127.0.0.1:{WG_PORT}", "echo": f"127.0.0.1:{ECHO}", "range": f"127.0.0.1:{RANGE[0]}-{RANGE[1]}"}
 
 
-def agents(lab: Lab, net: Net, services: list[str]) -> tuple[dict, dict, dict]:
+def agents(lab: Lab, net: Net, services: list[str], datapath: str = "user") -> tuple[dict, dict, dict]:
     for key in ("home", "friend"):
         with open(os.path.join(net.tmp, f"{key}.key"), "w") as f:
             f.write(f"the {key} key, long and random in real life\n")
-    out_cfg = outside_file(lab, net.tmp, services)
-    home_cfg = inside_file(net.tmp, "home", HOME)
-    friend_cfg = inside_file(net.tmp, "friend", {"dns": f"127.0.0.1:{DNS}"})
+    out_cfg = outside_file(lab, net.tmp, services, datapath)
+    home_cfg = inside_file(net.tmp, "home", HOME, datapath)
+    friend_cfg = inside_file(net.tmp, "friend", {"dns": f"127.0.0.1:{DNS}"}, datapath)
     for cfg in (home_cfg, friend_cfg):  # the pair of files agrees (what `make install-*` asks)
         r = subprocess.run([sys.executable, "-m", "udp_tunnel", "--check-config", "--config", out_cfg,
                             "--config", cfg], env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")),
@@ -138,8 +141,11 @@ def answered_by(answers: list[list[str]], tag: str, n: int, per: int) -> None:
     assert answers == want
 
 
-def test_four_services_two_keys_wireguard_bulk_beside_echo_clients(lab, net):
-    out, home, friend = agents(lab, net, ["wireguard", "echo", "range", "dns"])
+@pytest.mark.parametrize("datapath", ["user", "kernel"])
+def test_four_services_two_keys_wireguard_bulk_beside_echo_clients(lab, net, datapath):
+    if datapath == "kernel" and kernel_why_not():
+        pytest.skip(f"the kernel data path: {kernel_why_not()}")
+    out, home, friend = agents(lab, net, ["wireguard", "echo", "range", "dns"], datapath)
     assert wg_ping(lab), "no ping across WireGuard"
     size = 64 << 20
     server = lab.spawn_tool("home", "tcpserve.log", "tcpserve", "100.100.0.1", "8080", str(size))
@@ -156,13 +162,16 @@ def test_four_services_two_keys_wireguard_bulk_beside_echo_clients(lab, net):
         res = result(bulk)
     finally:
         lab.stop(server)
-    print(f"bulk TCP over WireGuard beside 13 clients of three other services: {res}")
+    print(f"bulk TCP over WireGuard beside 13 clients of three other services ({datapath} data path): {res}")
     assert bulk.returncode == 0 and res["intact"] and res["bytes"] == size
     s = net.wait_status(out, lambda s: s["services"]["range"]["clients"] == 6)
     print({name: v["clients"] for name, v in s["services"].items()})
     assert {name: v["clients"] for name, v in s["services"].items()} == \
         {"wireguard": 1, "echo": 3, "range": 6, "dns": 4}
     assert s["services"]["wireguard"]["datagrams_out"] > size // 1420
+    assert s["datapath"]["path"] == datapath
+    if datapath == "kernel":  # the bulk went through the program, each service's clients have their flows
+        assert s["datapath"]["program"]["relayed"] > size // 1420, s["datapath"]
     assert net.status(home)["clients"] == 10 and net.status(friend)["clients"] == 4
     # the friend's key is limited to 4 clients: a fifth waits, and is not given another key's tunnel
     assert ask(lab, "work1", DNS, 1, 1) == [[]]
