@@ -92,13 +92,23 @@ flood: .venv/.stamp
 install: udp-tunnel
 	install -D -m 755 udp-tunnel $(DESTDIR)$(BINDIR)/udp-tunnel
 
-# A key shared by both ends: made once, kept across re-installs.
+# The group the units run with (SupplementaryGroups=), the only one that may read $(CONFDIR) and its keys:
+# made on a real install (no DESTDIR, under systemd); none on a DESTDIR install (a package's postinst makes it).
+define find_group
+	group=; if getent group $(GROUP) >/dev/null 2>&1; then group=$(GROUP); \
+	elif [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then groupadd --system $(GROUP) && group=$(GROUP); fi
+endef
+
+# A key shared by both ends: made once, kept across re-installs; the file, not a copy of it, is what the
+# unit reads, so that `systemctl reload` takes a new key (0640, group $(GROUP); an older 0600 one is opened up).
 key:
-	@if [ ! -s $(DESTDIR)$(CONFDIR)/key ]; then \
-	  install -d -m 700 $(DESTDIR)$(CONFDIR) && \
-	  (umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $(DESTDIR)$(CONFDIR)/key) && \
+	@$(find_group); set -e; conf="$(DESTDIR)$(CONFDIR)"; \
+	install -d "$$conf"; chmod 750 "$$conf"; [ -z "$$group" ] || chgrp "$$group" "$$conf"; \
+	if [ ! -s "$$conf/key" ]; then \
+	  (umask 077 && $(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > "$$conf/key"); \
 	  echo "made a new key in $(CONFDIR)/key: copy this file to the other end's $(CONFDIR)/key"; \
-	else echo "keeping the key in $(CONFDIR)/key (it must be the same on both ends)"; fi
+	else echo "keeping the key in $(CONFDIR)/key (it must be the same on both ends)"; fi; \
+	chmod 640 "$$conf/key"; [ -z "$$group" ] || chgrp "$$group" "$$conf/key"
 
 # What a unit gets for the kernel data path (datapath = "kernel"), on top of its capabilities: the bpf()
 # system call (@privileged otherwise), and write access to lo's settings it turns on (docs/kernel-path.md).
@@ -116,15 +126,15 @@ define unit_from_template
 	chmod 644 $(8).tmp && mv $(8).tmp $(8)
 endef
 
-# The units of the command-line way: the options are on the ExecStart line, the key a credential.
+# The units of the command-line way: the options are on the ExecStart line, the key file read with the group.
 is_outside = $(filter %outside.service,$(1))
 args_header = Installed by \`make $(if $(is_outside),install-outside,install-inside)\`; edit the Makefile variables, not this copy.
 args_exec = $(BINDIR)/udp-tunnel $(if $(is_outside),-l $(listen),-s $(service) -o $(outside)) -t $(keepalive) \
             --max-clients $(max_clients)$(if $(wireguard_key), --wireguard-key $(wireguard_key),)$(if $(datapath), \
-            --datapath $(datapath),) --key-file %d/key
+            --datapath $(datapath),) --key-file $(CONFDIR)/key
 kernel_caps = $(if $(filter kernel,$(datapath)),CAP_BPF CAP_NET_ADMIN)
 define render_unit
-	$(call unit_from_template,$(1),$(strip $(2) $(kernel_caps)),$(args_header),$(if $(is_outside),relay on $(listen),$(service) via $(outside)),$(args_exec),LoadCredential=key:$(CONFDIR)/key,$(shell echo $$(( 2 * $(max_clients) + 64 ))),$(DESTDIR)$(UNITDIR)/$(1),$(datapath),$(if $(kernel_caps),yes))
+	$(call unit_from_template,$(1),$(strip $(2) $(kernel_caps)),$(args_header),$(if $(is_outside),relay on $(listen),$(service) via $(outside)),$(args_exec),SupplementaryGroups=$(GROUP),$(shell echo $$(( 2 * $(max_clients) + 64 ))),$(DESTDIR)$(UNITDIR)/$(1),$(datapath),$(if $(kernel_caps),yes))
 endef
 
 # The arguments are checked by the program itself (udp-tunnel --check-config: the same checks
@@ -181,9 +191,7 @@ config_exec = $(BINDIR)/udp-tunnel --config $(CONFDIR)/$(1).toml
 define install_config
 	@facts=$$($(PYTHON) ./udp-tunnel --check-config --print-install-facts --config $(call q,$(config))) || exit 2; \
 	fact() { printf '%s\n' "$$facts" | sed -n "s/^$$1=//p"; }; \
-	conf="$(DESTDIR)$(CONFDIR)"; unit="$(DESTDIR)$(UNITDIR)/udp-tunnel-$(1).service"; group=; \
-	if getent group $(GROUP) >/dev/null 2>&1; then group=$(GROUP); \
-	elif [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then groupadd --system $(GROUP) && group=$(GROUP); fi; \
+	conf="$(DESTDIR)$(CONFDIR)"; unit="$(DESTDIR)$(UNITDIR)/udp-tunnel-$(1).service"; $(find_group); \
 	set -e; install -d "$$conf" "$(DESTDIR)$(UNITDIR)"; chmod 750 "$$conf"; [ -z "$$group" ] || chgrp "$$group" "$$conf"; \
 	fact key_file | while IFS= read -r f; do \
 	  case "$$f" in /*) k="$(DESTDIR)$$f";; *) k="$$conf/$$f";; esac; \

@@ -23,6 +23,10 @@ def dirs(tmp) -> list[str]:
 
 
 def test_install_targets_write_program_units_and_a_private_key_and_uninstall_removes_them(tmp_path):
+    # an older install's key: owner-only, in an owner-only directory
+    (tmp_path / "conf").mkdir(mode=0o700)
+    (tmp_path / "conf/key").write_text("an older install's key, kept\n")
+    (tmp_path / "conf/key").chmod(0o600)
     make("install-outside", "listen=9999", *dirs(tmp_path))
     make("install-inside", "service=localhost:51820", "outside=vps.example.com:9999", "max_clients=50",
          *dirs(tmp_path))
@@ -30,13 +34,16 @@ def test_install_targets_write_program_units_and_a_private_key_and_uninstall_rem
     assert os.access(exe, os.X_OK)
     assert subprocess.run([str(exe), "--version"], capture_output=True, text=True).stdout.startswith("udp-tunnel ")
     key = tmp_path / "conf/key"
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_text().strip()) >= 32
+    # kept, and readable by the units' group (the unit reads this file, so that a reload takes a new key)
+    assert key.read_text() == "an older install's key, kept\n"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o640 and stat.S_IMODE(key.parent.stat().st_mode) == 0o750
     out = (tmp_path / "units/udp-tunnel-outside.service").read_text()
     ins = (tmp_path / "units/udp-tunnel-inside.service").read_text()
-    assert f"ExecStart={exe} -l 9999 -t 25 --max-clients 1000 --key-file %d/key" in out
-    assert f"ExecStart={exe} -s localhost:51820 -o vps.example.com:9999 -t 25 --max-clients 50 --key-file %d/key" in ins
+    assert f"ExecStart={exe} -l 9999 -t 25 --max-clients 1000 --key-file {tmp_path}/conf/key\n" in out
+    assert f"ExecStart={exe} -s localhost:51820 -o vps.example.com:9999 -t 25 --max-clients 50 " \
+           f"--key-file {tmp_path}/conf/key\n" in ins
     for unit in (out, ins):
-        assert f"LoadCredential=key:{tmp_path}/conf/key" in unit and " -k " not in unit
+        assert "SupplementaryGroups=udp-tunnel\n" in unit and "LoadCredential" not in unit and " -k " not in unit
         for line in ("Type=notify", "DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict",
                      "PrivateTmp=yes", "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX", "WatchdogSec=30"):
             assert line + "\n" in unit
@@ -106,7 +113,9 @@ def test_install_outside_with_a_wireguard_key_puts_it_in_the_unit_and_refuses_a_
     key = "+++/+++/+++/+++/+++/+++/+++/+++/+++/+++/YWI="  # 32 bytes, with + and / as base64 has
     make("install-outside", "listen=9999", f"wireguard_key={key}", *dirs(tmp_path))
     unit = (tmp_path / "units/udp-tunnel-outside.service").read_text()
-    assert f"-t 25 --max-clients 1000 --wireguard-key {key} --key-file %d/key\n" in unit
+    assert f"-t 25 --max-clients 1000 --wireguard-key {key} --key-file {tmp_path}/conf/key\n" in unit
+    made = tmp_path / "conf/key"  # a new random key, readable by the units' group
+    assert stat.S_IMODE(made.stat().st_mode) == 0o640 and len(made.read_text().strip()) >= 32
     r = make("install-outside", "listen=9999", "wireguard_key=not-a-key", f"PREFIX={tmp_path}/p2",
              f"UNITDIR={tmp_path}/u2", f"CONFDIR={tmp_path}/c2", check=False)
     assert r.returncode != 0 and "not a WireGuard public key" in r.stderr
@@ -326,7 +335,7 @@ def test_datapath_kernel_gives_the_unit_the_kernel_path_s_needs_and_the_default_
         assert " --datapath " not in unit
         assert "\nCapabilityBoundingSet=CAP_BPF CAP_NET_ADMIN\n" in kernel
         assert "\nAmbientCapabilities=CAP_BPF CAP_NET_ADMIN\n" in kernel
-        assert " --datapath kernel --key-file %d/key\n" in kernel
+        assert f" --datapath kernel --key-file {tmp_path}/conf/key\n" in kernel
         for line in KERNEL_LINES:
             assert f"\n{line}\n" in kernel
         # the rest of the sandbox is as without it
