@@ -18,6 +18,9 @@ wireguard_key ?=
 # Only datapath=kernel gives the unit what the kernel data path needs (CAP_BPF, CAP_NET_ADMIN, netlink, bpf(),
 # lo's settings); a unit without them runs auto as user space, and says why in its log.
 datapath ?=
+# install-inside: --client-address (off, transparent, proxy-v2, proxy-v2-first); transparent gives the unit
+# CAP_NET_ADMIN, CAP_NET_RAW and netlink (docs/client-address.md)
+client_address ?=
 # install-outside / install-inside config=FILE: the agent's settings and services in a TOML file
 # (examples/), installed as $(CONFDIR)/outside.toml or inside.toml; the variables above are then unused
 config ?=
@@ -131,10 +134,11 @@ is_outside = $(filter %outside.service,$(1))
 args_header = Installed by \`make $(if $(is_outside),install-outside,install-inside)\`; edit the Makefile variables, not this copy.
 args_exec = $(BINDIR)/udp-tunnel $(if $(is_outside),-l $(listen),-s $(service) -o $(outside)) -t $(keepalive) \
             --max-clients $(max_clients)$(if $(wireguard_key), --wireguard-key $(wireguard_key),)$(if $(datapath), \
-            --datapath $(datapath),) --key-file $(CONFDIR)/key
+            --datapath $(datapath),)$(if $(client_address), --client-address $(client_address),) --key-file $(CONFDIR)/key
 kernel_caps = $(if $(filter kernel,$(datapath)),CAP_BPF CAP_NET_ADMIN)
+extra_caps = $(sort $(kernel_caps) $(if $(filter transparent,$(client_address)),CAP_NET_ADMIN CAP_NET_RAW))
 define render_unit
-	$(call unit_from_template,$(1),$(strip $(2) $(kernel_caps)),$(args_header),$(if $(is_outside),relay on $(listen),$(service) via $(outside)),$(args_exec),SupplementaryGroups=$(GROUP),$(shell echo $$(( 2 * $(max_clients) + 64 ))),$(DESTDIR)$(UNITDIR)/$(1),$(datapath),$(if $(kernel_caps),yes))
+	$(call unit_from_template,$(1),$(strip $(2) $(extra_caps)),$(args_header),$(if $(is_outside),relay on $(listen),$(service) via $(outside)),$(args_exec),SupplementaryGroups=$(GROUP),$(shell echo $$(( 2 * $(max_clients) + 64 ))),$(DESTDIR)$(UNITDIR)/$(1),$(datapath),$(if $(extra_caps),yes))
 endef
 
 # The arguments are checked by the program itself (udp-tunnel --check-config: the same checks
@@ -144,14 +148,16 @@ check-outside-args: udp-tunnel
 	@[ -n "$(listen)" ] || { echo "usage: make install-outside listen=[HOST:]PORT [wireguard_key=PUBKEY]" >&2; exit 2; }
 	@$(PYTHON) ./udp-tunnel --check-config -l $(call q,$(listen)) -t $(call q,$(keepalive)) \
 	  --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key) \
-	  $(if $(wireguard_key),--wireguard-key $(call q,$(wireguard_key)),) $(if $(datapath),--datapath $(call q,$(datapath)),)
+	  $(if $(wireguard_key),--wireguard-key $(call q,$(wireguard_key)),) $(if $(datapath),--datapath $(call q,$(datapath)),) \
+	  $(if $(client_address),--client-address $(call q,$(client_address)),)
 
 check-inside-args: udp-tunnel
 	@[ -n "$(service)" ] && [ -n "$(outside)" ] || \
 	  { echo "usage: make install-inside service=HOST:PORT outside=HOST:PORT" >&2; exit 2; }
 	@$(PYTHON) ./udp-tunnel --check-config -s $(call q,$(service)) -o $(call q,$(outside)) \
 	  -t $(call q,$(keepalive)) --max-clients $(call q,$(max_clients)) --key-file $(call q,$(CONFDIR)/key) \
-	  $(if $(datapath),--datapath $(call q,$(datapath)),)
+	  $(if $(datapath),--datapath $(call q,$(datapath)),) \
+	  $(if $(client_address),--client-address $(call q,$(client_address)),)
 
 ifeq ($(config),)
 install-outside: check-outside-args install key

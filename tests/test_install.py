@@ -377,3 +377,20 @@ def test_a_bad_datapath_installs_nothing(tmp_path):
     r = make("install-outside", "listen=9999", "datapath=ebpf", *dirs(tmp_path), check=False)
     assert r.returncode != 0 and "--datapath: invalid choice: 'ebpf'" in r.stderr
     assert not (tmp_path / "units").exists() and not (tmp_path / "prefix").exists()
+
+
+def test_install_inside_with_client_address_transparent_gives_the_unit_its_capabilities_and_netlink(tmp_path):
+    make("install-inside", "service=127.0.0.1:51820", "outside=vps.example.com:9999", "client_address=transparent",
+         "datapath=kernel", *dirs(tmp_path))
+    unit = (tmp_path / "units/udp-tunnel-inside.service").read_text()
+    assert " --datapath kernel --client-address transparent --key-file " in unit
+    caps = "CAP_BPF CAP_NET_ADMIN CAP_NET_RAW"  # each once, with the kernel path's
+    assert f"\nCapabilityBoundingSet={caps}\n" in unit and f"\nAmbientCapabilities={caps}\n" in unit
+    assert "\nRestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK\n" in unit
+    for target, args, needle in (
+            ("install-outside", ["listen=9999"], "--client-address is for the inside agent"),
+            ("install-inside", ["service=127.0.0.1:1", "outside=192.0.2.1:9"], "invalid choice: 'real'")):
+        r = make(target, *args, "client_address=real" if target == "install-inside" else "client_address=proxy-v2",
+                 f"PREFIX={tmp_path}/p2", f"UNITDIR={tmp_path}/u2", f"CONFDIR={tmp_path}/c2", check=False)
+        assert r.returncode != 0 and needle in r.stderr, r.stderr
+        assert not (tmp_path / "u2").exists()
