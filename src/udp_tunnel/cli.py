@@ -24,9 +24,6 @@ class UsageError(Exception):
     pass
 
 
-MAX_KEEPALIVE = 3600  # seconds; the cores size their cookie lifetime from the keepalive
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
         raise UsageError(message)
@@ -70,7 +67,6 @@ def join_negative(argv: list[str]) -> list[str]:
 
 NO_KEY = ("no key: give the same key to both ends with --key-file PATH (or UDP_TUNNEL_KEY), "
           "or run without authentication with --insecure-no-key")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def build_parser() -> Parser:
@@ -99,9 +95,10 @@ def _key_options(g: argparse._ArgumentGroup) -> None:
 
 def _tuning_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-t", "--keepalive", metavar="SECONDS", type=number, default=25.0,
-                   help=f"keepalive interval, the same on both ends (default 25, at most {MAX_KEEPALIVE})")
+                   help=f"keepalive interval, the same on both ends (default 25, at most {config.MAX_KEEPALIVE})")
     g.add_argument("--timeout", metavar="SECONDS", type=number,
-                   help="inside: close a tunnel after this long without a datagram from its client (default 60)")
+                   help="inside: close a tunnel after this long without a datagram from its client "
+                        "(default 60, or the keepalive interval if longer)")
     g.add_argument("--spares", metavar="N", type=whole, help="inside: spare tunnels kept ready (default 2)")
     g.add_argument("--max-clients", metavar="N", type=whole, default=1000,
                    help="most clients (tunnels in use) at once (default 1000)")
@@ -110,14 +107,14 @@ def _tuning_options(g: argparse._ArgumentGroup) -> None:
                         "--max-clients, at least 16; twice that per IPv4 /24 or IPv6 /56, three times per "
                         "IPv6 /48): a spray from one host can't take every tunnel")
     g.add_argument("--legacy", action="store_true", help="speak the wire format of the C udp-tunnel 1.x")
-    g.add_argument("--client-address", metavar="MODE", choices=("off", "transparent", "proxy-v2", "proxy-v2-first"),
+    g.add_argument("--client-address", metavar="MODE", choices=config.CLIENT_ADDRESS,
                    help="inside: how the service sees each client: off (as the inside agent, the default), "
                         "transparent (its real address: needs CAP_NET_ADMIN), proxy-v2 / proxy-v2-first (a PROXY "
                         "v2 header before every / the first datagram, for a PROXY-protocol front)")
     g.add_argument("--wireguard-key", metavar="PUBKEY", action="append",
                    help="outside: admit only WireGuard clients of the server with this public key "
                         "(base64, as 'wg show' prints it; repeat or separate by commas for several)")
-    g.add_argument("--datapath", metavar="MODE", choices=("auto", "kernel", "user"),
+    g.add_argument("--datapath", metavar="MODE", choices=config.DATAPATHS,
                    help="who relays the datagrams of known flows: auto (the kernel, through an eBPF program, where "
                         "it can: root or CAP_BPF and CAP_NET_ADMIN, Linux 6.6+; else this process; the default), "
                         "kernel (or refuse to start), user (always this process)")
@@ -208,14 +205,14 @@ def _check_metrics(a: argparse.Namespace) -> None:
 
 def _check_numbers(a: argparse.Namespace) -> None:
     """The intervals and limits given, each in its range (those not given get defaults later)."""
-    if not 0.1 <= a.keepalive <= MAX_KEEPALIVE:
-        raise UsageError(f"-t: the keepalive interval must be between 0.1 and {MAX_KEEPALIVE} seconds")
+    if not 0.1 <= a.keepalive <= config.MAX_KEEPALIVE:
+        raise UsageError(f"-t: the keepalive interval must be between 0.1 and {config.MAX_KEEPALIVE} seconds")
     if a.timeout is not None and a.timeout < a.keepalive:
         raise UsageError("--timeout must not be shorter than the keepalive interval")
     if a.spares is not None and not 1 <= a.spares <= 64:
         raise UsageError("--spares must be between 1 and 64")
-    if not 1 <= a.max_clients <= 1_000_000:
-        raise UsageError("--max-clients must be between 1 and 1000000")
+    if not 1 <= a.max_clients <= config.MAX_CLIENTS:
+        raise UsageError(f"--max-clients must be between 1 and {config.MAX_CLIENTS}")
     if a.max_clients_per_source is not None and not 1 <= a.max_clients_per_source <= a.max_clients:
         raise UsageError("--max-clients-per-source must be between 1 and --max-clients")
     if a.max_clock_skew is not None and a.max_clock_skew < 0:
@@ -236,7 +233,7 @@ def _check_key(a: argparse.Namespace) -> None:
 
 
 def _check_name(a: argparse.Namespace) -> None:
-    if a.name is not None and not NAME.fullmatch(a.name):
+    if a.name is not None and not config.NAME.fullmatch(a.name):
         raise UsageError(f"--name: {a.name!r} is not a name (letters, digits, '.', '_', '-'; at most 64)")
 
 
@@ -260,7 +257,7 @@ def fill_defaults(a: argparse.Namespace) -> None:
     if a.spares is None:
         a.spares = 2
     if a.max_clients_per_source is None:
-        a.max_clients_per_source = max(16, a.max_clients // 4)
+        a.max_clients_per_source = config.default_per_source(a.max_clients)
     if a.max_clock_skew is None:
         a.max_clock_skew = 120.0
 

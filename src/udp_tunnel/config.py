@@ -30,11 +30,11 @@ from typing import NoReturn
 
 from udp_tunnel.addr import HOST, HOST6
 
-MAX_KEEPALIVE = 3600  # seconds, as cli.MAX_KEEPALIVE
+MAX_KEEPALIVE = 3600  # seconds (-t, keepalive): the cores size their cookie lifetime from the keepalive
 MAX_CLIENTS = 1_000_000
 MAX_RANGE = 1024  # ports in one service's range: the outside holds one socket per port
 MAX_FILE = 1 << 20  # bytes of a configuration file
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # an agent's name, as --name
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # an agent's name (--name, name)
 ITEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")  # a service's or a key's name (goes on the wire, in labels)
 CLIENT_ADDRESS = ("off", "transparent", "proxy-v2", "proxy-v2-first")
 FAMILIES = {"any": None, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
@@ -186,6 +186,11 @@ class InsideConfig:
 
 
 Config = OutsideConfig | InsideConfig
+
+
+def default_per_source(max_clients: int) -> int:
+    """max_clients_per_source when not given (--max-clients-per-source): a quarter, at least 16."""
+    return max(16, max_clients // 4)
 
 
 # --- the command line: one service named "default" ---
@@ -608,7 +613,7 @@ def _outside_service(r: _Reader, name: str, t: object, keys: dict[str, Key]) -> 
     top = keys[key].max_clients
     max_clients = r.whole(s + ("max_clients",), t.get("max_clients", top), 1, top,
                           f" (key {key!r} allows {top})" if "max_clients" in t else "")
-    per_source = max(16, max_clients // 4)  # as the command line's default
+    per_source = default_per_source(max_clients)
     if "max_clients_per_source" in t:
         per_source = r.whole(s + ("max_clients_per_source",), t["max_clients_per_source"], 1, max_clients,
                              " (its max_clients)")
