@@ -290,13 +290,15 @@ def test_metrics_port_in_use_is_one_line_and_leaves_no_control_socket(tmp_path):
     busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
+    port = busy.getsockname()[1]
     ctl = tmp_path / "c.sock"
     try:
         r = run("-l", f"127.0.0.1:{free_port()}", "--control", str(ctl),
-                "--metrics", f"127.0.0.1:{busy.getsockname()[1]}", UDP_TUNNEL_KEY="k")
+                "--metrics", f"127.0.0.1:{port}", UDP_TUNNEL_KEY="k")
     finally:
         busy.close()
-    assert r.returncode == 1 and "cannot serve metrics: Address already in use" in r.stderr
+    assert r.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}: Address already in use" in r.stderr
     assert r.stderr.count("\n") == 1 and not ctl.exists()
 
 

@@ -224,19 +224,20 @@ def remember(core: OutsideCore, path: str | None, log: Log, now: float) -> None:
 
 # --- the inside agent ---
 
+def service_target(s: config.InsideService, log: Log) -> ServiceTarget:
+    """A service's address resolved and its client-address mode set up (StartError, one line)."""
+    fam, addr = resolve(s.service.host, s.service.ports.first, f"service {s.name}", prefer_v4=True)
+    t = ServiceTarget(s.name, fam, addr[0], addr[1], s.service.ports.size, s.client_address, warn=log.warning)
+    try:
+        for line in t.start():
+            log.info(line)
+    except TransparentError as e:
+        raise StartError(str(e)) from None
+    return t
+
+
 def service_targets(cfg: config.InsideConfig, log: Log) -> dict[str, ServiceTarget]:
-    out = {}
-    for s in cfg.services:
-        fam, addr = resolve(s.service.host, s.service.ports.first, f"service {s.name}", prefer_v4=True)
-        t = ServiceTarget(s.name, fam, addr[0], addr[1], s.service.ports.size, s.client_address,
-                          warn=log.warning)
-        try:
-            for line in t.start():
-                log.info(line)
-        except TransparentError as e:
-            raise StartError(str(e)) from None
-        out[s.name] = t
-    return out
+    return {s.name: service_target(s, log) for s in cfg.services}
 
 
 def start_inside(cfg: config.InsideConfig, log: Log, now: float) -> Started:
@@ -276,8 +277,8 @@ def serve(loop: Loop, cfg: config.Config, name: str) -> tuple[list, str | None]:
         control = paths.control_path(cfg.control, name)
         if control:
             servers.append(status.ControlServer(control, loop))
-        what = "metrics"
         if cfg.metrics:
+            what = f"metrics on {show(cfg.metrics)}"
             servers.append(metrics.MetricsServer(cfg.metrics, loop))
     except OSError as e:
         for s in servers:
@@ -399,15 +400,7 @@ class Reloader:
             return
         ch = config.changes(old, new)
         for name in (*ch.added, *ch.changed):
-            s = new.service(name)
-            fam, addr = resolve(s.service.host, s.service.ports.first, f"service {name}", prefer_v4=True)
-            t = ServiceTarget(name, fam, addr[0], addr[1], s.service.ports.size, s.client_address,
-                              warn=self.log.warning)
-            try:
-                for line in t.start():
-                    self.log.info(line)
-            except TransparentError as e:
-                raise StartError(str(e)) from None
+            t = service_target(new.service(name), self.log)
             if name in loop.services:  # its clients keep their sockets (and its policy routing) until stop
                 loop.replaced.append(loop.services[name])
             loop.services[name] = t  # new clients; those already there keep their sockets
