@@ -31,7 +31,7 @@ def agent_command() -> list[str]:
             "from udp_tunnel.cli import main; sys.exit(main())"]
 
 
-def start_agent(name: str, args: list[str], env: dict, paths: dict | None = None) -> subprocess.Popen:
+def start_agent(name: str, args: list[str], env: dict, paths: dict[str, str]) -> subprocess.Popen:
     """Start an agent and relay its log; return once it said it started (or after 5 s). `paths`:
     the agent's name -> its start line's data path ("kernel (...)" or "user space (...)")."""
     p = subprocess.Popen(agent_command() + args, env=env, stdin=subprocess.DEVNULL,
@@ -43,7 +43,7 @@ def start_agent(name: str, args: list[str], env: dict, paths: dict | None = None
             line = line.rstrip("\n")
             if line[:1] == "<" and line[2:3] == ">":
                 line = f"{PRIO.get(line[1], '?')}: {line[3:]}"
-            if paths is not None and ", datapath " in line and name not in paths:
+            if ", datapath " in line and name not in paths:
                 paths[name] = line.split(", datapath ", 1)[1].split(", status on ", 1)[0]
             try:
                 print(f"  [{name}] {line}", flush=True)
