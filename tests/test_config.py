@@ -92,7 +92,7 @@ def test_the_outside_example_reads_into_its_model():
                        max_clients_per_source=250),
         OutsideService("dns", Listen(None, PortRange(53, 53)), "friend", max_clients=100, max_clients_per_source=25))
     assert c.service("game").listen.ports.size == 6 and 27017 in c.service("game").listen.ports
-    assert c.services[0].where == f"{EXAMPLES}/outside.toml:51"  # where [services.wireguard] is
+    assert c.services[0].where == f"{EXAMPLES}/outside.toml:53"  # where [services.wireguard] is
 
 
 def test_the_inside_example_reads_into_its_model():

@@ -95,7 +95,8 @@ def _key_options(g: argparse._ArgumentGroup) -> None:
 
 def _tuning_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-t", "--keepalive", metavar="SECONDS", type=number, default=25.0,
-                   help=f"keepalive interval, the same on both ends (default 25, at most {config.MAX_KEEPALIVE})")
+                   help=f"the longest keepalive interval, the same on both ends (default 25, at most "
+                        f"{config.MAX_KEEPALIVE})")
     g.add_argument("--timeout", metavar="SECONDS", type=number,
                    help="inside: close a tunnel after this long without a datagram from its client "
                         "(default 60, or the keepalive interval if longer)")
@@ -143,7 +144,7 @@ def _operation_options(g: argparse._ArgumentGroup) -> None:
                    "authentication: bind it to localhost or a private address)")
     g.add_argument("--state-file", metavar="PATH",
                    help="outside: remember where the tunnels are, so that after a restart they register "
-                        "again at once (default: NAME.state beside the control socket, "
+                        "again at once (default: NAME.state in the default control socket's directory, "
                         "$STATE_DIRECTORY/outside.state under systemd; none: off)")
     g.add_argument("-v", "--verbose", action="store_true", help="log every tunnel event")
     g.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
