@@ -48,7 +48,7 @@ class ConfigError(Exception):
     status (2: the file is wrong, 1: it cannot be read)."""
 
     def __init__(self, message: str, path: str = "", line: int = 0, status: int = 2) -> None:
-        self.path, self.line, self.problem, self.status = path, line, message, status
+        self.status = status
         where = f"{path}:{line}: " if path and line else f"{path}: " if path else ""
         super().__init__(where + message)
 
