@@ -217,3 +217,10 @@ def test_status_py_offers_functions_and_does_not_import_the_command_line():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m.startswith("udp_tunnel.") and not m.startswith("udp_tunnel.ops") for m in imported), imported
+
+
+def test_a_wrong_status_command_line_is_one_line_that_points_to_the_status_help(capsys):
+    assert status_cmd(capsys, "--bogus") == (
+        2, "", "udp-tunnel: unrecognized arguments: --bogus (see udp-tunnel status --help)\n")
+    assert status_cmd(capsys, "x", "--control", "/x") == (
+        2, "", "udp-tunnel: give NAME or --control PATH, not both (see udp-tunnel status --help)\n")

@@ -21,7 +21,9 @@ udp-tunnel demo                                  run both agents on loopback and
 
 
 class UsageError(Exception):
-    pass
+    """A command line that is wrong: str() is the one line; `see`, the help that explains it."""
+
+    see = "udp-tunnel --help"
 
 
 class Parser(argparse.ArgumentParser):
@@ -271,9 +273,13 @@ def status_main(argv: list[str]) -> int:
     p.add_argument("name", metavar="NAME", nargs="?", help="only the agent of this name")
     p.add_argument("--control", metavar="PATH", help="only the agent serving this control socket")
     p.add_argument("--json", action="store_true", help="print the raw JSON document")
-    a = p.parse_args(argv)
-    if a.name and a.control:
-        raise UsageError("status: give NAME or --control PATH, not both")
+    try:
+        a = p.parse_args(argv)
+        if a.name and a.control:
+            raise UsageError("give NAME or --control PATH, not both")
+    except UsageError as e:
+        e.see = "udp-tunnel status --help"
+        raise
     return status.show(name=a.name, control=a.control, as_json=a.json)
 
 
@@ -292,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"udp-tunnel: {e}", file=sys.stderr)
         return e.status
-    except (UsageError, AddrError) as e:
+    except UsageError as e:
+        print(f"udp-tunnel: {e} (see {e.see})", file=sys.stderr)
+        return 2
+    except AddrError as e:
         print(f"udp-tunnel: {e} (see udp-tunnel --help)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
