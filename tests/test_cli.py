@@ -454,3 +454,22 @@ def test_every_option_a_message_of_the_agents_names_is_one_the_command_line_has(
                     if opt not in options:
                         unknown.setdefault(opt, []).append(f"{path.name}:{node.lineno}")
     assert unknown == {}
+
+
+def test_listening_in_a_family_this_host_lacks_is_one_line_and_a_port_alone_falls_back_to_ipv4(monkeypatch):
+    import errno
+
+    from udp_tunnel import agent
+    real = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kw):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kw)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    with pytest.raises(agent.StartError) as e:
+        agent.bind_listen(None, 9, socket.AF_INET6)  # -l 9 -6
+    assert str(e.value) == "cannot listen on [::]:9: Address family not supported by protocol"
+    with agent.bind_listen(None, 0, None) as s:  # -l PORT: every IPv4 address then
+        assert (s.family, s.getsockname()[0]) == (socket.AF_INET, "0.0.0.0")

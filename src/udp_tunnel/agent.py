@@ -119,10 +119,10 @@ def bind_listen(host: str | None, port: int, family: int | None) -> socket.socke
         host = sockaddr[0]
     try:
         s = socket.socket(fam, socket.SOCK_DGRAM)
-    except OSError:
+    except OSError as e:
         if family is None and fam == socket.AF_INET6 and host == "::":  # no IPv6 on this host
             return bind_listen("0.0.0.0", port, socket.AF_INET)
-        raise
+        raise StartError(f"cannot listen on {show((host, port))}: {e.strerror or e}") from None
     if fam == socket.AF_INET6 and host == "::":
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if family == socket.AF_INET6 else 0)
     try:
