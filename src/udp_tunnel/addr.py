@@ -17,13 +17,13 @@ class ResolveError(AddrError):
     """A well-formed host name that does not resolve."""
 
 
-def _port(text: str, what: str, allow_zero: bool = False) -> int:
-    if not (text.isascii() and text.isdigit()) or not (0 if allow_zero else 1) <= int(text) <= 65535:
+def _port(text: str, what: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 65535:
         raise AddrError(f"{what}: bad port {text!r} (1-65535)")
     return int(text)
 
 
-def split_hostport(text: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
+def split_hostport(text: str, what: str) -> tuple[str, int]:
     """'host:port', '192.0.2.1:9', '[2001:db8::1]:9' -> (host, port)."""
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
@@ -39,14 +39,14 @@ def split_hostport(text: str, what: str, allow_zero: bool = False) -> tuple[str,
             raise AddrError(f"{what}: put an IPv6 address in brackets, as in [{host}]:{port}")
         if not HOST.fullmatch(host):
             raise AddrError(f"{what}: bad host name {host!r}")
-    return host, _port(port, what, allow_zero)
+    return host, _port(port, what)
 
 
 def parse_listen(text: str) -> tuple[str | None, int]:
     """'9999' (every address, IPv4 and IPv6), 'HOST:PORT' or '[V6]:PORT'."""
     if text.isascii() and text.isdigit():
-        return None, _port(text, "--listen", allow_zero=True)
-    return split_hostport(text, "--listen", allow_zero=True)
+        return None, _port(text, "--listen")
+    return split_hostport(text, "--listen")
 
 
 def resolve(host: str, port: int, what: str, family: int = socket.AF_UNSPEC,

@@ -353,7 +353,7 @@ def _attack_round(lab: Lab, net: Net, out: dict, capfile: str, clients: int) -> 
     return result
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["v2", "legacy"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["v3", "legacy"])
 def test_forged_and_replayed_keepalives_from_an_attacker(lab, net, legacy):
     out, ins = net.pair(f"127.0.0.1:{ECHO_PORT}", 9998, legacy=legacy)
     sniff = lab.spawn(
@@ -370,7 +370,7 @@ def test_forged_and_replayed_keepalives_from_an_attacker(lab, net, legacy):
     before = _attack_round(lab, net, out, capfile, 10)
     net.restart(out)  # right after an outside restart
     after = _attack_round(lab, net, out, capfile, 10)
-    print(f"{'legacy' if legacy else 'v2'}: attacker replayed {len(caps)} captured keepalives; "
+    print(f"{'legacy' if legacy else 'v3'}: attacker replayed {len(caps)} captured keepalives; "
           f"client datagrams it received: {before['client_datagrams']} before, "
           f"{after['client_datagrams']} right after an outside restart")
     assert before["clients_done"] == 10 and after["clients_done"] == 10
