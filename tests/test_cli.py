@@ -378,7 +378,9 @@ def test_status_lists_every_agent_started_by_hand_and_picks_one_by_name(tmp_path
         start("-s", "127.0.0.1:7", "-o", f"127.0.0.1:{port}", "-t", "1", "--name", "home")
         both = {f"outside-127.0.0.1_{port}", "home"}
         assert wait_for(lambda: status().stdout.count("agent: ") == 2), open(tmp_path / "agents.log").read()
-        assert sorted(os.listdir(sockets)) == sorted(n + ".sock" for n in both)
+        files = set(os.listdir(sockets))  # the sockets, and the outside's state file once its tunnels registered
+        assert {f for f in files if f.endswith(".sock")} == {n + ".sock" for n in both}
+        assert files - {n + ".sock" for n in both} <= {f"outside-127.0.0.1_{port}.state"}
         assert os.stat(sockets).st_mode & 0o777 == 0o700
         text = status().stdout
         assert "agent: outside" in text and "agent: inside" in text

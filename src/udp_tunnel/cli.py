@@ -154,10 +154,6 @@ def _operation_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("-h", "-?", "--help", action="help", help="show this help")
 
 
-class StartError(Exception):
-    pass
-
-
 def check(a: argparse.Namespace) -> str:
     """Everything about the command line that can be checked without I/O (also what
     `make install-*` asks with --check-config), then the role-specific defaults filled in
@@ -292,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["status"]:
             return status_main(argv[1:])
         return run(build_parser().parse_args(join_negative(argv)))
-    except (StartError, ResolveError) as e:
+    except ResolveError as e:
         print(f"udp-tunnel: {e}", file=sys.stderr)
         return 1
     except config.ConfigError as e:
@@ -346,8 +342,9 @@ def run_config(cfg: config.Config) -> int:
     from udp_tunnel import agent
     try:
         return agent.run(cfg)
-    except agent.StartError as e:
-        raise StartError(str(e)) from None
+    except agent.StartError as e:  # one line, as every error a user can cause
+        print(f"udp-tunnel: {e}", file=sys.stderr)
+        return 1
 
 
 def run(a: argparse.Namespace) -> int:
