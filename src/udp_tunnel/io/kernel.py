@@ -627,10 +627,7 @@ class KernelPath(FlowTable):
     def _route(self, dst: Addr, src: Addr) -> Route | None:
         k = (dst.ip, src.ip)
         if k not in self.routes:
-            try:
-                self.routes[k] = route_get(dst.ip, src.ip)
-            except OSError:
-                self.routes[k] = None
+            self.routes[k] = route_get(dst.ip, src.ip)  # None when the kernel does not answer
         return self.routes[k]
 
     def _wanted(self) -> dict[int, str]:
