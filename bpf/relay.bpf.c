@@ -61,7 +61,7 @@
 #define WG_RESPONSE_LEN 92
 #define MAGIC 0x54504455 /* "UDPT" as a little-endian u32 */
 
-/* config flags (1 and 2 were the legacy and WireGuard rules, per flow now) */
+/* config flags */
 #define CFG_WILDCARD 4 /* some flow has a zero destination address: look it up too */
 #define CFG_AGENT_BEFORE 8 /* another agent's program runs before this one on lo */
 
@@ -195,6 +195,22 @@ struct map_def stats SEC("maps") = {
 	.value_size = sizeof(__u64),
 	.max_entries = ST_COUNT,
 };
+
+/* The flow of a packet, by its exact key, else (with a wildcard flow in the map) by its key with
+ * any destination address. */
+INLINE struct flow *lookup(struct flow_key *k, __u32 cfg)
+{
+	struct flow *f = bpf_map_lookup_elem(&flows, k);
+
+	if (!f && (cfg & CFG_WILDCARD)) {
+		k->daddr[0] = 0;
+		k->daddr[1] = 0;
+		k->daddr[2] = 0;
+		k->daddr[3] = 0;
+		f = bpf_map_lookup_elem(&flows, k);
+	}
+	return f;
+}
 
 INLINE int count(__u32 reason)
 {
@@ -334,12 +350,7 @@ INLINE int relay4(struct __sk_buff *skb, __u32 cfg, __u32 ctrl_len, struct ethhd
 		.sport = udp.source,
 		.dport = udp.dest,
 	};
-	struct flow *f = bpf_map_lookup_elem(&flows, &k);
-	if (!f && (cfg & CFG_WILDCARD)) {
-		k.daddr[2] = 0;
-		k.daddr[3] = 0;
-		f = bpf_map_lookup_elem(&flows, &k);
-	}
+	struct flow *f = lookup(&k, cfg);
 	if (!f)
 		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;
@@ -424,14 +435,7 @@ INLINE int relay6(struct __sk_buff *skb, __u32 cfg, __u32 ctrl_len, struct ethhd
 		.sport = udp.source,
 		.dport = udp.dest,
 	};
-	struct flow *f = bpf_map_lookup_elem(&flows, &k);
-	if (!f && (cfg & CFG_WILDCARD)) {
-		k.daddr[0] = 0;
-		k.daddr[1] = 0;
-		k.daddr[2] = 0;
-		k.daddr[3] = 0;
-		f = bpf_map_lookup_elem(&flows, &k);
-	}
+	struct flow *f = lookup(&k, cfg);
 	if (!f)
 		return count(ST_UNKNOWN);
 	__u32 flags = f->flags;

@@ -11,7 +11,6 @@ typedef unsigned char __u8;
 typedef unsigned short __u16;
 typedef unsigned int __u32;
 typedef unsigned long long __u64;
-typedef int __s32;
 typedef long long __s64;
 
 #define SEC(name) __attribute__((section(name), used))
@@ -87,7 +86,6 @@ struct bpf_redir_neigh {
 };
 
 #define BPF_FIB_LKUP_RET_SUCCESS 0
-#define BPF_FIB_LKUP_RET_NOT_FWDED 4
 #define BPF_FIB_LKUP_RET_FWD_DISABLED 5
 #define BPF_FIB_LKUP_RET_NO_NEIGH 7
 #define BPF_FIB_LKUP_RET_FRAG_NEEDED 8
@@ -98,7 +96,6 @@ struct bpf_redir_neigh {
 #define BPF_F_INGRESS (1ULL << 0)
 
 #define TCX_NEXT (-1)
-#define TC_ACT_REDIRECT 7
 
 #define AF_INET 2
 #define AF_INET6 10

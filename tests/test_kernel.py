@@ -190,6 +190,19 @@ def test_a_missing_or_refused_program_is_one_line_with_the_verifier_s_first_line
     assert "invalid read from stack" in e.value.reason and "\n" not in e.value.reason
 
 
+@needs_kernel
+def test_an_open_that_fails_after_loading_closes_the_program_and_its_maps(monkeypatch):
+    def no_fds() -> None:
+        raise OSError(24, "Too many open files")
+
+    fds = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr("udp_tunnel.io.kernel.LoSettings", no_fds)
+    with pytest.raises(OSError) as e:
+        KernelPath.open(ifaces=["lo"])
+    assert e.value.errno == 24
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+
+
 def _table_entry(table: FlowTable, fkey) -> tuple:
     """(key: source, destination; value: new source, new destination, flags) of fkey's map entry, readable."""
     e = table.entries[fkey]

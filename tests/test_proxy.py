@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from udp_tunnel.io.proxied import EVERY, FIRST, ProxyFraming, strip_answer
+from udp_tunnel.io.proxied import EVERY, FIRST, ProxyFraming
 from udp_tunnel.io.services import ServiceTarget
 from udp_tunnel.wire import proxy
 
@@ -163,11 +163,6 @@ def test_when_the_client_moves_proxy_v2_first_asks_for_a_new_socket_whose_first_
     assert f.moved(("198.51.100.8", 41000)) is True
     assert [b"".join(f.frame(d)) for d in (b"c", b"d")] == [proxy.encode(("198.51.100.8", 41000), SERVICE) + b"c",
                                                             b"d"]
-
-
-def test_an_answer_without_a_header_passes_unchanged_and_one_with_a_header_loses_it():
-    assert bytes(strip_answer(b"answer")) == b"answer"
-    assert bytes(strip_answer(proxy.encode(SERVICE, CLIENT) + b"answer")) == b"answer"
 
 
 # --- which address of the front a client's datagrams go to ---

@@ -2,7 +2,7 @@
 the one kind of ELF object bpf/relay.bpf.c compiles to.
 
 Only what the kernel data path (io/kernel.py) and its tests need: maps
-(create, update, lookup, delete, lookup-and-delete, batch lookup), program load (with the
+(create, update, lookup, lookup-and-delete, batch lookup), program load (with the
 verifier's log when it refuses), tcx links (BPF_LINK_CREATE with
 BPF_TCX_INGRESS: the link is a file descriptor, so the program is detached
 when the last descriptor closes, even when the process is killed),
@@ -31,14 +31,14 @@ from typing import NamedTuple
 SYS_BPF = {"x86_64": 321, "amd64": 321, "aarch64": 280, "arm64": 280}
 
 # commands
-MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY, PROG_LOAD = 0, 1, 2, 3, 4, 5
+MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, PROG_LOAD = 0, 1, 2, 5
 PROG_TEST_RUN, PROG_GET_FD_BY_ID, OBJ_GET_INFO_BY_FD, PROG_QUERY = 10, 13, 15, 16
 MAP_LOOKUP_AND_DELETE_ELEM, MAP_LOOKUP_BATCH, LINK_CREATE = 21, 24, 28
 
 # map types, program types, attach types
 MAP_HASH, MAP_ARRAY, MAP_PERCPU_ARRAY = 1, 2, 6
 PROG_SCHED_CLS = 3
-TCX_INGRESS, TCX_EGRESS = 46, 47
+TCX_INGRESS = 46
 
 # BPF_PROG_TEST_RUN flags
 TEST_SKB_CHECKSUM_COMPLETE = 1 << 2
@@ -105,44 +105,27 @@ def map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
     call(MAP_UPDATE_ELEM, a, "updating a map entry")
 
 
-def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+def _value_of(cmd: int, fd: int, key: bytes, value_size: int, what: str) -> bytes | None:
+    """A command that reads one entry's value (lookup, lookup-and-delete); None if it is not there."""
     k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_size)
     a = _attr()
     struct.pack_into("=IxxxxQQ", a, 0, fd, _ptr(k), _ptr(v))
     try:
-        call(MAP_LOOKUP_ELEM, a, "looking up a map entry")
+        call(cmd, a, what)
     except BpfError as e:
         if e.errno == 2:  # ENOENT
             return None
         raise
     return v.raw
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    return _value_of(MAP_LOOKUP_ELEM, fd, key, value_size, "looking up a map entry")
 
 
 def map_pop(fd: int, key: bytes, value_size: int) -> bytes | None:
     """Look an entry up and delete it in one step (a hash map: Linux 5.14); None if it is not there."""
-    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_size)
-    a = _attr()
-    struct.pack_into("=IxxxxQQ", a, 0, fd, _ptr(k), _ptr(v))
-    try:
-        call(MAP_LOOKUP_AND_DELETE_ELEM, a, "taking a map entry")
-    except BpfError as e:
-        if e.errno == 2:  # ENOENT
-            return None
-        raise
-    return v.raw
-
-
-def map_delete(fd: int, key: bytes) -> bool:
-    k = ctypes.create_string_buffer(key, len(key))
-    a = _attr()
-    struct.pack_into("=IxxxxQ", a, 0, fd, _ptr(k))
-    try:
-        call(MAP_DELETE_ELEM, a, "deleting a map entry")
-    except BpfError as e:
-        if e.errno == 2:
-            return False
-        raise
-    return True
+    return _value_of(MAP_LOOKUP_AND_DELETE_ELEM, fd, key, value_size, "taking a map entry")
 
 
 def map_items(fd: int, key_size: int, value_size: int, batch: int = 1024) -> list[tuple[bytes, bytes]]:
@@ -228,13 +211,18 @@ def prog_query(ifindex: int, attach_type: int = TCX_INGRESS, room: int = 64) -> 
     return Query(list(progs[:min(n, room)]), list(links[:min(n, room)]), revision)
 
 
-def prog_id(fd: int) -> int:
-    """The id of a loaded program."""
+def _prog_info(fd: int) -> bytes:
+    """struct bpf_prog_info of a loaded program (its first 256 bytes)."""
     info = ctypes.create_string_buffer(256)
     a = _attr()
     struct.pack_into("=IIQ", a, 0, fd, len(info), ctypes.addressof(info))
     call(OBJ_GET_INFO_BY_FD, a, "reading program info")
-    return struct.unpack_from("=I", info, 4)[0]
+    return info.raw
+
+
+def prog_id(fd: int) -> int:
+    """The id of a loaded program."""
+    return struct.unpack_from("=I", _prog_info(fd), 4)[0]
 
 
 def prog_name_by_id(prog_id: int) -> str | None:
@@ -248,11 +236,7 @@ def prog_name_by_id(prog_id: int) -> str | None:
             return None
         raise
     try:
-        info = ctypes.create_string_buffer(256)
-        a = _attr()
-        struct.pack_into("=IIQ", a, 0, fd, len(info), ctypes.addressof(info))
-        call(OBJ_GET_INFO_BY_FD, a, "reading program info")
-        return info.raw[64:80].split(b"\0", 1)[0].decode()
+        return _prog_info(fd)[64:80].split(b"\0", 1)[0].decode()
     finally:
         os.close(fd)
 

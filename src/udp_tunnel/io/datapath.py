@@ -30,6 +30,7 @@ from udp_tunnel.addr import show
 from udp_tunnel.core.classify import Classifier
 from udp_tunnel.core.common import Flow, Meter
 from udp_tunnel.io.kernel import NO_RULE, FlowTable, KernelPath, KernelUnavailable, rule_flags
+from udp_tunnel.ops.log import Log
 
 MODES = ("auto", "kernel", "user")
 REFRESH = 60.0  # seconds between looks at new interfaces, routes and NAT rules
@@ -55,19 +56,16 @@ class Datapath:
         """For the start line: which path, and why."""
         return f"datapath {self.path if self.path == 'kernel' else 'user space'} ({self.why})"
 
-    def new_notes(self) -> list[str]:
-        """What the kernel path changed or could not do since the last call (for the log)."""
-        if self.kp is None:
-            return []
-        notes = self.kp.notes[self.notes_said:]
-        self.notes_said = len(self.kp.notes)
-        return notes
-
-    def refresh(self, now: float) -> None:
-        """Now and then: new interfaces, routes, NAT rules (KernelPath.refresh)."""
+    def refresh(self, now: float, log: Log) -> None:
+        """Now and then: new interfaces, routes, NAT rules (KernelPath.refresh); and what the kernel path
+        changed or could not do since the last call, to the log."""
         if isinstance(self.kp, KernelPath) and now >= self.next_refresh:
             self.next_refresh = now + REFRESH
             self.kp.refresh()
+        if self.kp is not None:
+            for note in self.kp.notes[self.notes_said:]:
+                log.info(f"kernel data path: {note}")
+            self.notes_said = len(self.kp.notes)
 
     def snapshot(self) -> dict:
         out: dict = {"path": self.path, "mode": self.mode, "why": self.why}

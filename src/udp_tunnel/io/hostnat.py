@@ -7,7 +7,7 @@ interface) would not happen. Such a direction must stay with the agent. This
 module answers the two questions that decision needs:
 
 - `route_get(dst, src)`: the route the kernel picks for a packet from `src`
-  to `dst` (rtnetlink RTM_GETROUTE, the same lookup as `ip route get`):
+  to `dst` (rtnetlink RTM_GETROUTE through io/rtnl.py, the same lookup as `ip route get`):
   whether `dst` is a local address, and the egress interface.
 - `NatRules.load()`: the host's source NAT rules (masquerade and snat) from
   `nft -j list ruleset` (which also shows what iptables-nft added), and from
@@ -28,14 +28,10 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 from typing import NamedTuple
 
-RTM_NEWROUTE, RTM_GETROUTE, NLMSG_ERROR = 24, 26, 2
-NLM_F_REQUEST = 1
-RTA_DST, RTA_SRC, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC = 1, 2, 4, 5, 7
-RTN_UNICAST, RTN_LOCAL = 1, 2
+from udp_tunnel.io.rtnl import RTN_LOCAL, Netlink
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -51,48 +47,23 @@ class Route(NamedTuple):
         return self.kind == RTN_LOCAL
 
 
-def _rta(kind: int, data: bytes) -> bytes:
-    n = 4 + len(data)
-    return struct.pack("=HH", n, kind) + data + b"\0" * (-n % 4)
-
-
 def route_get(dst: IPAddress, src: IPAddress | None = None) -> Route | None:
     """The kernel's route for a packet from src (a local address, or None) to dst; None if there is none."""
     family = socket.AF_INET if dst.version == 4 else socket.AF_INET6
-    bits = dst.max_prefixlen
-    attrs = _rta(RTA_DST, dst.packed)
-    if src is not None:
-        attrs += _rta(RTA_SRC, src.packed)
-    body = struct.pack("=BBBBBBBBI", family, bits, bits if src is not None else 0, 0, 0, 0, 0, 0, 0) + attrs
-    msg = struct.pack("=IHHII", 16 + len(body), RTM_GETROUTE, NLM_F_REQUEST, 1, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
-        s.settimeout(2.0)
-        s.send(msg)
-        data = s.recv(65536)
-    n, kind = struct.unpack_from("=IH", data, 0)
-    if kind == NLMSG_ERROR:
+    try:
+        with Netlink() as nl:
+            r = nl.route_get(family, str(dst), None if src is None else str(src))
+    except OSError:
         if src is not None:  # e.g. src is no longer an address of this host: ask without it
             return route_get(dst, None)
         return None
-    if kind != RTM_NEWROUTE:
-        return None
-    rtype = data[16 + 7]
-    oif, prefsrc = None, None
-    off = 16 + 12
-    while off + 4 <= n:
-        alen, atype = struct.unpack_from("=HH", data, off)
-        if alen < 4:
-            break
-        value = data[off + 4:off + alen]
-        if atype == RTA_OIF:
-            try:
-                oif = socket.if_indextoname(struct.unpack("=I", value)[0])
-            except OSError:
-                oif = None
-        elif atype == RTA_PREFSRC:
-            prefsrc = ipaddress.ip_address(value)
-        off += (alen + 3) & ~3
-    return Route(rtype, oif, prefsrc)
+    oif = None
+    if r.oif is not None:
+        try:
+            oif = socket.if_indextoname(r.oif)
+        except OSError:
+            pass
+    return Route(r.type, oif, ipaddress.ip_address(r.prefsrc) if r.prefsrc else None)
 
 
 class NatRule(NamedTuple):

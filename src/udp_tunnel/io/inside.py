@@ -88,9 +88,7 @@ class InsideLoop(Loop):
             self._resolved(now)
         if self.kernel is not None:
             self.kernel.count()  # the kernel's traffic, before the core looks at its meters
-            self.datapath.refresh(now)
-            for note in self.datapath.new_notes():
-                self.log.info(f"kernel data path: {note}")
+            self.datapath.refresh(now, self.log)
         super().tick(now)
         self._drained(now)
 

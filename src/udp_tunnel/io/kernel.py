@@ -568,14 +568,12 @@ def _wild(a: Addr) -> int:
 # --- the program on this host ---
 
 class KernelPath(FlowTable):
-    def __init__(self, prog_fd: int, maps: dict[str, int], max_flows: int, ifaces: list[str] | None,
-                 notes: list[str], default_rule: int = F_CTRL) -> None:
+    def __init__(self, prog_fd: int, maps: dict[str, int], ifaces: list[str] | None,
+                 default_rule: int = F_CTRL) -> None:
         super().__init__(BpfFlowMap(maps["flows"]), default_rule)
         self.prog_fd = prog_fd
         self.maps = maps
-        self.max_flows = max_flows
         self.ifaces = ifaces
-        self.notes = notes
         self.links: dict[int, tuple[str, int]] = {}  # ifindex -> (name, link fd)
         self.routes: dict[tuple, Route | None] = {}
         self.nat = NatRules([], None)
@@ -594,7 +592,11 @@ class KernelPath(FlowTable):
         _check_system()
         prog_fd, maps = _load(max_flows, debug)
         rule = (F_LEN40 if legacy else F_CTRL) | (F_WG if wireguard else 0)
-        self = cls(prog_fd, maps, max_flows, ifaces, [], rule)
+        try:
+            self = cls(prog_fd, maps, ifaces, rule)
+        except BaseException:
+            _close(prog_fd, *maps.values())
+            raise
         try:
             self._configure()
             self.nat = NatRules.load()
@@ -625,10 +627,7 @@ class KernelPath(FlowTable):
     def _route(self, dst: Addr, src: Addr) -> Route | None:
         k = (dst.ip, src.ip)
         if k not in self.routes:
-            try:
-                self.routes[k] = route_get(dst.ip, src.ip)
-            except OSError:
-                self.routes[k] = None
+            self.routes[k] = route_get(dst.ip, src.ip)  # None when the kernel does not answer
         return self.routes[k]
 
     def _wanted(self) -> dict[int, str]:
@@ -760,13 +759,16 @@ def _load(max_flows: int, debug: bool) -> tuple[int, dict[str, int]]:
             maps[name] = bpf.map_create(m.kind, m.key_size, m.value_size, size, name=f"udpt_{name}", flags=m.flags)
         return bpf.prog_load(bpf.PROG_SCHED_CLS, bpf.patch(obj, maps), obj.license, PROGRAM), maps
     except BpfError as e:
-        for fd in maps.values():
-            os.close(fd)
+        _close(*maps.values())
         raise KernelUnavailable(_load_refused(e, debug)) from None
     except ValueError as e:
-        for fd in maps.values():
-            os.close(fd)
+        _close(*maps.values())
         raise KernelUnavailable(f"the compiled eBPF program is unusable: {e}") from None
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _load_refused(e: BpfError, debug: bool) -> str:

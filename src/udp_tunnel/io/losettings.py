@@ -32,7 +32,12 @@ class LoSettings:
     def __init__(self) -> None:
         self.tag = f"{os.getpid()}.{next(_count)}"
         self.netns = _own_netns()  # the namespace whose settings these are
-        self.presence = _mark(f"{MARK}/{self.tag}")
+        try:
+            self.presence = _mark(f"{MARK}/{self.tag}")
+        except BaseException:
+            if self.netns is not None:
+                os.close(self.netns)
+            raise
         self.held: dict[str, tuple[int, str, socket.socket]] = {}  # setting -> (its file, its old value, mark)
         self.checked: dict[str, str | None] = {}  # setting -> None (on), or why it cannot be
 

@@ -67,9 +67,7 @@ class OutsideLoop(Loop):
     def tick(self, now: float) -> None:
         if self.kernel is not None:
             self.kernel.count()  # the kernel's traffic, before the core looks at its meters
-            self.datapath.refresh(now)
-            for note in self.datapath.new_notes():
-                self.log.info(f"kernel data path: {note}")
+            self.datapath.refresh(now, self.log)
         super().tick(now)
         if self.state_path and now >= self.next_save:
             self.next_save = now + STATE_SAVE

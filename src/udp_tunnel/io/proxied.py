@@ -12,8 +12,8 @@ carries the new address; with `proxy-v2` the socket stays and the header
 changes.
 
 Answers: go-mmproxy sends the service's answers back as they are, with no
-header (udpCopyFromUpstream writes the bytes it read). strip_answer() is for a
-front that would send headers back; the I/O layer uses it only when told to.
+header (udpCopyFromUpstream writes the bytes it read), and the I/O layer passes
+them on as they are.
 """
 
 from __future__ import annotations
@@ -62,12 +62,3 @@ class ProxyFraming:
             return False
         self.pending = True
         return True
-
-
-def strip_answer(data: bytes | memoryview) -> memoryview:
-    """The payload of an answer from a front that puts a PROXY v2 header before its
-    answers (none known; go-mmproxy does not); data itself if it has no header.
-    Raises proxy.ProxyHeaderError for a header that is cut short or malformed."""
-    if proxy.is_header(data):
-        return proxy.split(data)[1]
-    return memoryview(data)

@@ -1,4 +1,4 @@
-"""The few rtnetlink requests the transparent mode needs, on a raw NETLINK_ROUTE socket.
+"""The few rtnetlink requests the transparent mode and io/hostnat.py need, on a raw NETLINK_ROUTE socket.
 
 Policy rules (list, add, delete), routes of one table (list, add, delete) and a
 route lookup (what `ip route get` asks). Linux only, standard library only:
@@ -19,7 +19,7 @@ SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 NLM_F_DUMP = 0x300
 NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 
@@ -32,8 +32,8 @@ RT_TABLE_UNSPEC = 0
 RTM_F_LOOKUP_TABLE = 0x1000  # route get: say which table the route came from
 FR_ACT_TO_TBL = 1
 
-RTA_DST, RTA_SRC, RTA_IIF, RTA_OIF, RTA_PREFSRC, RTA_TABLE = 1, 2, 3, 4, 7, 15
-RTA_IP_PROTO, RTA_SPORT, RTA_DPORT = 27, 28, 29
+RTA_DST, RTA_SRC, RTA_OIF, RTA_PREFSRC, RTA_TABLE = 1, 2, 4, 7, 15
+RTA_IP_PROTO, RTA_SPORT = 27, 28
 FRA_SRC, FRA_IIFNAME, FRA_PRIORITY, FRA_TABLE = 2, 3, 6, 15
 FRA_PROTOCOL, FRA_IP_PROTO, FRA_SPORT_RANGE = 21, 22, 23
 

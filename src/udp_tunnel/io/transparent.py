@@ -547,7 +547,6 @@ class TransparentClients:
         start()                    at start, before any tunnel: privileges, routing (one line on error)
         announce(client)           a client's first announcement -> its service socket
         move(sock, old, new, now)  the client moved -> its new socket (the old one drains)
-        leave(sock)                the client's tunnel closed (after unregistering sock)
         seen(fd, now)              an answer was read from a socket that is not a client's current one
         expired(now)               on the timer -> old sockets to unregister and close
         stop()                     at stop -> retired sockets to unregister and close; routing removed
@@ -615,9 +614,6 @@ class TransparentClients:
             new_sock = self._open(new)
         self.retiring.retire(sock, ((_unmapped(old[0]), old[1]),), now)
         return new_sock
-
-    def leave(self, sock: socket.socket) -> None:
-        sock.close()
 
     def seen(self, fd: int, now: float) -> None:
         self.retiring.seen(fd, now)
