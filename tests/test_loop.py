@@ -108,3 +108,43 @@ def test_steady_traffic_forwarded_by_the_outside_fast_path_does_not_starve_the_t
     assert got == len(sent) > 100  # all forwarded (all but the first, which bound it, on the fast path)
     assert not loop.batched and flow.pkts == got
     assert len(ticks) >= 2  # about one a second while the traffic went on
+
+
+def test_a_failing_kernel_path_is_counted_and_the_timer_and_status_go_on():
+    """bpf(2) failing while the loop reads the kernel path's counters (before the timer and
+    before a status snapshot): counted as an internal error; the core's timer still runs and
+    status still answers."""
+    from udp_tunnel.io.bpf import BpfError
+
+    class Failing:
+        def count(self) -> None:
+            raise BpfError(12, "reading a map")  # ENOMEM
+
+    log = Log(INFO, io.StringIO())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    core = OutsideCore(secret=b"k", keepalive=5, max_clients=10, family=socket.AF_INET,
+                       now=time.monotonic(), log=log)
+    ticks: list[float] = []
+    real = core.on_timer
+    core.on_timer = lambda now: (ticks.append(now), real(now))
+    loop = outside_loop(core, sock, log)
+    loop.kernel = Failing()
+    snaps = []
+
+    def drive() -> None:
+        try:
+            time.sleep(2.5)
+            snaps.append(loop.snapshot)  # a status request, from another thread
+        finally:
+            loop.stopping = True
+            loop.poke()
+
+    th = threading.Thread(target=drive, daemon=True)
+    th.start()
+    assert loop.run() == 0
+    th.join(5)
+    assert len(ticks) >= 2  # once a second
+    assert snaps and snaps[0]["role"] == "outside"
+    # every tick, the first publish and the status request's publish each met the failure once
+    assert loop.errors["internal_BpfError"] == len(ticks) + 2

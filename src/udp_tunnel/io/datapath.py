@@ -76,7 +76,10 @@ class Datapath:
         out.update(flows=len(kp.entries), kept_count=len(kept), kept=dict(kept[:SHOWN]), notes=list(kp.notes))
         if isinstance(kp, KernelPath):
             out["attached"] = sorted(kp.attached)
-            out["program"] = kp.stats()
+            try:
+                out["program"] = kp.stats()
+            except OSError as e:  # bpf(2) failed: the rest of the snapshot stands
+                out["program_error"] = str(e)
         if self.services:
             out["services_kept"] = dict(self.services)
         return out

@@ -87,14 +87,13 @@ class InsideLoop(Loop):
         if self.resolving is not None and self.resolving.done():
             self._resolved(now)
         if self.kernel is not None:
-            self.kernel.count()  # the kernel's traffic, before the core looks at its meters
-            self.datapath.refresh(now, self.log)
+            self.kernel_sync(now)
         super().tick(now)
         self._drained(now)
 
     def publish(self, now: float) -> None:
         if self.kernel is not None:
-            self.kernel.count()
+            self.kernel_sync(now, refresh=False)
             self.datapath.services = {
                 name: f"client_address {t.mode}: the agent handles each datagram (the kernel path relays "
                       "services with client_address \"off\" only)"

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from udp_tunnel.core import counters
+from udp_tunnel.io.datapath import Datapath, InsideKernel, OutsideKernel
 from udp_tunnel.ops import systemd
 from udp_tunnel.ops.log import Log
 
@@ -43,6 +44,9 @@ class ReceiveInterruptedError(Exception):
 
 class Loop:
     """What both agents share: epoll, signals, the timer, status publishing."""
+
+    kernel: OutsideKernel | InsideKernel | None = None  # the kernel path's glue, when a role's loop runs it
+    datapath: Datapath
 
     def __init__(self, core, log: Log) -> None:
         self.core = core
@@ -127,6 +131,18 @@ class Loop:
 
     # --- running ---
 
+    def kernel_sync(self, now: float, refresh: bool = True) -> None:
+        """The kernel path's counts into the core's meters (before the core's timer or a status
+        snapshot looks at them), and with `refresh` now and then a look at new interfaces, routes
+        and NAT rules. A bpf() call that fails here is counted and logged, and the timer or the
+        snapshot goes on all the same."""
+        try:
+            self.kernel.count()
+            if refresh:
+                self.datapath.refresh(now, self.log)
+        except OSError as e:
+            self.internal_error("kernel path", e)
+
     def tick(self, now: float) -> None:
         """Called when the core's timer is due."""
         self.core.on_timer(now)
@@ -189,7 +205,7 @@ class Loop:
         try:
             now = time.monotonic()
             self.after_core(now)  # what the core asked for before the loop ran
-            self.publish(now)
+            self._publish(now)
             systemd.notify("READY=1\nSTATUS=" + self.status_line())
             self._loop_thread = threading.get_ident()
             wait, core = self.wait, self.core
@@ -207,11 +223,10 @@ class Loop:
                         self.tick(now)
                     except Exception as e:  # noqa: BLE001
                         self.internal_error("timer", e)
-                if self.want_publish:
-                    self.publish(now)
+                if self.want_publish or now >= next_status:
+                    self._publish(now)
                 if now >= next_status:
                     next_status = now + STATUS_EVERY
-                    self.publish(now)
                     systemd.notify("STATUS=" + self.status_line())
                 if now >= next_dog:
                     systemd.notify("WATCHDOG=1")
@@ -226,6 +241,14 @@ class Loop:
                 signal.signal(s, h)
             signal.set_wakeup_fd(old_fd)
             self.close()
+
+    def _publish(self, now: float) -> None:
+        try:
+            self.publish(now)
+        except Exception as e:  # noqa: BLE001 - contained: one status answer lost, not the agent
+            self.internal_error("status", e)
+            self.want_publish = False  # the readers get the snapshot before
+            self._fresh.set()
 
     def status_line(self) -> str:
         s = self._snapshot

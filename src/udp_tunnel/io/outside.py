@@ -66,8 +66,7 @@ class OutsideLoop(Loop):
 
     def tick(self, now: float) -> None:
         if self.kernel is not None:
-            self.kernel.count()  # the kernel's traffic, before the core looks at its meters
-            self.datapath.refresh(now, self.log)
+            self.kernel_sync(now)
         super().tick(now)
         if self.state_path and now >= self.next_save:
             self.next_save = now + STATE_SAVE
@@ -75,7 +74,7 @@ class OutsideLoop(Loop):
 
     def publish(self, now: float) -> None:
         if self.kernel is not None:
-            self.kernel.count()
+            self.kernel_sync(now, refresh=False)
         self.info["datapath"] = self.datapath.snapshot()
         super().publish(now)
 

@@ -376,6 +376,8 @@ def _datapath_lines(d: dict | None) -> list[str]:
     done = {k: v for k, v in (d.get("program") or {}).items() if v}
     if done:
         lines.append("    program: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in done.items()))
+    if d.get("program_error"):
+        lines.append(f"    program: its counters cannot be read: {d['program_error']}")
     return lines
 
 
