@@ -12,9 +12,9 @@ The rule per role and mode:
 
 | role    | mode      | CONTROL                          | HANDSHAKE (WireGuard mode only)   |
 |---------|-----------|----------------------------------|-----------------------------------|
-| outside | v2        | 120 bytes starting with b"UDPT"  | 92 and 148 bytes                  |
+| outside | v2        | 144 bytes starting with b"UDPT"  | 92 and 148 bytes                  |
 | outside | legacy    | 40 bytes                         | 92 and 148 bytes                  |
-| inside  | v2        | 120 bytes starting with b"UDPT"  | -                                 |
+| inside  | v2        | 144 bytes starting with b"UDPT"  | -                                 |
 | inside  | legacy    | (none: the C outside never sends control) | -                        |
 """
 
