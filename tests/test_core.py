@@ -43,6 +43,18 @@ def test_first_client_datagram_goes_through_at_once_and_a_new_spare_opens():
     assert proto.unpack_peer(sim.inside.tunnels[tid].peer, 10) == CLIENT_A
 
 
+def test_letting_a_client_go_tells_the_inside_once_and_sets_no_timer_in_the_past():
+    sim = Sim(spares=2)
+    o = sim.outside
+    sim.send(b"hello", CLIENT_A)
+    tid = sim.service_rx[0][0]
+    sim.advance(1)  # the inside confirmed its client: no ANNOUNCE is due any more
+    announces = o.stats["announces"]
+    o.remove_service("default", sim.now)  # GONE, down the tunnel at once
+    assert o.stats["announces"] == announces + 1 and tid not in o.tunnels
+    assert o.next_timer() > sim.now  # nothing left to announce again: the loop is not woken for it
+
+
 def test_replies_reach_only_their_own_client():
     sim = Sim()
     sim.send(b"a1", CLIENT_A)

@@ -825,7 +825,7 @@ class OutsideCore:
 
     def _announce(self, t: Tunnel, now: float, flags: int = 0) -> None:
         """Tell the inside, down tunnel t, which client it now carries (before its first datagram),
-        until the inside says ACTIVE for it."""
+        until the inside says ACTIVE for it; or, with F_GONE, once, that t no longer carries one."""
         reached = self.reached[t.via]
         # active: how many of the client's datagrams went down the tunnel before this ANNOUNCE (0 the
         # first time): the inside lets only that many of what it held before it reach the service
@@ -834,6 +834,8 @@ class OutsideCore:
                     interval=t.offset, service=proto.service_id(t.service))
         self.out.append(Datagram(self._encode(m, t.session.keyname), t.addr))
         self.stats["announces"] += 1
+        if flags & proto.F_GONE:  # once: t is gone here (lost, its next keepalive is refused)
+            return
         t.announce_tries += 1
         t.announce_at = now + ANNOUNCE_AGAIN * 2 ** (t.announce_tries - 1) \
             if t.announce_tries < ANNOUNCE_TRIES else INF
