@@ -26,9 +26,10 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`, and
   client finds the table full (--max-clients), tunnels that carry
   one-shot flows are evicted (never one bound less than MIN_AGE s ago, never
   one whose client or service sent anything after its first burst, never one restored after a
-  restart): through the core's `_remove`, so the tunnel's next keepalive is refused and the
-  inside closes it (of the one-shot tunnels, those whose keepalive is due soonest go first:
-  a spare then comes soonest). For PRESSURE s after, evictions keep the reserve free. With
+  restart): through the core's `_remove`, which tells the inside at once (an ANNOUNCE saying
+  GONE; should it be lost, the tunnel's next keepalive is refused), and the inside closes it
+  (of the one-shot tunnels, those whose keepalive is due soonest go first: the fallback is
+  soonest for them). For PRESSURE s after, evictions keep the reserve free. With
   room in the table but no spare for STARVED s (the inside at a lower limit), one tunnel is
   evicted, and another only once the inside must have learned of the last one (its keepalive
   interval). Never in legacy mode (a legacy inside is not told).
@@ -335,8 +336,9 @@ class Admission:
 
     def _room(self, talking: bool, now: float) -> bool:
         """Whether a client may take a tunnel now, as far as the table goes: below --max-clients,
-        also as the inside counts (it counts an evicted tunnel until its keepalive is refused:
-        a spare taken before would be refused data at its limit), and one that does not (yet)
+        also as the inside counts (it counts an evicted tunnel until it closes it, told by the
+        GONE or by the refusal of its keepalive: a spare taken before would be refused data at
+        its limit), and one that does not (yet)
         keep talking only outside the reserve (in WireGuard mode only under pressure: junk
         takes no tunnel there, and a WireGuard client sends its next initiation 5 s later)."""
         free = self.core.max_clients - len(self.core.clients) - self._untold(now)
@@ -558,13 +560,15 @@ class Admission:
         return any(now - t.last_ka <= 1.2 * t.interval + 1.0 for t in core.tunnels.values())
 
     def _evict(self, t: Any, now: float) -> None:
-        """Through the core's own table change: the tunnel's next keepalive is refused and the
-        inside closes it (within one keepalive interval); then a spare takes its place."""
+        """Through the core's own table change, which tells the inside at once (an ANNOUNCE saying
+        GONE) or, should that be lost, refuses the tunnel's next keepalive (within one keepalive
+        interval): the inside closes it, and a spare takes its place."""
         core = self.core
         m = self.fresh.pop(t)
         client = t.client
         self._remember(client, -INF)  # if it comes back, it keeps talking: no wait
-        # the inside learns at the tunnel's next keepalive: no eviction for want of a spare before
+        # the inside learns by the tunnel's next keepalive at the latest: no eviction for want of a
+        # spare before
         self.starve_at = max(self.starve_at, now + 1.2 * t.interval + 1.0)
         until = now + 2 * t.interval + 5.0  # its next keepalive is refused by then
         for table, key in ((self.ghosts, t.addr), (self.gone, t.tid)):

@@ -299,7 +299,8 @@ class OutsideCore:
         self._limits()
 
     def remove_key(self, name: str, now: float) -> None:
-        """Its tunnels go (the inside agent is refused at its next keepalive)."""
+        """Its tunnels go: those with a client are told so (an ANNOUNCE saying GONE); the spares'
+        keepalives go unanswered from now on (no key here verifies them)."""
         for t in [t for t in self.tunnels.values() if t.session.keyname == name]:
             self._remove(t, f"key {name} is no longer configured", gone=True)
         for sid in [sid for sid, s in self.sessions.items() if s.keyname == name]:
@@ -321,9 +322,9 @@ class OutsideCore:
         return [self.add_endpoint(e, now) for e in endpoints]
 
     def remove_service(self, name: str, now: float) -> list[int]:
-        """The service stops: its clients' tunnels close (the inside is told by the protocol: the
-        next keepalive of each is refused), its held clients are dropped. Its endpoints, whose
-        sockets the I/O layer closes: returned."""
+        """The service stops: its clients' tunnels close (the inside is told at once by an ANNOUNCE
+        saying GONE; should it be lost, the tunnel's next keepalive is refused), its held clients
+        are dropped. Its endpoints, whose sockets the I/O layer closes: returned."""
         for t in [t for t in self.all_clients() if t.service == name]:
             self._remove(t, f"service {name} is no longer served", gone=True)
         gone = []
