@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from udp_tunnel.addr import show
 from udp_tunnel.core.classify import Kind, inside_rule
-from udp_tunnel.core.common import Activity, CoreError, Logger, Meter, leg
+from udp_tunnel.core.common import Activity, CoreError, Logger, Meter, leg, traffic
 from udp_tunnel.core.keepalive import MIN_INTERVAL, Learner
 from udp_tunnel.core.keys import GRACE, KeySet
 from udp_tunnel.core.spares import Demand
@@ -260,8 +260,7 @@ class InsideCore:
 
     def close(self, tid: int, now: float, why: str) -> None:
         t = self._drop(tid)
-        self.retired.update(datagrams_in=t.rx.pkts, bytes_in=t.rx.bytes,
-                            datagrams_out=t.tx.pkts, bytes_out=t.tx.bytes)
+        self.retired.update(traffic(t.rx, t.tx))
         if not self.legacy and t.registrations:  # (also while it registers again: the outside knew it)
             self.counter += 1
             self.actions.append(Send(tid, self._keepalive(t, self.counter, proto.F_CLOSING)))
@@ -694,7 +693,7 @@ class InsideCore:
             })
         totals = self.retired.copy()
         for t in self.tunnels.values():
-            totals.update(datagrams_in=t.rx.pkts, bytes_in=t.rx.bytes, datagrams_out=t.tx.pkts, bytes_out=t.tx.bytes)
+            totals.update(traffic(t.rx, t.tx))
         active, spare = self.counts()
         return {"role": "inside", "protocol": "legacy" if self.legacy else f"v{proto.VERSION}",
                 "uptime": now - self.started, "clients": active, "spares": spare,

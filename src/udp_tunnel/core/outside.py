@@ -56,7 +56,18 @@ from dataclasses import dataclass
 from udp_tunnel.addr import show
 from udp_tunnel.core.admission import Admission, Source, source_key
 from udp_tunnel.core.classify import Classifier, Kind, outside_rule
-from udp_tunnel.core.common import Activity, CoreError, Datagram, Flow, Logger, ReplayWindow, TokenBucket, leg
+from udp_tunnel.core.common import (
+    TRAFFIC,
+    Activity,
+    CoreError,
+    Datagram,
+    Flow,
+    Logger,
+    ReplayWindow,
+    TokenBucket,
+    leg,
+    traffic,
+)
 from udp_tunnel.core.keys import GRACE, KeySet
 from udp_tunnel.core.routes import RouteTable
 from udp_tunnel.core.wireguard import Gate
@@ -78,6 +89,8 @@ NEAR = 1024  # a new tunnel's first keepalive is this close to its session's new
 SESSION_CHALLENGES = 500.0  # per second, per known session: its new tunnels (fresh counters only)
 PROVEN_CHALLENGES = 500.0  # per second: to addresses where a tunnel registered before
 LEGACY_TICK = 0.0015  # s: a legacy spare is handed out no sooner than the next millisecond of its keepalive
+
+
 class State(enum.Enum):
     SPARE = "spare"
     BOUND = "active"
@@ -226,8 +239,7 @@ class OutsideCore:
         self.expiry = keepalive + 10 if legacy else 2 * keepalive + 5
         # a cookie lives one to two slots: longer than a keepalive interval and a lost one
         self.cookie_slot = max(60.0, self.expiry)
-        self.max_clients = sum(self.key_limit.values())
-        self.max_tunnels = self.max_clients + 64 * len(self.key_limit)
+        self._limits()
         self.family, self.log, self.max_skew, self.wall, self.started = family, log, max_skew, wall, now
         self._tables(now)
         # Just started: active tunnels of a running inside agent come back with their
@@ -529,7 +541,7 @@ class OutsideCore:
         self.bound["key:" + t.session.keyname] -= 1
         t.src.leave(t)
         for c in (self.retired, self.retired_by.setdefault(t.service, Counter())):
-            c.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes, datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+            c.update(traffic(t.up, t.down))
 
     def move_client(self, t: Tunnel, addr: tuple, src: Source, now: float) -> None:
         """BOUND t's client now sends from `addr` (a WireGuard client roaming), of source `src`;
@@ -945,10 +957,6 @@ class OutsideCore:
             if not self._has_tunnels(s):
                 del self.sessions[s.sid]
 
-    def _service_totals(self) -> dict:
-        """Per service: its clients, its key, the traffic of its clients (gone ones too)."""
-        return _service_totals_of(self)
-
     def _announce_again(self, now: float) -> None:
         """ANNOUNCEs the inside has not confirmed yet (lost, or their tunnel's NAT mapping moved)."""
         self.announce_due = INF
@@ -1017,8 +1025,7 @@ class OutsideCore:
                 tunnels[-1]["wireguard"] = gate.describe(t.tid)
         totals = self.retired.copy()
         for t in self.all_clients():
-            totals.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
-                          datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+            totals.update(traffic(t.up, t.down))
         gates = [s.wireguard for s in self.services.values() if s.wireguard is not None]
         return {"role": "outside", "protocol": "legacy" if self.legacy else f"v{proto.VERSION}",
                 "uptime": now - self.started, "clients": sum(map(len, self.clients_at)),
@@ -1028,18 +1035,16 @@ class OutsideCore:
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels,
                 **({"wireguard": merge_summaries([g.summary() for g in gates])} if gates else {})}
 
-
-def _service_totals_of(core: OutsideCore) -> dict:
-    out = {}
-    for name, svc in core.services.items():
-        tot = Counter(core.retired_by.get(name, Counter()))
-        for t in core.all_clients():
-            if t.service == name:
-                tot.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes, datagrams_out=t.down.pkts,
-                           bytes_out=t.down.bytes)
-        out[name] = {"clients": core.bound[name], "key": svc.key, **{k: tot[k] for k in (
-            "datagrams_in", "bytes_in", "datagrams_out", "bytes_out")}}
-    return out
+    def _service_totals(self) -> dict:
+        """Per service: its clients, its key, the traffic of its clients (gone ones too)."""
+        out = {}
+        for name, svc in self.services.items():
+            tot = Counter(self.retired_by.get(name, Counter()))
+            for t in self.all_clients():
+                if t.service == name:
+                    tot.update(traffic(t.up, t.down))
+            out[name] = {"clients": self.bound[name], "key": svc.key, **{k: tot[k] for k in TRAFFIC}}
+        return out
 
 
 def merge_summaries(parts: list[dict]) -> dict:
