@@ -621,9 +621,9 @@ class Admission:
             self.unhold(p)
         return p
 
-    def check(self, core: Any) -> list[str]:
+    def check(self) -> list[str]:
         """What of the invariants about held clients and sources does not hold."""
-        bad = []
+        core, bad = self.core, []
         if set(self.pending) & (set(core.clients) | set(core.by_addr)):
             bad.append("a held client is known")
         if self.pending_bytes != sum(p.size for p in self.pending.values()):
@@ -645,10 +645,10 @@ class Admission:
         live = {id(s) for s in self.sources.values()}
         if not set(held) <= live or not set(bound_by) <= live:
             bad.append("a held client or a tunnel counts under a source record that is not kept")
-        return bad + self._check_one_shots(core)
+        return bad + self._check_one_shots()
 
-    def _check_one_shots(self, core: Any) -> list[str]:
-        bad = []
+    def _check_one_shots(self) -> list[str]:
+        core, bad = self.core, []
         if any(self.talkers.get(a) is not p for a, p in self.pending.items() if p.talking) \
                 or any(self.pending.get(a) is not p or not p.talking for a, p in self.talkers.items()):
             bad.append("the held clients that keep talking")

@@ -42,10 +42,10 @@ TICK = 1.0
 STALL = 2.0  # an active tunnel sending without hearing anything back for this long: keepalive now
 RETRY = 0.25  # first wait for an answer to a registration; doubles up to the keepalive interval
 LEGACY_RESOLVE = 300.0  # legacy mode has no replies: look the name up again this often
+HELLO_SESSIONS = 64  # outside sessions whose HELLO is remembered
 # Data on a spare before the outside announced its client (reordered, or the ANNOUNCE lost) waits
 # for the ANNOUNCE (the outside sends it again) within these bounds; data never announced is
 # not the outside's (spoofed) and never reaches the service.
-HELLO_SESSIONS = 64  # outside sessions whose HELLO is remembered
 HELD_DATAGRAMS = 16
 HELD_BYTES = 64 * 1024
 ANNOUNCE_WAIT = 3.0

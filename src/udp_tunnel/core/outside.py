@@ -1004,7 +1004,7 @@ class OutsideCore:
         for s in self.sessions.values():
             need(s.active == active[s.sid], f"session {s.sid:x}: active count {s.active} != {active[s.sid]}")
         for a in self.admissions:
-            for what in a.check(a.core) if a is not None else ():
+            for what in a.check() if a is not None else ():
                 need(False, what)
 
     def snapshot(self, now: float) -> dict:
