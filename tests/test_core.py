@@ -467,6 +467,21 @@ def test_keys_rotated_either_end_first_serve_every_new_client(first):
     assert sim.service_rx[-1][1] == b"late"
 
 
+def test_a_client_of_an_inside_left_on_the_forgotten_key_can_still_be_let_go():
+    """The outside reloaded, the inside not: its tunnel's keepalives are made with the old key
+    until the grace ends. Letting its client go right after used to raise IndexError (the
+    tunnel still named the forgotten key by its old index) in the middle of the removal."""
+    sim = Sim(keepalive=25, timeout=10_000, key=b"old")
+    sim.send(b"a0", CLIENT_A)
+    ta = sim.service_rx[-1][0]
+    sim.outside.reload_keys(b"new", sim.now)
+    sim.advance(GRACE + 1)  # the old key is forgotten at the outside; the tunnel has not expired yet
+    assert ta in sim.outside.tunnels and len(sim.outside.keys) == 1
+    sim.outside.remove_service("default", sim.now)
+    assert ta not in sim.outside.tunnels
+    sim.outside.check_invariants()
+
+
 def test_the_restart_hold_survives_a_datagram_that_arrives_before_the_first_keepalive():
     sim = Sim(keepalive=25)
     sim.send(b"a1", CLIENT_A)

@@ -421,10 +421,16 @@ class OutsideCore:
         kept = keys.reload(secret, now)
         self.log.info("SIGHUP: key file read again" + (f" ({name})" if len(self.keyring) > 1 else "")
                       + (f"; the old key is accepted for {GRACE:g} s more" if kept else ""))
+        self._renumber_keys(name, before)
+
+    def _renumber_keys(self, name: str, before: list[bytes]) -> None:
+        """Key `name` accepts other keys than `before` now: its tunnels name the key their last
+        keepalive was made with by its new index (0, the current key, when it is no longer accepted)."""
+        accepted = self.keyring[name].accepted
         for t in self.tunnels.values():
-            if t.session.keyname == name and 0 <= t.key < len(before):
+            if t.session.keyname == name:
                 old = before[t.key]
-                t.key = keys.accepted.index(old) if old in keys.accepted else 0
+                t.key = accepted.index(old) if old in accepted else 0
 
     # --- new clients ---
 
@@ -843,7 +849,7 @@ class OutsideCore:
         # active: how many of the client's datagrams went down the tunnel before this ANNOUNCE (0 the
         # first time): the inside lets only that many of what it held before it reach the service
         m = Control(proto.ANNOUNCE, flags, self.session, t.tid, self.sent + 1, peer=proto.pack_peer(t.client),
-                    active=t.up.pkts, key=max(t.key, 0), seen=proto.pack_peer(reached) if reached else proto.NO_PEER,
+                    active=t.up.pkts, key=t.key, seen=proto.pack_peer(reached) if reached else proto.NO_PEER,
                     interval=t.offset, service=proto.service_id(t.service))
         self.out.append(Datagram(self._encode(m, t.session.keyname), t.addr))
         self.stats["announces"] += 1
@@ -942,7 +948,9 @@ class OutsideCore:
         if now >= self.hello_at:
             self._send_hellos(now)
         for name, keys in self.keyring.items():
+            before = list(keys.accepted)
             if keys.expire(now):
+                self._renumber_keys(name, before)
                 self.log.info("the old key is no longer accepted" + (f" ({name})" if len(self.keyring) > 1 else ""))
         if now < self.next_tick:
             return
