@@ -104,7 +104,7 @@ SPARE, ACTIVE = State.SPARE, State.ACTIVE
 
 
 class Tunnel:
-    __slots__ = ("tid", "state", "created", "activated", "registered", "last_reply",
+    __slots__ = ("tid", "state", "created", "registered", "last_reply",
                  "cookie", "peer", "sent", "sent_at", "acked", "rtt", "registrations",
                  "registered_at", "next_ka", "retry", "answers", "known_by", "key",
                  "seen", "prev_sent_at", "probe_idle", "probe_seen", "probe_counter",
@@ -115,7 +115,6 @@ class Tunnel:
         self.tid = tid
         self.state = SPARE
         self.created = now
-        self.activated: float | None = None
         self.registered = False
         self.last_reply = now
         self.registered_at: float | None = None
@@ -237,7 +236,6 @@ class InsideCore:
         t.state = ACTIVE
         t.service, t.offset = service, offset
         self.active += 1
-        t.activated = now
         t.rx_act.last = now
         self.demand.arrived(now)
         client = proto.unpack_peer(t.peer, socket.AF_INET6)

@@ -232,7 +232,6 @@ class OutsideCore:
         self.keys = next(iter(self.keyring.values()))  # the first key (legacy: the only one)
         self.services = {s.name: s for s in services or [Service("default", next(iter(keys)), max_clients,
                                                                    max_per_source, wireguard)]}
-        self.random_bytes = random_bytes
         self.cookie_secret = random_bytes(32)  # new each start: old cookies die with the process
         self.session = int.from_bytes(random_bytes(8), "big")
         self.keepalive = keepalive
