@@ -159,8 +159,7 @@ class Endpoint:
 class Tunnel:
     __slots__ = ("tid", "session", "addr", "state", "client", "via", "src", "created", "last_ka", "key",
                  "interval", "probe", "ready_at", "service", "offset", "confirmed", "announce_at",
-                 "announce_tries",
-                 "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
+                 "announce_tries", "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
 
     def __init__(self, tid: int, session: Session, addr: tuple, now: float) -> None:
         self.tid = tid
@@ -246,14 +245,15 @@ class OutsideCore:
         # so that an old client can't be given a fresh spare instead of its own tunnel.
         self.recover_until = now if legacy else now + self.expiry
         self.recovering = not legacy
-        # WireGuard mode (--wireguard-key, per service): admission of new clients and roaming, all
-        # in wireguard.py; None when off. Hooks: receive(), admission, bind(), _remove(), snapshot().
-        self.wg = wireguard if len(self.services) == 1 else None
         self.endpoints: list[Endpoint] = []
         for e in endpoints or [Endpoint()]:
             self.add_endpoint(e, now)
+        # WireGuard mode (--wireguard-key) is per service: its Service's gate (wireguard.py), which
+        # gate(t) and the admissions reach. Below, the command line's one service on one port, as
+        # the tests see it (the I/O layer reads `rule`: endpoint 0's).
+        self.wg = wireguard if len(self.services) == 1 else None
         self.rule = self.rules[0]
-        self.clients = self.clients_at[0]  # (the command line's one port)
+        self.clients = self.clients_at[0]
         self.admission = next((a for a in self.admissions if a is not None), None)
 
     def _tables(self, now: float) -> None:
