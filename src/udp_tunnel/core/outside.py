@@ -257,7 +257,7 @@ class OutsideCore:
         self.admission = next((a for a in self.admissions if a is not None), None)
 
     def _tables(self, now: float) -> None:
-        self.routes = RouteTable(0)
+        self.routes = RouteTable()
         self.rules: list[Classifier] = []  # per endpoint: which datagrams of known flows are the core's
         self.clients_at: list[dict[tuple, Tunnel]] = []  # per endpoint: client address -> its tunnel
         self.admissions: list[Admission | None] = []  # per endpoint with a service
