@@ -2,8 +2,9 @@
 
 Data carries no header, so a datagram is told apart from data by its length
 alone, and, where the protocol has one, by a prefix compared only when the
-length matches (PROTOCOL.md requirement 8). The I/O paths forward everything
-else themselves; datagrams from unknown sources are always the core's.
+length matches (docs/protocol.md, "Why this meets each requirement", 8). The
+I/O paths forward everything else themselves; datagrams from unknown sources
+are always the core's.
 
     rule = outside_rule(legacy=False, wireguard=False)
     if n in rule.lengths and rule.kind(view[:n]) is not Kind.DATA: hand it to the core
