@@ -378,9 +378,7 @@ class OutsideCore:
                 return
         f = self.routes.gets[via](addr)
         if f is not None:
-            self.out.append(Datagram(data, f.dst, f.via))
-            f.pkts += 1
-            f.bytes += len(data)
+            self._send_on(f, data)
             if kind is Kind.HANDSHAKE:  # WireGuard hook: a handshake going back to a client names its session
                 t = self.by_addr.get(addr)
                 gate = self.gate(t)
@@ -471,7 +469,10 @@ class OutsideCore:
     def forward(self, addr: tuple, data: bytes, via: int = 0) -> None:
         """A datagram of bound client `addr` (on endpoint via) that the loop did not forward
         (held, or its first)."""
-        f = self.routes.gets[via](addr)
+        self._send_on(self.routes.gets[via](addr), data)
+
+    def _send_on(self, f: Flow, data: bytes) -> None:
+        """Send data where flow f goes, counted into its meter as the loop counts what it forwards."""
         self.out.append(Datagram(data, f.dst, f.via))
         f.pkts += 1
         f.bytes += len(data)
