@@ -11,7 +11,8 @@ What the I/O loop may use (nothing else):
   a service socket yet;
 - `take()`: the actions below, to carry out in order; `has_output()`;
 - `next_timer()` / `on_timer(now)`; `reload_keys(secret, now)` (SIGHUP);
-- `socket_failed(tid)`, `on_resolved(changed, now)`, `shutdown(now)`, `snapshot(now)`.
+- `start(now)`, `socket_failed(tid)`, `on_resolved(changed, now)`, `shutdown(now)`, `snapshot(now)`;
+- `serve(services, now)` (a new configuration).
 
 Tables and their invariants (`check_invariants()` asserts every one):
 - every tunnel is SPARE or ACTIVE; `active` counts the ACTIVE ones;

@@ -37,7 +37,7 @@ Tables and their invariants (`check_invariants()` asserts every one):
 - No address is both a tunnel's and a client's on the tunnel port.
 - Clients per service and per key, tunnels per key, are counted right and
   within their limits.
-- Each endpoint's `admission.pending` holds new clients waiting for a spare,
+- Each endpoint's admission (`admissions[via]`) holds in `pending` new clients waiting for a spare,
   none of them a client or a tunnel; their datagrams and bytes stay within the
   HOLD_* bounds (admission.py lists its own invariants).
 - Every tunnel's session is in `sessions`; a session counts its ORPHAN and
