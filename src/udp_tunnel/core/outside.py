@@ -39,7 +39,7 @@ Tables and their invariants (`check_invariants()` asserts every one):
   within their limits.
 - Each endpoint's admission (`admissions[via]`) holds in `pending` new clients waiting for a spare,
   none of them a client or a tunnel; their datagrams and bytes stay within the
-  HOLD_* bounds (admission.py lists its own invariants).
+  HOLD_* bounds (Admission.check() checks its own invariants).
 - Every tunnel's session is in `sessions`; a session counts its ORPHAN and
   BOUND tunnels in `active`.
 """
