@@ -127,8 +127,8 @@ class Source:
             s.unanswered.append(t)
             s.bound += 1
 
-    def join(self, t: Any) -> None:
-        """Tunnel t's client (answered before) now sends from here: a WireGuard client roaming."""
+    def join(self) -> None:
+        """A tunnel's client (answered before) now sends from here: a WireGuard client roaming."""
         for s in self.chain():
             s.bound += 1
 

@@ -560,7 +560,7 @@ class OutsideCore:
         self.routes.move_client(t.addr, old, addr, t.via, 0)
         t.src.leave(t)
         t.src = src
-        src.join(t)
+        src.join()
         t.confirmed, t.announce_tries = False, 0
         self._announce(t, now, proto.F_MOVED)
 
@@ -604,7 +604,7 @@ class OutsideCore:
         if session is not None and session.keyname != keyname:
             self.stats["drop_session"] += 1  # a session is one inside agent's, under its key
             return
-        if not self._fresh(m, session, t, now):
+        if not self._fresh(m, session, t):
             return
         slot = int(now // self.cookie_slot)
         cur = self._cookie(slot, m, addr)
@@ -698,7 +698,7 @@ class OutsideCore:
                          f"{'authentication failed (wrong key?)' if why == 'auth' else 'malformed'}")
         return "", None
 
-    def _fresh(self, m: Control, session: Session | None, t: Tunnel | None, now: float) -> bool:
+    def _fresh(self, m: Control, session: Session | None, t: Tunnel | None) -> bool:
         """Each keepalive counts once, also after its tunnel is gone; checked before any
         answer, so replays of captured keepalives cost one MAC and get nothing back. A new
         tunnel's first keepalive is among its session's newest, and a tunnel the inside
