@@ -83,6 +83,7 @@ class Send(NamedTuple):
 
 
 class ToService(NamedTuple):
+    """Send data out of tunnel tid's service socket."""
     tid: int
     data: bytes
 
