@@ -258,8 +258,7 @@ class Admission:
         if s is not None:
             self.sources.move_to_end(key)
             return s
-        limit = self.max_per_source if factor == 1 else min(factor * self.max_per_source, self.core.max_clients)
-        s = Source(key, factor, now, self.burst, limit, self.fresh)
+        s = Source(key, factor, now, self.burst, self._limit(factor), self.fresh)
         for _ in range(8):  # forget the least recently used source that holds nothing
             if len(self.sources) < SOURCES:
                 break
@@ -268,6 +267,16 @@ class Admission:
                 self.sources[old_key] = old  # to the back: still in use
         self.sources[key] = s
         return s
+
+    def _limit(self, factor: int) -> int:
+        """The tunnels a source level of `factor` may hold."""
+        return self.max_per_source if factor == 1 else min(factor * self.max_per_source, self.core.max_clients)
+
+    def configure(self, max_per_source: int, wg: Any) -> None:
+        """A new configuration of the service: its limits hold for the sources known already too."""
+        self.max_per_source, self.wg = max_per_source, wg
+        for s in self.sources.values():
+            s.limit = self._limit(s.factor)
 
     def wake(self, at: float) -> None:
         """Look at the held clients again at `at` (a spare is ready then)."""

@@ -360,8 +360,7 @@ class OutsideCore:
         for a in self.admissions:
             if a is not None and a.core.service.name == svc.name:
                 a.core.service = svc
-                a.max_per_source = svc.max_per_source or max(16, svc.max_clients // 4)
-                a.wg = svc.wireguard
+                a.configure(svc.max_per_source or max(16, svc.max_clients // 4), svc.wireguard)
 
     # --- datagrams in ---
 
