@@ -17,6 +17,7 @@ from sim import Sim, v6
 from test_random import CLIENTS, KEEPALIVE, SETTINGS, STEP, Run
 from test_wireguard import handshake, transport, wg_sim
 from udp_tunnel.core import admission
+from udp_tunnel.core.outside import Service
 
 CLIENT = v6("198.51.100.10", 5000)
 
@@ -48,6 +49,21 @@ def test_a_prefix_of_many_sources_holds_a_bounded_share_and_a_real_client_still_
     assert all(sum(1 for c in sim.outside.clients if c[0] == h) <= 25 for h in hosts)
     sim.send(b"real", CLIENT)
     assert sim.service_rx[-1] == (sim.outside.clients[CLIENT].tid, b"real")
+
+
+def test_a_per_source_limit_lowered_by_a_reload_holds_for_a_source_already_known():
+    """--max-clients 100: a source holds 25, until a reload says 2. A source that already had a
+    record (its client holds a tunnel) kept the old limit while its record lived."""
+    sim = Sim(max_clients=100)
+    o = sim.outside
+    host = "2001:db8:7::1"
+    sim.send(b"first", (host, 20000, 0, 0))
+    svc = o.services["default"]
+    o.update_service(Service(svc.name, svc.key, svc.max_clients, 2, svc.wireguard))
+    for port in range(1, 6):
+        sim.send(b"more", (host, 20000 + port, 0, 0))
+    assert sum(1 for c in o.clients if c[0] == host) == 2
+    o.check_invariants()
 
 
 def test_source_levels_name_each_prefix_of_an_address_with_its_factor():

@@ -43,6 +43,18 @@ def test_first_client_datagram_goes_through_at_once_and_a_new_spare_opens():
     assert proto.unpack_peer(sim.inside.tunnels[tid].peer, 10) == CLIENT_A
 
 
+def test_letting_a_client_go_tells_the_inside_once_and_sets_no_timer_in_the_past():
+    sim = Sim(spares=2)
+    o = sim.outside
+    sim.send(b"hello", CLIENT_A)
+    tid = sim.service_rx[0][0]
+    sim.advance(1)  # the inside confirmed its client: no ANNOUNCE is due any more
+    announces = o.stats["announces"]
+    o.remove_service("default", sim.now)  # GONE, down the tunnel at once
+    assert o.stats["announces"] == announces + 1 and tid not in o.tunnels
+    assert o.next_timer() > sim.now  # nothing left to announce again: the loop is not woken for it
+
+
 def test_replies_reach_only_their_own_client():
     sim = Sim()
     sim.send(b"a1", CLIENT_A)
@@ -453,6 +465,21 @@ def test_keys_rotated_either_end_first_serve_every_new_client(first):
     sim.advance(GRACE)  # the old key is forgotten at both ends
     sim.send(b"late", v6("198.51.100.91", 7000))
     assert sim.service_rx[-1][1] == b"late"
+
+
+def test_a_client_of_an_inside_left_on_the_forgotten_key_can_still_be_let_go():
+    """The outside reloaded, the inside not: its tunnel's keepalives are made with the old key
+    until the grace ends. Letting its client go right after used to raise IndexError (the
+    tunnel still named the forgotten key by its old index) in the middle of the removal."""
+    sim = Sim(keepalive=25, timeout=10_000, key=b"old")
+    sim.send(b"a0", CLIENT_A)
+    ta = sim.service_rx[-1][0]
+    sim.outside.reload_keys(b"new", sim.now)
+    sim.advance(GRACE + 1)  # the old key is forgotten at the outside; the tunnel has not expired yet
+    assert ta in sim.outside.tunnels and len(sim.outside.keys) == 1
+    sim.outside.remove_service("default", sim.now)
+    assert ta not in sim.outside.tunnels
+    sim.outside.check_invariants()
 
 
 def test_the_restart_hold_survives_a_datagram_that_arrives_before_the_first_keepalive():

@@ -63,10 +63,6 @@ def test_an_ipv4_mapped_client_seen_by_a_dual_stack_socket_is_sent_as_ipv4():
         proxy.encode(("198.51.100.7", 40000), ("203.0.113.10", 9999))
 
 
-def test_the_local_command_is_the_signature_then_20_00_and_no_address_block():
-    assert proxy.encode_local() == SIG + bytes([0x20, 0x00, 0x00, 0x00])
-
-
 def test_the_destination_is_the_outside_address_the_client_reached_else_the_service():
     service = ("127.0.0.1", 51820)
     assert proxy.destination(("198.51.100.10", 9999), service) == ("198.51.100.10", 9999)

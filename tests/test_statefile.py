@@ -19,13 +19,13 @@ def doc(*tunnels) -> bytes:
 def test_what_dump_writes_parses_back_to_the_same_entries():
     entries = [(0x5F3A09C2B1D4E877, ("192.0.2.7", 40001)), (0, ("::ffff:198.51.100.3", 1)),
                (2**64 - 1, ("2001:db8::1", 65535)), (7, ("fe80::1%eth0", 9))]
-    assert statefile.parse(statefile.dump(entries)) == entries
+    assert statefile.parse_all(statefile.dump(entries))[0] == entries
 
 
 def test_a_missing_file_is_no_entries_and_an_empty_list_is_none_either(tmp_path):
-    assert statefile.load(str(tmp_path / "none")) == []
+    assert statefile.load_all(str(tmp_path / "none")) == ([], {})
     (tmp_path / "s").write_bytes(doc())
-    assert statefile.load(str(tmp_path / "s")) == []
+    assert statefile.load_all(str(tmp_path / "s")) == ([], {})
 
 
 @pytest.mark.parametrize("data, problem", [
@@ -71,7 +71,7 @@ def test_a_bad_state_file_is_refused_as_a_whole_with_one_line_saying_what_is_wro
     path = tmp_path / "outside.state"
     path.write_bytes(data)
     with pytest.raises(ValueError) as e:
-        statefile.load(str(path))
+        statefile.load_all(str(path))
     message = str(e.value)
     assert message.startswith(f"the state file {path}") and problem in message and "\n" not in message
 
@@ -80,18 +80,18 @@ def test_a_file_with_more_entries_or_bytes_than_an_agent_writes_is_refused(tmp_p
     monkeypatch.setattr(statefile, "MAX_ENTRIES", 3)
     four = doc(*[[f"{i:016x}", "192.0.2.7", 9] for i in range(4)])
     with pytest.raises(ValueError, match=r"lists 4 tunnels, more than an agent holds \(3\)$"):
-        statefile.parse(four)
-    assert len(statefile.parse(doc(*[[f"{i:016x}", "192.0.2.7", 9] for i in range(3)]))) == 3
+        statefile.parse_all(four)
+    assert len(statefile.parse_all(doc(*[[f"{i:016x}", "192.0.2.7", 9] for i in range(3)]))[0]) == 3
     monkeypatch.setattr(statefile, "MAX_BYTES", 100)
     path = tmp_path / "big"
     path.write_bytes(doc([TID, "192.0.2.7", 9]) + b" " * 100)
     with pytest.raises(ValueError, match=r"is too big \(101 bytes, at most 100\)$"):
-        statefile.load(str(path))  # reads at most one byte more than allowed
+        statefile.load_all(str(path))  # reads at most one byte more than allowed
 
 
 def test_an_unreadable_state_file_is_a_value_error_of_one_line(tmp_path):
     with pytest.raises(ValueError, match="cannot read the state file .*: Is a directory$"):
-        statefile.load(str(tmp_path))
+        statefile.load_all(str(tmp_path))
 
 
 @pytest.mark.parametrize("entry, problem", [

@@ -26,9 +26,10 @@ named methods: `ready_spare`, `bind`, `forward`, `recovered`, `move_client`, and
   client finds the table full (--max-clients), tunnels that carry
   one-shot flows are evicted (never one bound less than MIN_AGE s ago, never
   one whose client or service sent anything after its first burst, never one restored after a
-  restart): through the core's `_remove`, so the tunnel's next keepalive is refused and the
-  inside closes it (of the one-shot tunnels, those whose keepalive is due soonest go first:
-  a spare then comes soonest). For PRESSURE s after, evictions keep the reserve free. With
+  restart): through the core's `_remove`, which tells the inside at once (an ANNOUNCE saying
+  GONE; should it be lost, the tunnel's next keepalive is refused), and the inside closes it
+  (of the one-shot tunnels, those whose keepalive is due soonest go first: the fallback is
+  soonest for them). For PRESSURE s after, evictions keep the reserve free. With
   room in the table but no spare for STARVED s (the inside at a lower limit), one tunnel is
   evicted, and another only once the inside must have learned of the last one (its keepalive
   interval). Never in legacy mode (a legacy inside is not told).
@@ -126,8 +127,8 @@ class Source:
             s.unanswered.append(t)
             s.bound += 1
 
-    def join(self, t: Any) -> None:
-        """Tunnel t's client (answered before) now sends from here: a WireGuard client roaming."""
+    def join(self) -> None:
+        """A tunnel's client (answered before) now sends from here: a WireGuard client roaming."""
         for s in self.chain():
             s.bound += 1
 
@@ -257,8 +258,7 @@ class Admission:
         if s is not None:
             self.sources.move_to_end(key)
             return s
-        limit = self.max_per_source if factor == 1 else min(factor * self.max_per_source, self.core.max_clients)
-        s = Source(key, factor, now, self.burst, limit, self.fresh)
+        s = Source(key, factor, now, self.burst, self._limit(factor), self.fresh)
         for _ in range(8):  # forget the least recently used source that holds nothing
             if len(self.sources) < SOURCES:
                 break
@@ -267,6 +267,16 @@ class Admission:
                 self.sources[old_key] = old  # to the back: still in use
         self.sources[key] = s
         return s
+
+    def _limit(self, factor: int) -> int:
+        """The tunnels a source level of `factor` may hold."""
+        return self.max_per_source if factor == 1 else min(factor * self.max_per_source, self.core.max_clients)
+
+    def configure(self, max_per_source: int, wg: Any) -> None:
+        """A new configuration of the service: its limits hold for the sources known already too."""
+        self.max_per_source, self.wg = max_per_source, wg
+        for s in self.sources.values():
+            s.limit = self._limit(s.factor)
 
     def wake(self, at: float) -> None:
         """Look at the held clients again at `at` (a spare is ready then)."""
@@ -335,8 +345,9 @@ class Admission:
 
     def _room(self, talking: bool, now: float) -> bool:
         """Whether a client may take a tunnel now, as far as the table goes: below --max-clients,
-        also as the inside counts (it counts an evicted tunnel until its keepalive is refused:
-        a spare taken before would be refused data at its limit), and one that does not (yet)
+        also as the inside counts (it counts an evicted tunnel until it closes it, told by the
+        GONE or by the refusal of its keepalive: a spare taken before would be refused data at
+        its limit), and one that does not (yet)
         keep talking only outside the reserve (in WireGuard mode only under pressure: junk
         takes no tunnel there, and a WireGuard client sends its next initiation 5 s later)."""
         free = self.core.max_clients - len(self.core.clients) - self._untold(now)
@@ -558,13 +569,15 @@ class Admission:
         return any(now - t.last_ka <= 1.2 * t.interval + 1.0 for t in core.tunnels.values())
 
     def _evict(self, t: Any, now: float) -> None:
-        """Through the core's own table change: the tunnel's next keepalive is refused and the
-        inside closes it (within one keepalive interval); then a spare takes its place."""
+        """Through the core's own table change, which tells the inside at once (an ANNOUNCE saying
+        GONE) or, should that be lost, refuses the tunnel's next keepalive (within one keepalive
+        interval): the inside closes it, and a spare takes its place."""
         core = self.core
         m = self.fresh.pop(t)
         client = t.client
         self._remember(client, -INF)  # if it comes back, it keeps talking: no wait
-        # the inside learns at the tunnel's next keepalive: no eviction for want of a spare before
+        # the inside learns by the tunnel's next keepalive at the latest: no eviction for want of a
+        # spare before
         self.starve_at = max(self.starve_at, now + 1.2 * t.interval + 1.0)
         until = now + 2 * t.interval + 5.0  # its next keepalive is refused by then
         for table, key in ((self.ghosts, t.addr), (self.gone, t.tid)):
@@ -617,9 +630,9 @@ class Admission:
             self.unhold(p)
         return p
 
-    def check(self, core: Any) -> list[str]:
+    def check(self) -> list[str]:
         """What of the invariants about held clients and sources does not hold."""
-        bad = []
+        core, bad = self.core, []
         if set(self.pending) & (set(core.clients) | set(core.by_addr)):
             bad.append("a held client is known")
         if self.pending_bytes != sum(p.size for p in self.pending.values()):
@@ -641,10 +654,10 @@ class Admission:
         live = {id(s) for s in self.sources.values()}
         if not set(held) <= live or not set(bound_by) <= live:
             bad.append("a held client or a tunnel counts under a source record that is not kept")
-        return bad + self._check_one_shots(core)
+        return bad + self._check_one_shots()
 
-    def _check_one_shots(self, core: Any) -> list[str]:
-        bad = []
+    def _check_one_shots(self) -> list[str]:
+        core, bad = self.core, []
         if any(self.talkers.get(a) is not p for a, p in self.pending.items() if p.talking) \
                 or any(self.pending.get(a) is not p or not p.talking for a, p in self.talkers.items()):
             bad.append("the held clients that keep talking")

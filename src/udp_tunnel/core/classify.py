@@ -2,8 +2,9 @@
 
 Data carries no header, so a datagram is told apart from data by its length
 alone, and, where the protocol has one, by a prefix compared only when the
-length matches (PROTOCOL.md requirement 8). The I/O paths forward everything
-else themselves; datagrams from unknown sources are always the core's.
+length matches (docs/protocol.md, "Why this meets each requirement", 8). The
+I/O paths forward everything else themselves; datagrams from unknown sources
+are always the core's.
 
     rule = outside_rule(legacy=False, wireguard=False)
     if n in rule.lengths and rule.kind(view[:n]) is not Kind.DATA: hand it to the core
@@ -12,9 +13,9 @@ The rule per role and mode:
 
 | role    | mode      | CONTROL                          | HANDSHAKE (WireGuard mode only)   |
 |---------|-----------|----------------------------------|-----------------------------------|
-| outside | v2        | 120 bytes starting with b"UDPT"  | 92 and 148 bytes                  |
+| outside | v2        | 144 bytes starting with b"UDPT"  | 92 and 148 bytes                  |
 | outside | legacy    | 40 bytes                         | 92 and 148 bytes                  |
-| inside  | v2        | 120 bytes starting with b"UDPT"  | -                                 |
+| inside  | v2        | 144 bytes starting with b"UDPT"  | -                                 |
 | inside  | legacy    | (none: the C outside never sends control) | -                        |
 """
 

@@ -114,6 +114,15 @@ class ReplayWindow:
         return True
 
 
+TRAFFIC = ("datagrams_in", "bytes_in", "datagrams_out", "bytes_out")  # the keys of `totals` in snapshots
+
+
+def traffic(inward: Meter, outward: Meter) -> dict[str, int]:
+    """A tunnel's traffic under the TRAFFIC keys: `inward` towards the service, `outward` back."""
+    return {"datagrams_in": inward.pkts, "bytes_in": inward.bytes,
+            "datagrams_out": outward.pkts, "bytes_out": outward.bytes}
+
+
 def leg(m: Meter | None, act: Activity | None, now: float) -> dict:
     """One direction of a tunnel's traffic, as snapshots show it."""
     if m is None:

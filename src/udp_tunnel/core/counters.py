@@ -19,13 +19,13 @@ DROPS: dict[str, tuple[str, str]] = {
     "replay": (BOTH, "a control message seen before (replayed)"),
     "closed_tunnel": (OUTSIDE, "a keepalive of a tunnel the inside closed (replayed)"),
     "session": (OUTSIDE, "a keepalive naming a tunnel of another inside session"),
-    "rate": (OUTSIDE, "a challenge over its source's or the global budget"),
+    "rate": (OUTSIDE, "a challenge over its budget (per session, for tunnels' addresses, per source, in all)"),
     "sessions": (OUTSIDE, "a new inside session while the table of sessions is full"),
     "limit": (BOTH, "a new client or tunnel over --max-clients"),
     "stale_tunnel": (OUTSIDE, "an active tunnel this agent does not know (not after a restart)"),
     "stale_client": (OUTSIDE, "an active tunnel whose client is a tunnel's address"),
     "spoofed_activation": (OUTSIDE, "a spare the inside took into use without a client from here"),
-    "unbound_tunnel": (OUTSIDE, "data from a spare tunnel's address"),
+    "unbound_tunnel": (OUTSIDE, "data from the address of a tunnel without a client (spare, orphan, just evicted)"),
     "no_service": (OUTSIDE, "data from a stranger to the tunnel port, where no service listens"),
     "hold_full": (OUTSIDE, "a new client's datagram over the hold bounds"),
     "hold_expired": (OUTSIDE, "a new client's datagram held longer than the hold time"),
@@ -55,7 +55,7 @@ EVENTS: dict[str, tuple[str, str]] = {
     "stall_keepalives": (INSIDE, "keepalives sent early because a client seemed silent"),
     "socket_errors": (INSIDE, "tunnels dropped because no socket could be opened"),
     "client_moves": (INSIDE, "clients announced again at a new address (WireGuard roaming)"),
-    "announces": (OUTSIDE, "clients announced down their tunnel (and announced again)"),
+    "announces": (OUTSIDE, "ANNOUNCEs sent down tunnels: a client, again, moved, or let go"),
 }
 
 # Where the I/O layer meets network errors: error_<site>_<ERRNO>.

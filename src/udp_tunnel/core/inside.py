@@ -11,7 +11,8 @@ What the I/O loop may use (nothing else):
   a service socket yet;
 - `take()`: the actions below, to carry out in order; `has_output()`;
 - `next_timer()` / `on_timer(now)`; `reload_keys(secret, now)` (SIGHUP);
-- `socket_failed(tid)`, `on_resolved(changed, now)`, `shutdown(now)`, `snapshot(now)`.
+- `start(now)`, `socket_failed(tid)`, `on_resolved(changed, now)`, `shutdown(now)`, `snapshot(now)`;
+- `serve(services, now)` (a new configuration).
 
 Tables and their invariants (`check_invariants()` asserts every one):
 - every tunnel is SPARE or ACTIVE; `active` counts the ACTIVE ones;
@@ -31,7 +32,7 @@ from typing import NamedTuple
 
 from udp_tunnel.addr import show
 from udp_tunnel.core.classify import Kind, inside_rule
-from udp_tunnel.core.common import Activity, CoreError, Logger, Meter, leg
+from udp_tunnel.core.common import Activity, CoreError, Logger, Meter, leg, traffic
 from udp_tunnel.core.keepalive import MIN_INTERVAL, Learner
 from udp_tunnel.core.keys import GRACE, KeySet
 from udp_tunnel.core.spares import Demand
@@ -42,10 +43,10 @@ TICK = 1.0
 STALL = 2.0  # an active tunnel sending without hearing anything back for this long: keepalive now
 RETRY = 0.25  # first wait for an answer to a registration; doubles up to the keepalive interval
 LEGACY_RESOLVE = 300.0  # legacy mode has no replies: look the name up again this often
+HELLO_SESSIONS = 64  # outside sessions whose HELLO is remembered
 # Data on a spare before the outside announced its client (reordered, or the ANNOUNCE lost) waits
 # for the ANNOUNCE (the outside sends it again) within these bounds; data never announced is
 # not the outside's (spoofed) and never reaches the service.
-HELLO_SESSIONS = 64  # outside sessions whose HELLO is remembered
 HELD_DATAGRAMS = 16
 HELD_BYTES = 64 * 1024
 ANNOUNCE_WAIT = 3.0
@@ -82,6 +83,7 @@ class Send(NamedTuple):
 
 
 class ToService(NamedTuple):
+    """Send data out of tunnel tid's service socket."""
     tid: int
     data: bytes
 
@@ -104,7 +106,7 @@ SPARE, ACTIVE = State.SPARE, State.ACTIVE
 
 
 class Tunnel:
-    __slots__ = ("tid", "state", "created", "activated", "registered", "last_reply",
+    __slots__ = ("tid", "state", "created", "registered", "last_reply",
                  "cookie", "peer", "sent", "sent_at", "acked", "rtt", "registrations",
                  "registered_at", "next_ka", "retry", "answers", "known_by", "key",
                  "seen", "prev_sent_at", "probe_idle", "probe_seen", "probe_counter",
@@ -115,7 +117,6 @@ class Tunnel:
         self.tid = tid
         self.state = SPARE
         self.created = now
-        self.activated: float | None = None
         self.registered = False
         self.last_reply = now
         self.registered_at: float | None = None
@@ -237,7 +238,6 @@ class InsideCore:
         t.state = ACTIVE
         t.service, t.offset = service, offset
         self.active += 1
-        t.activated = now
         t.rx_act.last = now
         self.demand.arrived(now)
         client = proto.unpack_peer(t.peer, socket.AF_INET6)
@@ -260,8 +260,7 @@ class InsideCore:
 
     def close(self, tid: int, now: float, why: str) -> None:
         t = self._drop(tid)
-        self.retired.update(datagrams_in=t.rx.pkts, bytes_in=t.rx.bytes,
-                            datagrams_out=t.tx.pkts, bytes_out=t.tx.bytes)
+        self.retired.update(traffic(t.rx, t.tx))
         if not self.legacy and t.registrations:  # (also while it registers again: the outside knew it)
             self.counter += 1
             self.actions.append(Send(tid, self._keepalive(t, self.counter, proto.F_CLOSING)))
@@ -694,7 +693,7 @@ class InsideCore:
             })
         totals = self.retired.copy()
         for t in self.tunnels.values():
-            totals.update(datagrams_in=t.rx.pkts, bytes_in=t.rx.bytes, datagrams_out=t.tx.pkts, bytes_out=t.tx.bytes)
+            totals.update(traffic(t.rx, t.tx))
         active, spare = self.counts()
         return {"role": "inside", "protocol": "legacy" if self.legacy else f"v{proto.VERSION}",
                 "uptime": now - self.started, "clients": active, "spares": spare,

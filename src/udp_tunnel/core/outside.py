@@ -37,9 +37,9 @@ Tables and their invariants (`check_invariants()` asserts every one):
 - No address is both a tunnel's and a client's on the tunnel port.
 - Clients per service and per key, tunnels per key, are counted right and
   within their limits.
-- Each endpoint's `admission.pending` holds new clients waiting for a spare,
+- Each endpoint's admission (`admissions[via]`) holds in `pending` new clients waiting for a spare,
   none of them a client or a tunnel; their datagrams and bytes stay within the
-  HOLD_* bounds (admission.py lists its own invariants).
+  HOLD_* bounds (Admission.check() checks its own invariants).
 - Every tunnel's session is in `sessions`; a session counts its ORPHAN and
   BOUND tunnels in `active`.
 """
@@ -56,7 +56,18 @@ from dataclasses import dataclass
 from udp_tunnel.addr import show
 from udp_tunnel.core.admission import Admission, Source, source_key
 from udp_tunnel.core.classify import Classifier, Kind, outside_rule
-from udp_tunnel.core.common import Activity, CoreError, Datagram, Flow, Logger, ReplayWindow, TokenBucket, leg
+from udp_tunnel.core.common import (
+    TRAFFIC,
+    Activity,
+    CoreError,
+    Datagram,
+    Flow,
+    Logger,
+    ReplayWindow,
+    TokenBucket,
+    leg,
+    traffic,
+)
 from udp_tunnel.core.keys import GRACE, KeySet
 from udp_tunnel.core.routes import RouteTable
 from udp_tunnel.core.wireguard import Gate
@@ -78,6 +89,8 @@ NEAR = 1024  # a new tunnel's first keepalive is this close to its session's new
 SESSION_CHALLENGES = 500.0  # per second, per known session: its new tunnels (fresh counters only)
 PROVEN_CHALLENGES = 500.0  # per second: to addresses where a tunnel registered before
 LEGACY_TICK = 0.0015  # s: a legacy spare is handed out no sooner than the next millisecond of its keepalive
+
+
 class State(enum.Enum):
     SPARE = "spare"
     BOUND = "active"
@@ -146,8 +159,7 @@ class Endpoint:
 class Tunnel:
     __slots__ = ("tid", "session", "addr", "state", "client", "via", "src", "created", "last_ka", "key",
                  "interval", "probe", "ready_at", "service", "offset", "confirmed", "announce_at",
-                 "announce_tries",
-                 "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
+                 "announce_tries", "counter", "registered_at", "rebinds", "up", "down", "up_act", "down_act")
 
     def __init__(self, tid: int, session: Session, addr: tuple, now: float) -> None:
         self.tid = tid
@@ -219,15 +231,13 @@ class OutsideCore:
         self.keys = next(iter(self.keyring.values()))  # the first key (legacy: the only one)
         self.services = {s.name: s for s in services or [Service("default", next(iter(keys)), max_clients,
                                                                    max_per_source, wireguard)]}
-        self.random_bytes = random_bytes
         self.cookie_secret = random_bytes(32)  # new each start: old cookies die with the process
         self.session = int.from_bytes(random_bytes(8), "big")
         self.keepalive = keepalive
         self.expiry = keepalive + 10 if legacy else 2 * keepalive + 5
         # a cookie lives one to two slots: longer than a keepalive interval and a lost one
         self.cookie_slot = max(60.0, self.expiry)
-        self.max_clients = sum(self.key_limit.values())
-        self.max_tunnels = self.max_clients + 64 * len(self.key_limit)
+        self._limits()
         self.family, self.log, self.max_skew, self.wall, self.started = family, log, max_skew, wall, now
         self._tables(now)
         # Just started: active tunnels of a running inside agent come back with their
@@ -235,18 +245,19 @@ class OutsideCore:
         # so that an old client can't be given a fresh spare instead of its own tunnel.
         self.recover_until = now if legacy else now + self.expiry
         self.recovering = not legacy
-        # WireGuard mode (--wireguard-key, per service): admission of new clients and roaming, all
-        # in wireguard.py; None when off. Hooks: receive(), admission, bind(), _remove(), snapshot().
-        self.wg = wireguard if len(self.services) == 1 else None
         self.endpoints: list[Endpoint] = []
         for e in endpoints or [Endpoint()]:
             self.add_endpoint(e, now)
+        # WireGuard mode (--wireguard-key) is per service: its Service's gate (wireguard.py), which
+        # gate(t) and the admissions reach. Below, the command line's one service on one port, as
+        # the tests see it (the I/O layer reads `rule`: endpoint 0's).
+        self.wg = wireguard if len(self.services) == 1 else None
         self.rule = self.rules[0]
-        self.clients = self.clients_at[0]  # (the command line's one port)
+        self.clients = self.clients_at[0]
         self.admission = next((a for a in self.admissions if a is not None), None)
 
     def _tables(self, now: float) -> None:
-        self.routes = RouteTable(0)
+        self.routes = RouteTable()
         self.rules: list[Classifier] = []  # per endpoint: which datagrams of known flows are the core's
         self.clients_at: list[dict[tuple, Tunnel]] = []  # per endpoint: client address -> its tunnel
         self.admissions: list[Admission | None] = []  # per endpoint with a service
@@ -299,7 +310,8 @@ class OutsideCore:
         self._limits()
 
     def remove_key(self, name: str, now: float) -> None:
-        """Its tunnels go (the inside agent is refused at its next keepalive)."""
+        """Its tunnels go: those with a client are told so (an ANNOUNCE saying GONE); the spares'
+        keepalives go unanswered from now on (no key here verifies them)."""
         for t in [t for t in self.tunnels.values() if t.session.keyname == name]:
             self._remove(t, f"key {name} is no longer configured", gone=True)
         for sid in [sid for sid, s in self.sessions.items() if s.keyname == name]:
@@ -321,9 +333,9 @@ class OutsideCore:
         return [self.add_endpoint(e, now) for e in endpoints]
 
     def remove_service(self, name: str, now: float) -> list[int]:
-        """The service stops: its clients' tunnels close (the inside is told by the protocol: the
-        next keepalive of each is refused), its held clients are dropped. Its endpoints, whose
-        sockets the I/O layer closes: returned."""
+        """The service stops: its clients' tunnels close (the inside is told at once by an ANNOUNCE
+        saying GONE; should it be lost, the tunnel's next keepalive is refused), its held clients
+        are dropped. Its endpoints, whose sockets the I/O layer closes: returned."""
         for t in [t for t in self.all_clients() if t.service == name]:
             self._remove(t, f"service {name} is no longer served", gone=True)
         gone = []
@@ -348,8 +360,7 @@ class OutsideCore:
         for a in self.admissions:
             if a is not None and a.core.service.name == svc.name:
                 a.core.service = svc
-                a.max_per_source = svc.max_per_source or max(16, svc.max_clients // 4)
-                a.wg = svc.wireguard
+                a.configure(svc.max_per_source or max(16, svc.max_clients // 4), svc.wireguard)
 
     # --- datagrams in ---
 
@@ -366,9 +377,7 @@ class OutsideCore:
                 return
         f = self.routes.gets[via](addr)
         if f is not None:
-            self.out.append(Datagram(data, f.dst, f.via))
-            f.pkts += 1
-            f.bytes += len(data)
+            self._send_on(f, data)
             if kind is Kind.HANDSHAKE:  # WireGuard hook: a handshake going back to a client names its session
                 t = self.by_addr.get(addr)
                 gate = self.gate(t)
@@ -408,10 +417,16 @@ class OutsideCore:
         kept = keys.reload(secret, now)
         self.log.info("SIGHUP: key file read again" + (f" ({name})" if len(self.keyring) > 1 else "")
                       + (f"; the old key is accepted for {GRACE:g} s more" if kept else ""))
+        self._renumber_keys(name, before)
+
+    def _renumber_keys(self, name: str, before: list[bytes]) -> None:
+        """Key `name` accepts other keys than `before` now: its tunnels name the key their last
+        keepalive was made with by its new index (0, the current key, when it is no longer accepted)."""
+        accepted = self.keyring[name].accepted
         for t in self.tunnels.values():
-            if t.session.keyname == name and 0 <= t.key < len(before):
+            if t.session.keyname == name:
                 old = before[t.key]
-                t.key = keys.accepted.index(old) if old in keys.accepted else 0
+                t.key = accepted.index(old) if old in accepted else 0
 
     # --- new clients ---
 
@@ -453,7 +468,10 @@ class OutsideCore:
     def forward(self, addr: tuple, data: bytes, via: int = 0) -> None:
         """A datagram of bound client `addr` (on endpoint via) that the loop did not forward
         (held, or its first)."""
-        f = self.routes.gets[via](addr)
+        self._send_on(self.routes.gets[via](addr), data)
+
+    def _send_on(self, f: Flow, data: bytes) -> None:
+        """Send data where flow f goes, counted into its meter as the loop counts what it forwards."""
         self.out.append(Datagram(data, f.dst, f.via))
         f.pkts += 1
         f.bytes += len(data)
@@ -528,7 +546,7 @@ class OutsideCore:
         self.bound["key:" + t.session.keyname] -= 1
         t.src.leave(t)
         for c in (self.retired, self.retired_by.setdefault(t.service, Counter())):
-            c.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes, datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+            c.update(traffic(t.up, t.down))
 
     def move_client(self, t: Tunnel, addr: tuple, src: Source, now: float) -> None:
         """BOUND t's client now sends from `addr` (a WireGuard client roaming), of source `src`;
@@ -541,7 +559,7 @@ class OutsideCore:
         self.routes.move_client(t.addr, old, addr, t.via, 0)
         t.src.leave(t)
         t.src = src
-        src.join(t)
+        src.join()
         t.confirmed, t.announce_tries = False, 0
         self._announce(t, now, proto.F_MOVED)
 
@@ -585,7 +603,7 @@ class OutsideCore:
         if session is not None and session.keyname != keyname:
             self.stats["drop_session"] += 1  # a session is one inside agent's, under its key
             return
-        if not self._fresh(m, session, t, now):
+        if not self._fresh(m, session, t):
             return
         slot = int(now // self.cookie_slot)
         cur = self._cookie(slot, m, addr)
@@ -679,7 +697,7 @@ class OutsideCore:
                          f"{'authentication failed (wrong key?)' if why == 'auth' else 'malformed'}")
         return "", None
 
-    def _fresh(self, m: Control, session: Session | None, t: Tunnel | None, now: float) -> bool:
+    def _fresh(self, m: Control, session: Session | None, t: Tunnel | None) -> bool:
         """Each keepalive counts once, also after its tunnel is gone; checked before any
         answer, so replays of captured keepalives cost one MAC and get nothing back. A new
         tunnel's first keepalive is among its session's newest, and a tunnel the inside
@@ -825,15 +843,17 @@ class OutsideCore:
 
     def _announce(self, t: Tunnel, now: float, flags: int = 0) -> None:
         """Tell the inside, down tunnel t, which client it now carries (before its first datagram),
-        until the inside says ACTIVE for it."""
+        until the inside says ACTIVE for it; or, with F_GONE, once, that t no longer carries one."""
         reached = self.reached[t.via]
         # active: how many of the client's datagrams went down the tunnel before this ANNOUNCE (0 the
         # first time): the inside lets only that many of what it held before it reach the service
         m = Control(proto.ANNOUNCE, flags, self.session, t.tid, self.sent + 1, peer=proto.pack_peer(t.client),
-                    active=t.up.pkts, key=max(t.key, 0), seen=proto.pack_peer(reached) if reached else proto.NO_PEER,
+                    active=t.up.pkts, key=t.key, seen=proto.pack_peer(reached) if reached else proto.NO_PEER,
                     interval=t.offset, service=proto.service_id(t.service))
         self.out.append(Datagram(self._encode(m, t.session.keyname), t.addr))
         self.stats["announces"] += 1
+        if flags & proto.F_GONE:  # once: t is gone here (lost, its next keepalive is refused)
+            return
         t.announce_tries += 1
         t.announce_at = now + ANNOUNCE_AGAIN * 2 ** (t.announce_tries - 1) \
             if t.announce_tries < ANNOUNCE_TRIES else INF
@@ -927,7 +947,9 @@ class OutsideCore:
         if now >= self.hello_at:
             self._send_hellos(now)
         for name, keys in self.keyring.items():
+            before = list(keys.accepted)
             if keys.expire(now):
+                self._renumber_keys(name, before)
                 self.log.info("the old key is no longer accepted" + (f" ({name})" if len(self.keyring) > 1 else ""))
         if now < self.next_tick:
             return
@@ -941,10 +963,6 @@ class OutsideCore:
         for s in [s for s in self.sessions.values() if s.active == 0 and now - s.last > 2 * self.cookie_slot]:
             if not self._has_tunnels(s):
                 del self.sessions[s.sid]
-
-    def _service_totals(self) -> dict:
-        """Per service: its clients, its key, the traffic of its clients (gone ones too)."""
-        return _service_totals_of(self)
 
     def _announce_again(self, now: float) -> None:
         """ANNOUNCEs the inside has not confirmed yet (lost, or their tunnel's NAT mapping moved)."""
@@ -993,7 +1011,7 @@ class OutsideCore:
         for s in self.sessions.values():
             need(s.active == active[s.sid], f"session {s.sid:x}: active count {s.active} != {active[s.sid]}")
         for a in self.admissions:
-            for what in a.check(a.core) if a is not None else ():
+            for what in a.check() if a is not None else ():
                 need(False, what)
 
     def snapshot(self, now: float) -> dict:
@@ -1014,8 +1032,7 @@ class OutsideCore:
                 tunnels[-1]["wireguard"] = gate.describe(t.tid)
         totals = self.retired.copy()
         for t in self.all_clients():
-            totals.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes,
-                          datagrams_out=t.down.pkts, bytes_out=t.down.bytes)
+            totals.update(traffic(t.up, t.down))
         gates = [s.wireguard for s in self.services.values() if s.wireguard is not None]
         return {"role": "outside", "protocol": "legacy" if self.legacy else f"v{proto.VERSION}",
                 "uptime": now - self.started, "clients": sum(map(len, self.clients_at)),
@@ -1025,18 +1042,16 @@ class OutsideCore:
                 "stats": dict(self.stats), "totals": dict(totals), "tunnels": tunnels,
                 **({"wireguard": merge_summaries([g.summary() for g in gates])} if gates else {})}
 
-
-def _service_totals_of(core: OutsideCore) -> dict:
-    out = {}
-    for name, svc in core.services.items():
-        tot = Counter(core.retired_by.get(name, Counter()))
-        for t in core.all_clients():
-            if t.service == name:
-                tot.update(datagrams_in=t.up.pkts, bytes_in=t.up.bytes, datagrams_out=t.down.pkts,
-                           bytes_out=t.down.bytes)
-        out[name] = {"clients": core.bound[name], "key": svc.key, **{k: tot[k] for k in (
-            "datagrams_in", "bytes_in", "datagrams_out", "bytes_out")}}
-    return out
+    def _service_totals(self) -> dict:
+        """Per service: its clients, its key, the traffic of its clients (gone ones too)."""
+        out = {}
+        for name, svc in self.services.items():
+            tot = Counter(self.retired_by.get(name, Counter()))
+            for t in self.all_clients():
+                if t.service == name:
+                    tot.update(traffic(t.up, t.down))
+            out[name] = {"clients": self.bound[name], "key": svc.key, **{k: tot[k] for k in TRAFFIC}}
+        return out
 
 
 def merge_summaries(parts: list[dict]) -> dict:

@@ -26,20 +26,18 @@ class RouteListener(Protocol):
 class RouteTable:
     __slots__ = ("_flows", "gets", "get", "version", "listener")
 
-    def __init__(self, endpoints: int = 1) -> None:
-        self._flows: list[dict[tuple, Flow]] = [{} for _ in range(endpoints)]
-        self.gets = [f.get for f in self._flows]  # the fast paths' one lookup, per endpoint
-        self.get = self.gets[0] if self.gets else {}.get  # endpoint 0's
+    def __init__(self) -> None:
+        self._flows: list[dict[tuple, Flow]] = []  # per endpoint, each added by add_endpoint()
+        self.gets: list = []  # the fast paths' one lookup, per endpoint
+        self.get = {}.get  # endpoint 0's, once there is one
         self.version = 0
         self.listener: RouteListener | None = None
 
     def __len__(self) -> int:
         return sum(len(f) for f in self._flows)
 
-    def items(self, via: int | None = None):
-        """(address, flow) of one endpoint, or (via, address, flow) of all."""
-        if via is not None:
-            return self._flows[via].items()
+    def items(self) -> list[tuple[int, tuple, Flow]]:
+        """(via, address, flow) of every endpoint."""
         return [(v, a, f) for v, flows in enumerate(self._flows) for a, f in flows.items()]
 
     def add_endpoint(self) -> int:

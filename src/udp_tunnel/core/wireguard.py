@@ -101,7 +101,8 @@ class Session:
 
 
 class Gate:
-    """Admission of new clients and the table of sessions seen, for one outside agent."""
+    """Admission of new clients and the table of sessions seen, for one service of the outside
+    agent (its --wireguard-key)."""
 
     def __init__(self, keys: list[bytes], quiet: float = ROAM_QUIET) -> None:
         self.keys = [mac1_key(k) for k in keys]
@@ -117,8 +118,9 @@ class Gate:
         """None if data is a handshake initiation with a valid MAC1; else the reason to refuse it
         ('not_handshake', 'bad_mac1', 'replay' for a copy of one admitted lately, 'unknown_session'
         for transport data of no session we know)."""
-        if len(data) != INITIATION_LEN or data[0] != INITIATION or data[1:4] != ZERO3:
-            return "unknown_session" if kind(data) == TRANSPORT else "not_handshake"
+        t = kind(data)
+        if t != INITIATION:
+            return "unknown_session" if t == TRANSPORT else "not_handshake"
         covered, tag = data[:MAC1_AT], data[MAC1_AT:MAC1_AT + 16]
         for k in self.keys:
             if hmac.compare_digest(mac1(k, covered), tag):
@@ -127,26 +129,25 @@ class Gate:
             return "bad_mac1"
         if tag in self.seen:
             return "replay"
-        self.seen.add(tag)
-        self.seen_order.append(tag)
-        if len(self.seen_order) > SEEN_INITIATIONS:
-            self.seen.discard(self.seen_order.popleft())
+        self._see(tag)
         return None
 
     def remember(self, tags: list[bytes]) -> None:
         """Initiations a previous run admitted (the state file): their copies stay refused."""
         for tag in tags[-SEEN_INITIATIONS:]:
             if tag not in self.seen:
-                self.seen.add(tag)
-                self.seen_order.append(tag)
-        while len(self.seen_order) > SEEN_INITIATIONS:
+                self._see(tag)
+
+    def _see(self, tag: bytes) -> None:
+        """Refuse copies of the initiation of MAC1 `tag` from now on (the oldest is forgotten)."""
+        self.seen.add(tag)
+        self.seen_order.append(tag)
+        if len(self.seen_order) > SEEN_INITIATIONS:
             self.seen.discard(self.seen_order.popleft())
 
     def roaming(self, data: bytes) -> int | None:
         """The tunnel whose session a transport datagram belongs to (by its receiver index), if any."""
-        if len(data) < TRANSPORT_MIN or data[0] != TRANSPORT or data[1:4] != ZERO3:
-            return None
-        return self.index.get(data[4:8])
+        return self.index.get(data[4:8]) if kind(data) == TRANSPORT else None
 
     def may_move(self, tid: int, sent: int, idle_since: float | None, now: float) -> bool:
         """Whether tunnel tid's client may move to the address a roaming datagram came from.
@@ -177,8 +178,7 @@ class Gate:
 
     def observe_down(self, data: bytes, tid: int) -> None:
         """A datagram the server sent back down tunnel tid (the loop passes only DOWN_LENS sizes)."""
-        if data[1:4] != ZERO3 or not ((data[0] == RESPONSE and len(data) == RESPONSE_LEN)
-                                      or (data[0] == INITIATION and len(data) == INITIATION_LEN)):
+        if kind(data) not in (RESPONSE, INITIATION):
             return
         s = self.sessions.get(tid)
         if s is None:  # bound before this mode knew it (restored after an outside restart)

@@ -65,10 +65,11 @@ class Control:
     active: int = 0  # keepalive: active tunnels the inside has; reply: clients waiting for a spare;
     # announce: the client's datagrams the outside forwarded down the tunnel before it
     key: int = 0  # which of the codec's keys made (encode) or verified (decode) the tag
-    seen: bytes = NO_PEER  # reply: where the outside sees the tunnel; announce: where the client sent to
-    interval: int = 0  # keepalive: seconds until its next keepalive; announce: the port's offset in the service
+    seen: bytes = NO_PEER  # reply: where the outside sees the tunnel; announce: where the client sent to;
+    # an active tunnel's keepalive: zeros, its port field the client's port offset
+    interval: int = 0  # keepalive: seconds until its next keepalive; announce, reply BOUND: the port's offset
     nonce: int = 0  # the sender's message number: never the same twice in one session under one key
-    service: bytes = NO_SERVICE  # announce, reply BOUND: service_id() of the client's service
+    service: bytes = NO_SERVICE  # announce, reply BOUND, active keepalive: service_id() of the client's service
 
 
 # The key is stretched with scrypt (memory-hard: 32 MiB and about 0.1 s per guess), so a

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 SIGNATURE = b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"
 VERSION = 0x20  # high nibble of byte 12
 LOCAL, PROXY = 0x0, 0x1  # low nibble of byte 12
-FAM_UNSPEC, FAM_INET, FAM_INET6 = 0x00, 0x10, 0x20  # high nibble of byte 13 (AF_UNIX 0x30 is not for us)
+FAM_UNSPEC, FAM_INET, FAM_INET6, FAM_UNIX = 0x00, 0x10, 0x20, 0x30  # high nibble of byte 13 (AF_UNIX: never ours)
 TRANS_UNSPEC, TRANS_STREAM, TRANS_DGRAM = 0x0, 0x1, 0x2  # low nibble of byte 13
 UDP4, UDP6 = FAM_INET | TRANS_DGRAM, FAM_INET6 | TRANS_DGRAM  # 0x12, 0x22
 
@@ -46,9 +46,7 @@ _FIXED = struct.Struct("!12sBBH")
 _INET = struct.Struct("!4s4sHH")
 _INET6 = struct.Struct("!16s16sHH")
 FIXED_LEN = _FIXED.size  # 16
-LEN_V4 = FIXED_LEN + _INET.size  # 28
-LEN_V6 = FIXED_LEN + _INET6.size  # 52
-_ADDR_LEN = {FAM_INET: _INET.size, FAM_INET6: _INET6.size, 0x30: 216}
+_ADDR_LEN = {FAM_INET: _INET.size, FAM_INET6: _INET6.size, FAM_UNIX: 216}
 _MAPPED = bytes(10) + b"\xff\xff"
 
 
@@ -89,12 +87,6 @@ def encode(source: tuple, destination: tuple) -> bytes:
     return _FIXED.pack(SIGNATURE, VERSION | PROXY, UDP6, _INET6.size) + _INET6.pack(src, dst, sport, dport)
 
 
-def encode_local() -> bytes:
-    """The LOCAL command: the agent speaks for itself (a health check); the receiver
-    uses the real endpoints. Family and transport UNSPEC, no address block."""
-    return _FIXED.pack(SIGNATURE, VERSION | LOCAL, FAM_UNSPEC | TRANS_UNSPEC, 0)
-
-
 def destination(reached: tuple | None, service: tuple) -> tuple:
     """The destination to write: the outside agent's address the client sent to, when
     known and not a wildcard, else the service's own address."""
@@ -106,7 +98,7 @@ def destination(reached: tuple | None, service: tuple) -> tuple:
 @dataclass(frozen=True, slots=True)
 class Header:
     command: int  # LOCAL or PROXY
-    family: int  # FAM_UNSPEC, FAM_INET, FAM_INET6 (or 0x30, AF_UNIX, whose addresses are not decoded)
+    family: int  # FAM_UNSPEC, FAM_INET, FAM_INET6 (or FAM_UNIX, whose addresses are not decoded)
     transport: int  # TRANS_UNSPEC, TRANS_STREAM, TRANS_DGRAM
     source: tuple[str, int] | None  # None for LOCAL, UNSPEC and AF_UNIX
     destination: tuple[str, int] | None
@@ -135,7 +127,7 @@ def decode(data: bytes | memoryview) -> Header:
     command, family, transport = ver_cmd & 0xF, fam & 0xF0, fam & 0xF
     if command not in (LOCAL, PROXY):
         raise ProxyHeaderError(f"unassigned command {command:#x}")
-    if family not in (FAM_UNSPEC, FAM_INET, FAM_INET6, 0x30) or transport > TRANS_DGRAM:
+    if family not in (FAM_UNSPEC, FAM_INET, FAM_INET6, FAM_UNIX) or transport > TRANS_DGRAM:
         raise ProxyHeaderError(f"unassigned family/transport byte {fam:#04x}")
     total = FIXED_LEN + length
     if len(data) < total:

@@ -58,14 +58,10 @@ def _address(host: object, port: object) -> tuple[str, int]:
     return host, port
 
 
-def parse(data: bytes, path: str = "state file") -> list[tuple[int, tuple]]:
-    """(tunnel id, address) pairs from the file's bytes; ValueError (one line) when the file is not
-    exactly one this version wrote."""
-    return parse_all(data, path)[0]
-
-
 def parse_all(data: bytes, path: str = "state file") -> tuple[list[tuple[int, tuple]], dict[str, list[bytes]]]:
-    """The tunnels and the initiations admitted per WireGuard service (MAC1s, oldest first)."""
+    """From the file's bytes: the (tunnel id, address) pairs, and the initiations admitted per
+    WireGuard service (MAC1s, oldest first); ValueError (one line) when the file is not exactly
+    one this version wrote."""
     where = f"the state file {path}"
     if len(data) > MAX_BYTES:
         raise ValueError(f"{where} is too big ({len(data)} bytes, at most {MAX_BYTES})")
@@ -114,21 +110,9 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number")
 
 
-def load(path: str) -> list[tuple[int, tuple]]:
-    """(tunnel id, address) pairs; [] when there is no file. Raises ValueError (one line) when the
-    file cannot be read or is not exactly one this version wrote."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise ValueError(f"cannot read the state file {path}: {e.strerror or e}") from None
-    return parse(data, path)
-
-
 def load_all(path: str) -> tuple[list[tuple[int, tuple]], dict[str, list[bytes]]]:
-    """As load, with the initiations admitted per WireGuard service."""
+    """What parse_all reads from the file at `path`; nothing when there is no file. Raises
+    ValueError (one line) when the file cannot be read or is not exactly one this version wrote."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_BYTES + 1)
