@@ -79,15 +79,22 @@ def talk(port: int, cid: bytes, n: int, timeout: float = 10.0) -> list[bytes]:
         s.connect((HOST, port))
         s.settimeout(0.3)
         deadline = time.monotonic() + timeout
+        sent: list[bytes] = []
         for k in range(n):
             msg = cid + b" %04d " % k + bytes((k * 7 + i) % 251 for i in range(40))
-            while time.monotonic() < deadline:
+            answer = None
+            while answer is None and time.monotonic() < deadline:
                 s.send(msg)
                 try:
-                    got.append(s.recv(65536))
-                    break
+                    while answer is None:
+                        reply = s.recv(65536)
+                        if reply not in sent:  # else a late echo of an earlier datagram we sent again
+                            answer = reply
                 except (TimeoutError, ConnectionRefusedError):
                     continue
+            sent.append(msg)
+            if answer is not None:
+                got.append(answer)
     return got
 
 
