@@ -384,3 +384,28 @@ def test_a_bad_wireguard_key_is_one_clear_line_and_exit_2(args, needle):
                        text=True, timeout=30)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["user", "kernel-map"])
+def test_a_service_made_wireguard_by_a_reload_sees_its_clients_roam(kernel):
+    """A reload gives the running service a WireGuard key: the tunnel port's rule now claims the
+    server's handshake answers (their session indices are how a roaming client is found), in the
+    core and in the kernel path's map (the simulator checks that the map equals the table and
+    that the program claims what the core's rule claims)."""
+    from udp_tunnel.core.outside import Service
+    sim = Sim(kernel=kernel)
+    assert 92 not in sim.outside.rule.lengths
+    version = sim.outside.routes.version
+    sim.outside.update_service(Service(wireguard=Gate([SERVER_PUB])))
+    assert 92 in sim.outside.rule.lengths and 148 in sim.outside.rule.lengths
+    assert sim.outside.routes.version > version
+    idx = b"\xaa\xbb\xcc\xdd"
+    tid = handshake(sim, server_index=idx)
+    sim.send(transport(idx, 0), CLIENT)
+    sim.advance(3)
+    data = transport(idx, 1)
+    sim.send(data, CLIENT_NEW)
+    assert sim.service_rx[-1] == (tid, data)
+    assert sim.outside.clients[CLIENT_NEW].tid == tid and sim.outside.stats["wg_roams"] == 1
+    sim.outside.update_service(Service())  # and back: the handshake answers are data again
+    assert 92 not in sim.outside.rule.lengths

@@ -43,6 +43,12 @@ class Classifier:
         self._by_len = by_len
         self.lengths = frozenset(by_len)
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Classifier) and self._by_len == other._by_len
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._by_len.items()))
+
     def kind(self, data: bytes | memoryview) -> Kind:
         rule = self._by_len.get(len(data))
         if rule is None:

@@ -291,8 +291,7 @@ class OutsideCore:
         """A local port more (the I/O layer opened its socket): its index, `via`."""
         via = self.routes.add_endpoint()
         self.endpoints.append(e)
-        wg_any = any(s.wireguard is not None for s in self.services.values())
-        self.rules.append(outside_rule(self.legacy, wg_any) if e.tunnels else Classifier({}))
+        self.rules.append(self._rule_of(e))
         self.clients_at.append({})
         self.reached.append(None)
         svc = self.services.get(e.service) if e.service is not None else None
@@ -300,6 +299,21 @@ class OutsideCore:
             Door(self, via, svc), now, float(self.max_tunnels), svc.max_per_source or max(16, svc.max_clients // 4),
             svc.wireguard))
         return via
+
+    def _rule_of(self, e: Endpoint) -> Classifier:
+        """What the core must see of known flows on endpoint e: on the tunnel port, the control
+        messages, and the WireGuard handshake answers when a service admits WireGuard clients
+        (their sessions, for roaming: wireguard.py); nothing of a service's own port."""
+        wg_any = any(s.wireguard is not None for s in self.services.values())
+        return outside_rule(self.legacy, wg_any) if e.tunnels else Classifier({})
+
+    def _update_rules(self) -> None:
+        """After services changed: the tunnel port's rule, should a WireGuard service have come or gone."""
+        rules = [self._rule_of(e) for e in self.endpoints]
+        if rules != self.rules:
+            self.rules[:] = rules
+            self.rule = self.rules[0]
+            self.routes.rules_changed()
 
     # --- a new configuration (SIGHUP) ---
 
@@ -330,7 +344,9 @@ class OutsideCore:
     def add_service(self, svc: Service, endpoints: list[Endpoint], now: float) -> list[int]:
         """A service more, on these new endpoints (the I/O layer opened their sockets, in order)."""
         self.services[svc.name] = svc
-        return [self.add_endpoint(e, now) for e in endpoints]
+        vias = [self.add_endpoint(e, now) for e in endpoints]
+        self._update_rules()
+        return vias
 
     def remove_service(self, name: str, now: float) -> list[int]:
         """The service stops: its clients' tunnels close (the inside is told at once by an ANNOUNCE
@@ -349,6 +365,7 @@ class OutsideCore:
                         a.unhold(p)
                 self.admissions[via] = None
         del self.services[name]
+        self._update_rules()
         return [via for via in gone if not self.endpoints[via].tunnels]
 
     def update_service(self, svc: Service) -> None:
@@ -361,6 +378,7 @@ class OutsideCore:
             if a is not None and a.core.service.name == svc.name:
                 a.core.service = svc
                 a.configure(svc.max_per_source or max(16, svc.max_clients // 4), svc.wireguard)
+        self._update_rules()
 
     # --- datagrams in ---
 

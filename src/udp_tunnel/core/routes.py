@@ -8,7 +8,8 @@ endpoint (`Flow.via`). With one port for everything (`-l PORT`) both are endpoin
 The core changes the table only through the methods below, and each moves `version`;
 the I/O layer reads it (`get` for endpoint 0, `gets[via]`, `version`) and may cache what it
 read until the version moves: a cache can't go stale by a forgotten bump. A `listener`, when
-set (the kernel data path), is told of every change at the same point.
+set (the kernel data path), is told of every change at the same point, and of a change of
+the core's rules (`rules_changed`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from udp_tunnel.core.common import Flow
 class RouteListener(Protocol):
     def routed(self, client: tuple, tunnel: tuple, up: Flow, down: Flow) -> None: ...
     def unrouted(self, client: tuple, tunnel: tuple, up: Flow, down: Flow) -> None: ...
+    def rules_changed(self) -> None: ...
 
 
 class RouteTable:
@@ -53,6 +55,13 @@ class RouteTable:
                 self.listener.unrouted(*gone)
             if new is not None:
                 self.listener.routed(*new)
+
+    def rules_changed(self) -> None:
+        """The core's rule of what it must see changed on an endpoint (a reload added or removed a
+        WireGuard service): every flow is as it was, but what is forwarded without the core is not."""
+        self.version += 1
+        if self.listener is not None:
+            self.listener.rules_changed()
 
     def bind(self, client: tuple, tunnel: tuple, cvia: int = 0, tvia: int = 0) -> tuple[Flow, Flow]:
         """Route client (arriving on endpoint cvia) to tunnel (on endpoint tvia) and back: the two

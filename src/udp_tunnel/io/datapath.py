@@ -153,6 +153,10 @@ class OutsideKernel:
             else:  # a is the client (both on endpoint 0: either way round is the same)
                 self.routed(a, f.dst, f, partner)
 
+    def rules_changed(self) -> None:
+        """The core's rules changed (a reload): every flow again, with its endpoint's new rule."""
+        self.sync()
+
     def count(self) -> None:
         """The kernel's traffic since the last call, into the flows' meters."""
         gets = self.routes.gets

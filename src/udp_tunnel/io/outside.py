@@ -44,7 +44,6 @@ class OutsideLoop(Loop):
         self.sock = self.socks[0]
         for s in self.socks:
             bufsizes(s)
-        self.rule = core.rule
         self.routes = core.routes
         self.state_path = state_path
         self.saved = b""
@@ -231,8 +230,9 @@ class FastOutsideLoop(OutsideLoop):
         receive that waits its longest still ends in time for the core's timer."""
         deadline = time.monotonic() + timeout - self.rcvtimeo
         recv, send, route_get = self.sock.recvmsg_into, self.sock.sendto, self.routes.get
-        bufs, mv, lengths, monotonic = self.bufs, self.mv, self.rule.lengths, time.monotonic
-        core_sees, single = self.rule.core_sees, self.switch.single
+        rule = self.core.rule  # (a reload may change it: read where each run of receives starts)
+        bufs, mv, lengths, monotonic = self.bufs, self.mv, rule.lengths, time.monotonic
+        core_sees, single = rule.core_sees, self.switch.single
         last = self.last_rx
         while True:
             try:
@@ -270,7 +270,7 @@ class FastOutsideLoop(OutsideLoop):
         """A datagram of the single-receive path that is not plain forwarding: a GRO run (sent on
         as one GSO message), or the core's."""
         seg = fastio.gro_segment(anc)
-        if f is not None and seg and not self.rule.run_may_hold(n, seg):
+        if f is not None and seg and not self.core.rule.run_may_hold(n, seg):
             try:
                 if seg < n:
                     self.sock.sendmsg([self.mv[:n]], fastio.gso_ancillary(seg), 0, f.dst)
@@ -312,7 +312,8 @@ class FastOutsideLoop(OutsideLoop):
         self._routes_moved()
         flow_get = self.flows.get
         raw = ring.senders(n)
-        alen, lengths, core_sees = self.alen, self.rule.lengths, self.rule.core_sees
+        rule = self.core.rule
+        alen, lengths, core_sees = self.alen, rule.lengths, rule.core_sees
         lens, runs, views = ring.lengths(n), ring.runs(n), ring.views
         run_max = self.gso_max
         start = end = 0  # slots start..end-1 hold messages ready to go, one each
@@ -379,7 +380,7 @@ class FastOutsideLoop(OutsideLoop):
         """Slot i holds a GRO run from a known flow: make it a GSO message to the flow's
         destination, unless a segment may be one the core must see (then False)."""
         seg = self.ring.segment(i)
-        if not seg or self.rule.run_may_hold(ln, seg):
+        if not seg or self.core.rule.run_may_hold(ln, seg):
             return False
         self.ring.forward_run(i, e[1], ln, seg)
         f = e[0]
