@@ -408,3 +408,12 @@ def test_the_randomized_sprays_do_evict():
         run.step(s)
         run.check_no_cross_talk()
     assert run.sim.outside.stats["evictions"] >= 2
+
+
+def test_the_reserve_follows_a_limit_changed_by_a_reload():
+    sim = Sim(max_clients=160)
+    a = sim.outside.admission
+    assert a.reserve == 10  # a sixteenth of the table
+    sim.outside.set_key_limit("default", 1600)
+    sim.outside.update_service(Service(max_clients=1600))
+    assert a.reserve == admission.RESERVE_MAX  # at most 64

@@ -83,7 +83,7 @@ LOOK = 0.25
 MIN_AGE = 1.25  # s a tunnel is bound before it may be evicted (past its first burst)
 SCAN = 1024  # one-shot tunnels looked at for the victims whose keepalive is due soonest
 PRESSURE = 60.0  # s evictions make the reserve again after a client that keeps talking found the table full
-RESERVE_MAX = 64  # the reserve: --max-clients / 16, at most this (an inside opens 64 extra spares at most)
+RESERVE_MAX = 64  # the reserve: --max-clients / 16, at most this
 STARVED = 1.0  # s a client that keeps talking waits, with room in the table but no spare, before an eviction
 RECENT = 32768  # new clients refused lately, remembered by address (two generations of this many)
 INF = float("inf")
@@ -239,7 +239,6 @@ class Admission:
         self.ghosts: OrderedDict[tuple, float] = OrderedDict()  # evicted tunnel address -> until: data dropped
         self.gone: OrderedDict[int, float] = OrderedDict()  # evicted tunnel's id -> until when it is refused
         self.untold: set[int] = set()  # of those, the ones whose keepalive was not refused yet
-        self.reserve = min(RESERVE_MAX, core.max_clients // 16)
         self.pressed_until = -INF  # the reserve is made again by evictions until then
         self.look_at = now
         self.starve_at = now
@@ -271,6 +270,12 @@ class Admission:
     def _limit(self, factor: int) -> int:
         """The tunnels a source level of `factor` may hold."""
         return self.max_per_source if factor == 1 else min(factor * self.max_per_source, self.core.max_clients)
+
+    @property
+    def reserve(self) -> int:
+        """The last tunnels of the table kept for clients that keep talking (the limit of now: a
+        reload may change it)."""
+        return min(RESERVE_MAX, self.core.max_clients // 16)
 
     def configure(self, max_per_source: int, wg: Any) -> None:
         """A new configuration of the service: its limits hold for the sources known already too."""
