@@ -335,11 +335,14 @@ class OutsideCore:
 
     def set_key_limit(self, name: str, limit: int) -> None:
         self.key_limit[name] = limit
+        self.strangers_budget[name].burst = float(limit + 64)  # as add_key makes it
         self._limits()
 
     def _limits(self) -> None:
         self.max_clients = sum(self.key_limit.values())
         self.max_tunnels = self.max_clients + 64 * len(self.key_limit)
+        if hasattr(self, "proven_challenges"):  # (a reload: the budgets made by _tables follow)
+            self.proven_challenges.burst = float(self.max_tunnels)
 
     def add_service(self, svc: Service, endpoints: list[Endpoint], now: float) -> list[int]:
         """A service more, on these new endpoints (the I/O layer opened their sockets, in order)."""
