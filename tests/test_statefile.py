@@ -76,13 +76,14 @@ def test_a_bad_state_file_is_refused_as_a_whole_with_one_line_saying_what_is_wro
     assert message.startswith(f"the state file {path}") and problem in message and "\n" not in message
 
 
-def test_a_file_with_more_entries_or_bytes_than_an_agent_writes_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(statefile, "MAX_ENTRIES", 3)
+def test_a_file_with_more_entries_or_bytes_than_the_agent_holds_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(statefile, "MAX_ENTRIES", 3)  # as if one key's agent held 3 tunnels
     four = doc(*[[f"{i:016x}", "192.0.2.7", 9] for i in range(4)])
-    with pytest.raises(ValueError, match=r"lists 4 tunnels, more than an agent holds \(3\)$"):
-        statefile.parse_all(four)
-    assert len(statefile.parse_all(doc(*[[f"{i:016x}", "192.0.2.7", 9] for i in range(3)]))[0]) == 3
-    monkeypatch.setattr(statefile, "MAX_BYTES", 100)
+    with pytest.raises(ValueError, match=r"lists 4 tunnels, more than the agent holds \(3\)$"):
+        statefile.parse_all(four, max_entries=3)
+    assert len(statefile.parse_all(doc(*[[f"{i:016x}", "192.0.2.7", 9] for i in range(3)]), max_entries=3)[0]) == 3
+    assert len(statefile.parse_all(four, max_entries=4)[0]) == 4  # an agent of several keys holds more
+    monkeypatch.setattr(statefile, "max_bytes", lambda max_entries: 100)
     path = tmp_path / "big"
     path.write_bytes(doc([TID, "192.0.2.7", 9]) + b" " * 100)
     with pytest.raises(ValueError, match=r"is too big \(101 bytes, at most 100\)$"):

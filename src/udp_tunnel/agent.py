@@ -212,7 +212,7 @@ def remember(core: OutsideCore, path: str | None, log: Log, now: float) -> None:
     if not path:
         return
     try:
-        entries, initiations = statefile.load_all(path)
+        entries, initiations = statefile.load_all(path, core.max_tunnels)
     except ValueError as e:
         log.warning(f"{e}: tunnels register again at their next keepalive")
         return

@@ -23,11 +23,17 @@ import re
 import tempfile
 
 VERSION = 1
-# The most tunnels an outside agent holds: --max-clients (at most 1 000 000) + 64 spares.
+# The most tunnels an outside agent of one key holds: --max-clients (at most 1 000 000) + 64
+# spares; an agent with several keys may hold more (load_all's max_entries).
 MAX_ENTRIES = 1_000_064
 MAX_HOST = 64  # an IPv6 literal is at most 45 characters; the rest for a %scope
-# An entry as dump writes it is at most 16 + 64 + 5 characters of values and 15 of JSON around them.
-MAX_BYTES = MAX_ENTRIES * 104 + 4096
+
+
+def max_bytes(max_entries: int) -> int:
+    """An entry as dump writes it is at most 16 + 64 + 5 characters of values and 15 of JSON around
+    them; the WireGuard initiations (at most MAX_TAGS of 34 characters per service) fit in what
+    MAX_ENTRIES entries leave."""
+    return max(max_entries, MAX_ENTRIES) * 104 + 4096
 TID = re.compile(r"[0-9a-f]{16}")
 TAG = re.compile(r"[0-9a-f]{32}")  # an initiation's MAC1 (16 bytes)
 MAX_TAGS = 4096  # per service (wireguard.SEEN_INITIATIONS)
@@ -58,13 +64,15 @@ def _address(host: object, port: object) -> tuple[str, int]:
     return host, port
 
 
-def parse_all(data: bytes, path: str = "state file") -> tuple[list[tuple[int, tuple]], dict[str, list[bytes]]]:
-    """From the file's bytes: the (tunnel id, address) pairs, and the initiations admitted per
-    WireGuard service (MAC1s, oldest first); ValueError (one line) when the file is not exactly
-    one this version wrote."""
+def parse_all(data: bytes, path: str = "state file", max_entries: int = MAX_ENTRIES,
+              ) -> tuple[list[tuple[int, tuple]], dict[str, list[bytes]]]:
+    """From the file's bytes: the (tunnel id, address) pairs (at most max_entries, or MAX_ENTRIES
+    if that is more), and the initiations admitted per WireGuard service (MAC1s, oldest first);
+    ValueError (one line) when the file is not exactly one this version wrote."""
     where = f"the state file {path}"
-    if len(data) > MAX_BYTES:
-        raise ValueError(f"{where} is too big ({len(data)} bytes, at most {MAX_BYTES})")
+    max_entries = max(max_entries, MAX_ENTRIES)
+    if len(data) > max_bytes(max_entries):
+        raise ValueError(f"{where} is too big ({len(data)} bytes, at most {max_bytes(max_entries)})")
     if b"\0" in data:
         raise ValueError(f"{where} holds a NUL byte")
     try:
@@ -77,8 +85,8 @@ def parse_all(data: bytes, path: str = "state file") -> tuple[list[tuple[int, tu
             or set(doc) - {"version", "tunnels", "wireguard"}:
         raise ValueError(f"{where} is not one this version wrote")
     tunnels = doc["tunnels"]
-    if len(tunnels) > MAX_ENTRIES:
-        raise ValueError(f"{where} lists {len(tunnels)} tunnels, more than an agent holds ({MAX_ENTRIES})")
+    if len(tunnels) > max_entries:
+        raise ValueError(f"{where} lists {len(tunnels)} tunnels, more than the agent holds ({max_entries})")
     out = []
     for i, entry in enumerate(tunnels):
         try:
@@ -110,17 +118,17 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number")
 
 
-def load_all(path: str) -> tuple[list[tuple[int, tuple]], dict[str, list[bytes]]]:
+def load_all(path: str, max_entries: int = MAX_ENTRIES) -> tuple[list[tuple[int, tuple]], dict[str, list[bytes]]]:
     """What parse_all reads from the file at `path`; nothing when there is no file. Raises
     ValueError (one line) when the file cannot be read or is not exactly one this version wrote."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+            data = f.read(max_bytes(max_entries) + 1)
     except FileNotFoundError:
         return [], {}
     except OSError as e:
         raise ValueError(f"cannot read the state file {path}: {e.strerror or e}") from None
-    return parse_all(data, path)
+    return parse_all(data, path, max_entries)
 
 
 def dump(entries: list[tuple[int, tuple]], initiations: dict[str, list[bytes]] | None = None) -> bytes:
