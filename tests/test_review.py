@@ -299,3 +299,25 @@ def test_captured_wireguard_initiations_stay_refused_after_a_restart_with_the_st
     for i, d in enumerate(inits):  # the copies, from other ports
         sim.send(d, v6("192.0.2.66", 7000 + i))
     assert sim.outside.stats["drop_wg_replay"] == 10
+
+
+def test_a_key_full_of_sessions_never_takes_another_key_s_session():
+    """Each key (each inside agent) remembers at most SESSIONS sessions; when one is full, it may
+    forget one of its own dead ones, never another key's (whose replay window would be lost)."""
+    import io
+    import socket
+
+    from udp_tunnel.core import outside as core_outside
+    from udp_tunnel.ops.log import INFO, Log
+    now = 1000.0
+    core = core_outside.OutsideCore(keepalive=25, family=socket.AF_INET6, now=now, log=Log(INFO, io.StringIO()),
+                                    keys={"a": (b"key a, long enough", 10), "b": (b"key b, long enough", 10)})
+    core.sessions[1] = core_outside.Session(1, now - 10 * core.cookie_slot, keyname="b")  # dead, of key b
+    for sid in range(2, 2 + core_outside.SESSIONS):
+        core.sessions[sid] = core_outside.Session(sid, now, keyname="a")
+    m = proto.Control(proto.KEEPALIVE, 0, 999, 1, 1)
+    assert core._new_session(m, v6("192.0.2.9", 9), now, "a") is None
+    assert 1 in core.sessions and core.stats["drop_sessions"] == 1
+    core.sessions[2].last = now - 10 * core.cookie_slot  # a dead one of its own: that one goes
+    assert core._new_session(m, v6("192.0.2.9", 9), now, "a") is not None
+    assert 2 not in core.sessions and 1 in core.sessions and 999 in core.sessions

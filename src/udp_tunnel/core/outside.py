@@ -765,10 +765,10 @@ class OutsideCore:
     def _new_session(self, m: Control, addr: tuple, now: float, keyname: str) -> Session | None:
         sid = m.session
         if sum(s.keyname == keyname for s in self.sessions.values()) >= SESSIONS:
-            # forget one with no tunnel left whose cookies have died; never one that could
-            # still replay (its window would be lost)
-            dead = next((s for s in self.sessions.values() if s.active == 0 and not self._has_tunnels(s)
-                         and now - s.last > 2 * self.cookie_slot), None)
+            # forget one of this key's with no tunnel left whose cookies have died; never one
+            # that could still replay (its window would be lost)
+            dead = next((s for s in self.sessions.values() if s.keyname == keyname and s.active == 0
+                         and not self._has_tunnels(s) and now - s.last > 2 * self.cookie_slot), None)
             if dead is None:
                 self.stats["drop_sessions"] += 1
                 self.log.limited("sessions", f"{SESSIONS} inside agent sessions known: refusing another")
