@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from udp_tunnel.addr import HOST, HOST6
+from udp_tunnel.core.admission import default_per_source
 
 MAX_KEEPALIVE = 3600  # seconds (-t, keepalive): the cores size their cookie lifetime from the keepalive
 MAX_CLIENTS = 1_000_000
@@ -186,11 +187,6 @@ class InsideConfig:
 
 
 Config = OutsideConfig | InsideConfig
-
-
-def default_per_source(max_clients: int) -> int:
-    """max_clients_per_source when not given (--max-clients-per-source): a quarter, at least 16."""
-    return max(16, max_clients // 4)
 
 
 # --- the command line: one service named "default" ---

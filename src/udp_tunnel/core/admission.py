@@ -95,6 +95,11 @@ WG_REASONS = {  # WireGuard mode: why a new source was refused (stats drop_wg_<r
 }
 
 
+
+def default_per_source(max_clients: int) -> int:
+    """The most clients of one source when not given (--max-clients-per-source): a quarter, at least 16."""
+    return max(16, max_clients // 4)
+
 class Source:
     """One prefix that new clients come from (V6_LEVELS, V4_LEVELS): its budgets and what it holds.
     `up` is the next shorter prefix's record (None at the top); counts include everything

@@ -54,7 +54,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 from udp_tunnel.addr import show
-from udp_tunnel.core.admission import Admission, Source, source_key
+from udp_tunnel.core.admission import Admission, Source, default_per_source, source_key
 from udp_tunnel.core.classify import Classifier, Kind, outside_rule
 from udp_tunnel.core.common import (
     TRAFFIC,
@@ -296,8 +296,8 @@ class OutsideCore:
         self.reached.append(None)
         svc = self.services.get(e.service) if e.service is not None else None
         self.admissions.append(None if svc is None else Admission(
-            Door(self, via, svc), now, float(self.max_tunnels), svc.max_per_source or max(16, svc.max_clients // 4),
-            svc.wireguard))
+            Door(self, via, svc), now, float(self.max_tunnels),
+            svc.max_per_source or default_per_source(svc.max_clients), svc.wireguard))
         return via
 
     def _rule_of(self, e: Endpoint) -> Classifier:
@@ -380,7 +380,7 @@ class OutsideCore:
         for a in self.admissions:
             if a is not None and a.core.service.name == svc.name:
                 a.core.service = svc
-                a.configure(svc.max_per_source or max(16, svc.max_clients // 4), svc.wireguard)
+                a.configure(svc.max_per_source or default_per_source(svc.max_clients), svc.wireguard)
         self._update_rules()
 
     # --- datagrams in ---
