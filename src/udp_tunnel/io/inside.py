@@ -387,9 +387,10 @@ class FastInsideLoop(InsideLoop):
             return
         p.t_switch.single(p.t_wake == self.wakes - 1)
         p.t_wake = self.wakes
-        seg = fastio.gro_segment(anc)
-        mv = self.mv
-        if p.ssock is not None and not (self.rule.run_may_hold(n, seg) if seg else self.rule.core_sees(mv[:n])):
+        seg = fastio.gro_segment(anc) if anc else 0
+        mv, rule = self.mv, self.rule
+        if p.ssock is not None and not (rule.run_may_hold(n, seg) if seg else
+                                        n in rule.lengths and rule.core_sees(mv[:n])):
             self._to_service_run(p, n, seg)
             return
         for v in fastio.segments(mv, n, seg):
