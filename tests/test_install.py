@@ -14,8 +14,11 @@ from agents import ROOT
 
 
 def make(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    # run as a user would, even when the suite itself runs under `make check` (whose MAKELEVEL would make the
+    # sub-make say "make[1]: ***" and its MAKEFLAGS would leak options)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     return subprocess.run(["make", "-s", "-C", ROOT, *args, "SYSTEMCTL=false"], capture_output=True, text=True,
-                          timeout=120, check=check)
+                          timeout=120, check=check, env=env)
 
 
 def dirs(tmp) -> list[str]:
