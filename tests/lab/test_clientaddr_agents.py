@@ -66,16 +66,6 @@ def policy_routing_missing(lab: Lab) -> str | None:
     return None
 
 
-@pytest.fixture
-def net(lab, tmp_path, request):
-    n = Net(lab, str(tmp_path))
-    yield n
-    logs = n.stop_agents()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is None or failed.failed:
-        print(logs)
-
-
 # --- helpers ---
 
 def clients_of(st: dict) -> list[str]:

@@ -142,16 +142,6 @@ def wireguard(lab: Lab, tmp: str) -> None:
                     f"ip addr add 100.100.0.2/24 dev {wgw}; ip link set {wgw} up")
 
 
-@pytest.fixture
-def net(lab, tmp_path, request):
-    n = Net(lab, str(tmp_path))
-    yield n
-    logs = n.stop_agents()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is None or failed.failed:
-        print(logs)
-
-
 def wg_ping(lab: Lab, count: int = 3, timeout: float = 20) -> bool:
     return bool(wait_for(lambda: lab.sh("work1", f"ping -c {count} -i 0.2 -W 2 100.100.0.1",
                                         check=False).returncode == 0, timeout, step=0.5))

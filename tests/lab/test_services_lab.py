@@ -44,16 +44,6 @@ def lab(tmp_path_factory):
         lab.close()
 
 
-@pytest.fixture
-def net(lab, tmp_path, request):
-    n = Net(lab, str(tmp_path))
-    yield n
-    logs = n.stop_agents()
-    failed = getattr(request.node, "rep_call", None)
-    if failed is None or failed.failed:
-        print(logs)
-
-
 def outside_file(lab: Lab, tmp: str, services: list[str], datapath: str = "user") -> str:
     body = (f'[outside]\nlisten = "{TPORT}"\nkeepalive = 5\ncontrol = "{tmp}/outside.sock"\nstate_file = "none"\n'
             f'datapath = "{datapath}"\n'
