@@ -40,7 +40,7 @@ ITEM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")  # a service's or a key's n
 CLIENT_ADDRESS = ("off", "transparent", "proxy-v2", "proxy-v2-first")
 FAMILIES = {"any": None, "ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 LOG = ("normal", "verbose", "quiet")
-DATAPATHS = ("auto", "kernel", "user")  # as io/datapath.py MODES
+DATAPATHS = ("auto", "kernel", "user")
 DEFAULT = "default"  # the one service (and key) of a command line
 
 

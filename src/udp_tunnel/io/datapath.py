@@ -32,7 +32,6 @@ from udp_tunnel.core.common import Flow, Meter
 from udp_tunnel.io.kernel import NO_RULE, FlowTable, KernelPath, KernelUnavailable, rule_flags
 from udp_tunnel.ops.log import Log
 
-MODES = ("auto", "kernel", "user")
 REFRESH = 60.0  # seconds between looks at new interfaces, routes and NAT rules
 SHOWN = 20  # directions kept in user space listed in a snapshot (all are counted)
 
@@ -91,7 +90,7 @@ class Datapath:
 
 def choose(mode: str, *, legacy: bool = False, wireguard: bool = False, max_flows: int = 8192,
            opener: Callable[..., KernelPath] = KernelPath.open) -> Datapath:
-    """The data path for `mode` (one of MODES); DatapathError when mode is "kernel" and it can't run."""
+    """The data path for `mode` (one of config.DATAPATHS); DatapathError when mode is "kernel" and it can't run."""
     if mode == "user":
         return Datapath(mode, "user", "--datapath user")
     try:

@@ -20,8 +20,6 @@ from udp_tunnel.addr import show
 from udp_tunnel.io.proxied import ProxyFraming
 from udp_tunnel.io.transparent import ClientAddressError, TransparentClients, service_addresses, udp_listeners
 
-MODES = ("off", "transparent", "proxy-v2", "proxy-v2-first")
-
 
 class ServiceError(Exception):
     """A client that this service cannot take (an offset outside its range)."""
