@@ -131,7 +131,8 @@ def demo(argv: list[str]) -> int:
         print("udp-tunnel: demo takes no arguments (see udp-tunnel --help)", file=sys.stderr)
         return 2
     clients_n, per_client = 3, 5
-    env = dict(os.environ, UDP_TUNNEL_KEY=secrets.token_hex(16))
+    # the demo's flows are all on loopback: its agents' programs go on lo, not on the host's other interfaces
+    env = dict(os.environ, UDP_TUNNEL_KEY=secrets.token_hex(16), UDP_TUNNEL_BPF_IFACES="lo")
     service = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     service.bind(("127.0.0.1", 0))
     sport, oport = service.getsockname()[1], free_port()

@@ -586,9 +586,12 @@ class KernelPath(FlowTable):
     @classmethod
     def open(cls, *, ifaces: list[str] | None = None, legacy: bool = False, wireguard: bool = False,
              max_flows: int = 8192, debug: bool = False) -> KernelPath:
-        """Load the program and attach it (to `ifaces`, or every suitable interface); KernelUnavailable if
-        that cannot be done here. With `debug`, a verifier refusal carries the verifier's first lines.
-        `legacy` and `wireguard`: the rule of directions given none (as core/classify.py's outside rule)."""
+        """Load the program and attach it (to `ifaces`, else those of $UDP_TUNNEL_BPF_IFACES, comma-separated,
+        else every suitable interface); KernelUnavailable if that cannot be done here. With `debug`, a verifier
+        refusal carries the verifier's first lines. `legacy` and `wireguard`: the rule of directions given none
+        (as core/classify.py's outside rule)."""
+        if ifaces is None and os.environ.get("UDP_TUNNEL_BPF_IFACES"):
+            ifaces = [name for name in os.environ["UDP_TUNNEL_BPF_IFACES"].split(",") if name]
         _check_system()
         prog_fd, maps = _load(max_flows, debug)
         rule = (F_LEN40 if legacy else F_CTRL) | (F_WG if wireguard else 0)
