@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -175,13 +176,17 @@ def test_no_sequence_of_events_breaks_a_keyless_pair(steps):
     run.sim.advance(3 * KEEPALIVE + 10, step=1.0)  # every expiry runs
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["user", "kernel"])
 @SETTINGS
 @given(st.lists(STEP, max_size=40))
-def test_no_sequence_of_events_lets_a_client_receive_another_clients_datagram(steps):
+def test_no_sequence_of_events_lets_a_client_receive_another_clients_datagram(kernel, steps):
     """With a key: whatever the attacker replays or garbles, from whatever address (the
     inside's own included), no client gets another's datagram and every registration is
-    one the inside made."""
-    run = Run(key=b"secret")
+    one the inside made. With the kernel path (sim.py, kernel=True) the outside's map holds
+    exactly the route table's flows after every step (Sim.pump checks), the simulated program
+    claims exactly what the core's rule claims, and what it relays (counted in the map only)
+    keeps the tunnels alive as in user space."""
+    run = Run(key=b"secret", kernel=kernel)
     for s in steps:
         run.step(s)
         run.check_no_cross_talk()
@@ -190,13 +195,14 @@ def test_no_sequence_of_events_lets_a_client_receive_another_clients_datagram(st
     run.check_no_cross_talk()
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["user", "kernel"])
 @SETTINGS
 @given(st.lists(STEP, max_size=40))
-def test_no_sequence_of_events_breaks_a_legacy_pair(steps):
+def test_no_sequence_of_events_breaks_a_legacy_pair(kernel, steps):
     """--legacy (the C tool's protocol): its known weaknesses stay (docs/protocol.md), but no
     sequence of events, replays and garbled keepalives included, crashes an agent or breaks a
     table invariant (Sim.pump checks after every step)."""
-    run = Run(key=b"secret", legacy=True)
+    run = Run(key=b"secret", legacy=True, kernel=kernel)
     for s in steps:
         run.step(s)
     run.sim.advance(3 * KEEPALIVE + 20, step=1.0)
@@ -259,33 +265,7 @@ def test_no_sequence_of_events_lets_junk_take_a_tunnel_in_wireguard_mode(steps):
     run.check_admission()
 
 
-# --- the kernel data path (issue 19): the map follows the route table ---
-
-@SETTINGS
-@given(st.lists(STEP, max_size=40))
-def test_with_the_kernel_path_the_map_is_the_route_table_after_every_step_and_no_client_gets_another_s_datagram(
-        steps):
-    """The outside agent with the kernel path (sim.py, kernel=True): after every step its map holds
-    exactly the route table's flows (Sim.pump checks), the simulated program claims exactly what the
-    core's rule claims, and what the program relays (counted in the map only) keeps the tunnels alive
-    as it would in user space: no cross-talk, only the inside's registrations."""
-    run = Run(key=b"secret", kernel=True)
-    for s in steps:
-        run.step(s)
-        run.check_no_cross_talk()
-        run.check_registrations()
-    run.sim.advance(3 * KEEPALIVE + 10, step=1.0)
-    run.check_no_cross_talk()
-
-
-@SETTINGS
-@given(st.lists(STEP, max_size=40))
-def test_with_the_kernel_path_no_sequence_of_events_breaks_a_legacy_pair(steps):
-    run = Run(key=b"secret", legacy=True, kernel=True)
-    for s in steps:
-        run.step(s)
-    run.sim.advance(3 * KEEPALIVE + 20, step=1.0)
-
+# --- the kernel data path (issue 19); the randomized runs above take it too (kernel=True) ---
 
 def test_the_simulated_program_carries_a_client_s_traffic_and_the_core_sees_it_in_its_meters():
     """The counting contract: what the program relays reaches the flows' meters before the core's timer
