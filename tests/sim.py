@@ -26,7 +26,7 @@ import socket
 from udp_tunnel.core.inside import ACTIVE, Close, InsideCore, OpenService, OpenTunnel, Resolve, Send, ToService
 from udp_tunnel.core.outside import OutsideCore
 from udp_tunnel.io.datapath import OutsideKernel, flags_of
-from udp_tunnel.io.kernel import F_CTRL, F_LEN40, F_SRC_IS_DST, F_WG, KEY, VALUE, DictMap, FlowTable, addr
+from udp_tunnel.io.kernel import F_CTRL, F_LEN40, F_SRC_IS_DST, F_TO_AGENT, F_WG, KEY, VALUE, DictMap, FlowTable, addr
 from udp_tunnel.ops.log import DEBUG, Log
 from udp_tunnel.wire import proto
 
@@ -108,18 +108,20 @@ class Sim:
 
     def _check_kernel_map(self) -> None:
         """The map holds exactly the route table's flows: per source, the key (source, any local
-        address, the port) -> the flow's destination, from the port, by the endpoint's rule."""
+        address, the port) -> the flow's destination, from the port, by the endpoint's rule, marked
+        as going to an agent when it goes up (client -> tunnel)."""
         o = self.outside
         want = {}
         lis = addr(LISTEN)
         for via, a, f in o.routes.items():
             src, dst = addr(a), addr(f.dst)
-            want[KEY.pack(src.raw, lis.raw, src.port, lis.port)] = (dst.raw, dst.port, lis.port, flags_of(o.rules[via]))
+            flags = flags_of(o.rules[via]) | (F_TO_AGENT if f.up else 0)
+            want[KEY.pack(src.raw, lis.raw, src.port, lis.port)] = (dst.raw, dst.port, lis.port, flags)
         have = {}
         for k, v in self.flows.items():
             _, new_dst, new_sport, new_dport, flags, *_ = VALUE.unpack(v)
             assert flags & F_SRC_IS_DST, "a wildcard listener's flows take the destination as their source"
-            have[k] = (new_dst, new_dport, new_sport, flags & (F_CTRL | F_LEN40 | F_WG))
+            have[k] = (new_dst, new_dport, new_sport, flags & (F_CTRL | F_LEN40 | F_WG | F_TO_AGENT))
         if have != want:
             raise AssertionError(f"the kernel map is not the route table: {len(have)} entries, {len(want)} routes, "
                                  f"{len(set(have) ^ set(want))} keys differ")

@@ -24,7 +24,9 @@ import pytest
 
 from kernelnet import ZERO_MAC, Netns, datagram, eth, ip4, ip6, mac_of, parse, skb_ctx, udp, veth
 from udp_tunnel.core.classify import Classifier, Kind, inside_rule, outside_rule
+from udp_tunnel.core.routes import RouteTable
 from udp_tunnel.io import bpf
+from udp_tunnel.io.datapath import OutsideKernel
 from udp_tunnel.io.hostnat import NatRules, parse_iptables, parse_nft
 from udp_tunnel.io.kernel import (
     F_CTRL,
@@ -231,6 +233,23 @@ def test_with_several_endpoints_the_up_direction_leaves_from_the_tunnel_port_and
     assert _table_entry(t, (1, client)) == (client, ("*", 51820), ("*", 9999), tunnel, F_V4 | F_SRC_IS_DST | F_TO_AGENT)
     assert _table_entry(t, (0, tunnel)) == (tunnel, ("*", 9999), ("*", 51820), client, F_V4 | F_SRC_IS_DST | F_CTRL)
     assert len(t.flows.items()) == 2 and t.kept == {}
+
+
+def test_a_reload_after_a_client_roamed_re_installs_each_direction_the_way_round_it_goes():
+    """With one port, client and tunnel arrive on the same endpoint: the route table must say which
+    is which (a roamed client comes after its tunnel in the table), else a reload would mark the
+    tunnel's direction as the one that goes to an agent and the client's as the one that does not."""
+    routes = RouteTable()
+    routes.add_endpoint()
+    t = FlowTable(DictMap())
+    routes.listener = OutsideKernel(t, routes, lambda via: ("192.0.2.1", 9999), lambda via: outside_rule(False, False))
+    client, roamed, tunnel = ("203.0.113.7", 40000), ("203.0.113.8", 40001), ("198.51.100.9", 41000)
+    routes.bind(client, tunnel)
+    routes.move_client(tunnel, client, roamed)
+    for _ in range(2):  # as bound, then as a reload re-installs them
+        assert _table_entry(t, (0, roamed))[2:] == (("192.0.2.1", 9999), tunnel, F_V4 | F_CTRL | F_TO_AGENT)
+        assert _table_entry(t, (0, tunnel))[2:] == (("192.0.2.1", 9999), roamed, F_V4 | F_CTRL)
+        routes.rules_changed()
 
 
 def test_what_a_flow_counted_goes_to_its_meters_when_it_goes_and_nothing_is_counted_twice():

@@ -47,14 +47,16 @@ class Meter:
 
 class Flow(Meter):
     """One direction of a bound tunnel at the outside: where datagrams from a source go, and
-    from which endpoint (the local port, by index: 0 when there is one)."""
+    from which endpoint (the local port, by index: 0 when there is one); `up`: from the client
+    to the tunnel."""
 
-    __slots__ = ("dst", "via")
+    __slots__ = ("dst", "via", "up")
 
-    def __init__(self, dst: tuple, via: int = 0) -> None:
+    def __init__(self, dst: tuple, via: int = 0, up: bool = False) -> None:
         super().__init__()
         self.dst = dst
         self.via = via
+        self.up = up
 
 
 class Activity:

@@ -42,6 +42,10 @@ class RouteTable:
         """(via, address, flow) of every endpoint."""
         return [(v, a, f) for v, flows in enumerate(self._flows) for a, f in flows.items()]
 
+    def pairs(self) -> list[tuple[tuple, tuple, Flow, Flow]]:
+        """(client, tunnel, up, down) of every bound tunnel, as the listener is told of them."""
+        return [(a, f.dst, f, self._flows[f.via][f.dst]) for flows in self._flows for a, f in flows.items() if f.up]
+
     def add_endpoint(self) -> int:
         self._flows.append({})
         self.gets.append(self._flows[-1].get)
@@ -66,7 +70,7 @@ class RouteTable:
     def bind(self, client: tuple, tunnel: tuple, cvia: int = 0, tvia: int = 0) -> tuple[Flow, Flow]:
         """Route client (arriving on endpoint cvia) to tunnel (on endpoint tvia) and back: the two
         new flows (up, down)."""
-        up = self._flows[cvia][client] = Flow(tunnel, tvia)
+        up = self._flows[cvia][client] = Flow(tunnel, tvia, up=True)
         down = self._flows[tvia][tunnel] = Flow(client, cvia)
         self._changed(None, (client, tunnel, up, down))
         return up, down

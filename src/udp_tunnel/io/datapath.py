@@ -140,17 +140,9 @@ class OutsideKernel:
         add(down, final.get(kd))
 
     def sync(self) -> None:
-        """Install what the table holds already (each pair once)."""
-        done = set()
-        for via, a, f in self.routes.items():
-            partner = self.routes.gets[f.via](f.dst)
-            if partner is None or (via, a) in done:
-                continue
-            done.update({(via, a), (f.via, f.dst)})
-            if via == 0 and f.via != 0:  # a is a tunnel (tunnels arrive on endpoint 0), its client elsewhere
-                self.routed(f.dst, a, partner, f)
-            else:  # a is the client (both on endpoint 0: either way round is the same)
-                self.routed(a, f.dst, f, partner)
+        """Install what the table holds already."""
+        for pair in self.routes.pairs():
+            self.routed(*pair)
 
     def rules_changed(self) -> None:
         """The core's rules changed (a reload): every flow again, with its endpoint's new rule."""
