@@ -99,7 +99,8 @@ import struct
 from collections.abc import Hashable
 from typing import NamedTuple, Protocol
 
-from udp_tunnel.core.classify import Kind
+from udp_tunnel.core.classify import Kind, outside_rule
+from udp_tunnel.core.wireguard import DOWN_LENS
 from udp_tunnel.io import bpf
 from udp_tunnel.io.bpf import BpfError
 from udp_tunnel.io.hostnat import NatRules, Route, route_get
@@ -115,7 +116,7 @@ F_V4, F_SRC_IS_DST, F_LOCAL = 1, 2, 4
 F_CTRL, F_LEN40, F_WG = 8, 16, 32  # the flow's rule: which of its datagrams the agent must see
 F_TO_AGENT = 64  # the new destination is an agent (tunnel, outside agent): another agent here may relay it on
 NO_RULE = 1 << 16  # (not the program's) a rule the program cannot apply: the direction stays with the agent
-CTRL_LEN, LEGACY_LEN, WG_LENS = proto.CTRL_LEN, proto.LEGACY_LEN, (92, 148)  # (the program is told CTRL_LEN)
+CTRL_LEN, LEGACY_LEN, WG_LENS = proto.CTRL_LEN, proto.LEGACY_LEN, DOWN_LENS  # (the program is told CTRL_LEN)
 MAGIC = proto.MAGIC  # (the program's own, as a number: "UDPT")
 CONFIG = struct.Struct("<II")  # struct config: flags, the length of a control message
 KEY = struct.Struct("<16s16s2s2s")
@@ -594,7 +595,7 @@ class KernelPath(FlowTable):
             ifaces = [name for name in os.environ["UDP_TUNNEL_BPF_IFACES"].split(",") if name]
         _check_system()
         prog_fd, maps = _load(max_flows, debug)
-        rule = (F_LEN40 if legacy else F_CTRL) | (F_WG if wireguard else 0)
+        rule = rule_flags(outside_rule(legacy, wireguard))
         try:
             self = cls(prog_fd, maps, ifaces, rule)
         except BaseException:
