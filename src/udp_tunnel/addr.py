@@ -63,11 +63,19 @@ def resolve(host: str, port: int, what: str, family: int = socket.AF_UNSPEC,
     return fam, sockaddr
 
 
+def unmapped(host: str) -> str:
+    """An IPv4-mapped IPv6 address (::ffff:192.0.2.1) as the IPv4 address it is; any other as it is."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def family(host: str) -> int:
+    """The address family of an address literal."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def show(addr: tuple | None) -> str:
     """An address as a person writes it: 192.0.2.1:9 or [2001:db8::1]:9."""
     if not addr:
         return "-"
-    host = addr[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
+    host = unmapped(addr[0])
     return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"

@@ -45,7 +45,7 @@ import socket
 from collections import Counter, OrderedDict
 from typing import Any
 
-from udp_tunnel.addr import show
+from udp_tunnel.addr import show, unmapped
 from udp_tunnel.core.common import Datagram, TokenBucket
 
 # A new client's first datagrams wait here when no spare tunnel is ready (or while
@@ -211,9 +211,7 @@ def source_key(addr: tuple):
 def source_levels(addr: tuple) -> list[tuple[Any, int]]:
     """(key, factor) of each prefix `addr` is counted under (V6_LEVELS, V4_LEVELS), the source first:
     an IPv4 address as text and its /24 as 3 bytes; an IPv6 /64, /56, /48 as 8, 7, 6 bytes."""
-    host = addr[0]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
+    host = unmapped(addr[0])
     if ":" in host:
         packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
         return [(packed[:n], f) for n, f in V6_LEVELS]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from udp_tunnel.addr import show
+from udp_tunnel.addr import family, show, unmapped
 from udp_tunnel.io.proxied import ProxyFraming
 from udp_tunnel.io.transparent import ClientAddressError, TransparentClients, service_addresses, udp_listeners
 
@@ -68,7 +68,7 @@ class ServiceTarget:
         listens on the other family's loopback too, the one of the client's family.
         go-mmproxy dials the service in the family of the datagrams' sender, from the
         header's source: an IPv6 client sent to it over IPv4 fails, and the other way round."""
-        fam = socket.AF_INET6 if ":" in client[0] and not client[0].startswith("::ffff:") else socket.AF_INET
+        fam = family(unmapped(client[0]))
         host = self.fronts.get(fam)
         return (host, addr[1]) if host else addr
 
@@ -99,8 +99,7 @@ class ServiceTarget:
         return Conn(self.plain(addr), addr[1], framing)
 
     def plain(self, addr: tuple) -> socket.socket:
-        s = socket.socket(self.family if addr[0] == self.host else socket.AF_INET6 if ":" in addr[0]
-                          else socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(self.family if addr[0] == self.host else family(addr[0]), socket.SOCK_DGRAM)
         try:
             s.setblocking(False)
             s.connect(addr)

@@ -32,7 +32,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from udp_tunnel.addr import show
+from udp_tunnel.addr import family, show, unmapped
 from udp_tunnel.io.rtnl import RT_SCOPE_HOST, RTN_LOCAL, Netlink, Route, Rule
 
 IP_TRANSPARENT = 19  # <linux/in.h>
@@ -58,14 +58,6 @@ class RoutingError(TransparentError):
 
 class ClientAddressError(TransparentError):
     pass
-
-
-def _family(host: str) -> int:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _unmapped(host: str) -> str:
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 # --- privileges ---
@@ -130,7 +122,7 @@ def client_problem(client: tuple) -> str | None:
     """Why a service socket must not be bound to this client address, or None: the
     outside only announces addresses it saw on the Internet, so anything else is a bug
     or a hostile announcement, refused rather than bound."""
-    host, port = _unmapped(client[0]), client[1]
+    host, port = unmapped(client[0]), client[1]
     try:
         ip = ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
@@ -160,9 +152,9 @@ def open_socket(client: tuple, service: tuple, exact_only: bool = False) -> Open
     service itself, as a WireGuard peer with ListenPort = the server's) makes the exact
     bind fail (EADDRINUSE, whatever the options); then the socket is bound to the
     client's IP with a port the kernel picks (exact=False), unless exact_only."""
-    host = _unmapped(client[0])
-    fam = _family(service[0])
-    if _family(host) != fam:
+    host = unmapped(client[0])
+    fam = family(service[0])
+    if family(host) != fam:
         v = 4 if fam == socket.AF_INET6 else 6  # the client's
         raise ClientAddressError(
             f"client {show(client)}: an IPv{v} client needs an IPv{v} address of the service (it has {show(service)})")
@@ -315,7 +307,7 @@ def socket_owner(inode: int, proc: str = "/proc") -> str | None:
 
 def wildcard_owner(service: tuple, proc_net: str = "/proc/net", proc: str = "/proc") -> str | None:
     """Who holds the socket on all addresses at the service's port (socket_owner), or None."""
-    wild = ("0.0.0.0", "::") if _family(_unmapped(service[0])) == socket.AF_INET else ("::",)
+    wild = ("0.0.0.0", "::") if family(unmapped(service[0])) == socket.AF_INET else ("::",)
     for addr, inode in _udp_sockets(service[1], proc_net):
         if addr in wild and inode:
             return socket_owner(inode, proc)
@@ -327,8 +319,8 @@ def service_addresses(service: tuple, listeners: list[str]) -> dict[int, tuple[s
     loopback service the other family's loopback when the service listens there too
     (bound to it or to all addresses): 127.0.0.1:P gets [::1]:P and the other way round,
     so that IPv4 and IPv6 clients both keep their address."""
-    host, port = _unmapped(service[0]), service[1]
-    out = {_family(host): (host, port)}
+    host, port = unmapped(service[0]), service[1]
+    out = {family(host): (host, port)}
     if host == "127.0.0.1" and ("::" in listeners or "::1" in listeners):
         out[socket.AF_INET6] = ("::1", port)
     elif host == "::1" and ("0.0.0.0" in listeners or "127.0.0.1" in listeners or "::" in listeners):
@@ -351,7 +343,7 @@ class Routing:
         if not 0 < table < 2 ** 32 or table in (253, 254, 255):
             raise RoutingError(f"routing table {table}: pick a number from 1 to 4294967295 but 253-255 "
                                "(default, main, local)")
-        self.services = [(_unmapped(s[0]), s[1]) for s in services]
+        self.services = [(unmapped(s[0]), s[1]) for s in services]
         self.table, self.priority = table, priority
         self._nl = netlink
         self.lo = socket.if_nametoindex("lo")
@@ -367,7 +359,7 @@ class Routing:
             self._nl = None
 
     def rule(self, service: tuple) -> Rule:
-        fam = _family(service[0])
+        fam = family(service[0])
         return Rule(fam, self.table, service[0], 32 if fam == socket.AF_INET else 128, "lo",
                     socket.IPPROTO_UDP, (service[1], service[1]), RTPROT, self.priority)
 
@@ -375,7 +367,7 @@ class Routing:
         return Route(fam, self.table, RTN_LOCAL, oif=self.lo, protocol=RTPROT, scope=RT_SCOPE_HOST)
 
     def families(self) -> list[int]:
-        return sorted({_family(s[0]) for s in self.services})
+        return sorted({family(s[0]) for s in self.services})
 
     def commands(self) -> list[str]:
         """The same set-up as `ip` commands (for a unit's ExecStartPre, or by hand)."""
@@ -473,9 +465,9 @@ class Routing:
     def answers_come_back(self, service: tuple, client: tuple) -> bool:
         """Whether an answer from the service's address and port to this client address
         would be delivered on this host (through the table), as the kernel says now."""
-        fam = _family(service[0])
+        fam = family(service[0])
         try:
-            r = self._netlink().route_get(fam, _unmapped(client[0]), _unmapped(service[0]),
+            r = self._netlink().route_get(fam, unmapped(client[0]), unmapped(service[0]),
                                           socket.IPPROTO_UDP, service[1])
         except OSError:  # EINVAL: no route from that source at all
             return False
@@ -493,13 +485,13 @@ def path_warning(service: tuple, client: tuple, local: bool, listeners: list[str
     service port are bound to (udp_listeners); source, device: the source address and
     interface this host picks for the client's address (its route); owner: who holds the
     socket on all addresses (wildcard_owner): no warning for ANSWERS_FROM_REACHED."""
-    host, port = _unmapped(service[0]), service[1]
+    host, port = unmapped(service[0]), service[1]
     if not local:
         return (f"--client-address transparent: the service {show(service)} is not on this host: it will "
                 f"answer the clients' real addresses through its own default route, not through this agent. "
                 f"Run the service on this host, or route its answers to clients through this host")
     # a socket on [::] takes IPv4 too (unless IPV6_V6ONLY, which /proc does not show)
-    wild = [w for w in (("0.0.0.0", "::") if _family(host) == socket.AF_INET else ("::",)) if w in listeners]
+    wild = [w for w in (("0.0.0.0", "::") if family(host) == socket.AF_INET else ("::",)) if w in listeners]
     if host in listeners or not wild or source is None or source == host or owner in ANSWERS_FROM_REACHED:
         return None
     wildcard = wild[0]
@@ -515,17 +507,17 @@ def service_path_warning(service: tuple, client: tuple, netlink: Netlink | None 
                          proc: str = "/proc/net") -> str | None:
     """path_warning() with the facts of this host (one route lookup, /proc/net/udp):
     for the first client of each family."""
-    fam = _family(service[0])
+    fam = family(service[0])
     own = netlink is None
     nl = netlink or Netlink()
     try:
         try:
-            local = nl.route_get(fam, _unmapped(service[0])).type == RTN_LOCAL
+            local = nl.route_get(fam, unmapped(service[0])).type == RTN_LOCAL
         except OSError:
             local = False
         source = device = None
         try:
-            r = nl.route_get(fam, _unmapped(client[0]))
+            r = nl.route_get(fam, unmapped(client[0]))
             source = r.prefsrc
             device = socket.if_indextoname(r.oif) if r.oif else None
         except OSError:
@@ -556,7 +548,7 @@ class TransparentClients:
 
     def __init__(self, service: tuple, table: int = DEFAULT_TABLE, manage_routing: bool = True,
                  warn=lambda msg: None, drain: float = DRAIN) -> None:
-        self.service = (_unmapped(service[0]), service[1])
+        self.service = (unmapped(service[0]), service[1])
         self.table, self.manage = table, manage_routing
         self.warn = warn
         self.retiring = Retiring(drain=drain)
@@ -582,8 +574,8 @@ class TransparentClients:
         return []
 
     def _open(self, client: tuple) -> socket.socket:
-        host = _unmapped(client[0])
-        fam = _family(host)
+        host = unmapped(client[0])
+        fam = family(host)
         service = self.services.get(fam)
         if service is None:
             v = 6 if fam == socket.AF_INET6 else 4
@@ -609,10 +601,10 @@ class TransparentClients:
         """The socket for the client's new address (its own old one if it moves back within
         the drain); `sock` stays registered and forwards answers up the same tunnel until
         expired() returns it."""
-        new_sock = self.retiring.revive(((_unmapped(new[0]), new[1]),))
+        new_sock = self.retiring.revive(((unmapped(new[0]), new[1]),))
         if new_sock is None:
             new_sock = self._open(new)
-        self.retiring.retire(sock, ((_unmapped(old[0]), old[1]),), now)
+        self.retiring.retire(sock, ((unmapped(old[0]), old[1]),), now)
         return new_sock
 
     def seen(self, fd: int, now: float) -> None:
