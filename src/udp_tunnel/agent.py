@@ -331,8 +331,10 @@ class Reloader:
                                          cfg.source)
             keys = new.keys if new.role == "outside" else (new.key,)
             secrets, _ = secrets_of(keys)
+            # the command line again: only its key files, read again
+            ch = config.changes(cfg, new) if new is not cfg else config.Changes(keys=tuple(secrets))
             if new.role == "outside":
-                self._check_outside(cfg, new)
+                self._check_outside(cfg, new, ch)
         except (config.ConfigError, StartError) as e:
             self.log.error(f"SIGHUP: {e}; the running configuration stays")
             return
@@ -341,18 +343,16 @@ class Reloader:
             return
         try:
             if new.role == "outside":
-                self._outside(cfg, new, secrets, now)
+                self._outside(new, ch, secrets, now)
             else:
-                self._inside(cfg, new, secrets[new.key.name], now)
+                self._inside(cfg, new, ch, secrets[new.key.name], now)
         except (StartError, OSError) as e:
             self.log.error(f"SIGHUP: {e}; the configuration is applied in part")
-        ch = config.changes(cfg, new) if new is not cfg else None
-        if ch and ch.settings:
+        if ch.settings:
             self.log.warning(f"SIGHUP: {', '.join(ch.settings)} change when the agent restarts")
         self.cfg = new
 
-    def _check_outside(self, old: config.OutsideConfig, new: config.OutsideConfig) -> None:
-        ch = config.changes(old, new)
+    def _check_outside(self, old: config.OutsideConfig, new: config.OutsideConfig, ch: config.Changes) -> None:
         if (ch.added or ch.removed) and not self.loop.can_add_ports:
             raise StartError("this agent started with one port (its fast path): adding or removing services "
                              "needs a restart")
@@ -361,11 +361,10 @@ class Reloader:
                 raise StartError(f"service {name}: a new port or range needs the service removed and added, "
                                  "or a restart")
 
-    def _outside(self, old: config.OutsideConfig, new: config.OutsideConfig, secrets: dict, now: float) -> None:
+    def _outside(self, new: config.OutsideConfig, ch: config.Changes, secrets: dict, now: float) -> None:
         core = self.loop.core
-        ch = config.changes(old, new) if new is not old else config.Changes(keys=tuple(secrets))
         for name in ch.keys:
-            k = next((k for k in new.keys if k.name == name), None)
+            k = new.key(name)
             if k is None:
                 core.remove_key(name, now)
             elif name not in core.keyring:
@@ -393,12 +392,12 @@ class Reloader:
                 core.reached[via] = reached(sock)
             self.log.info(f"SIGHUP: service {name} started on {svc.listen}")
 
-    def _inside(self, old: config.InsideConfig, new: config.InsideConfig, secret: bytes, now: float) -> None:
+    def _inside(self, old: config.InsideConfig, new: config.InsideConfig, ch: config.Changes, secret: bytes,
+                now: float) -> None:
         loop, core = self.loop, self.loop.core
         core.reload_keys(secret, now)
         if new is old:
             return
-        ch = config.changes(old, new)
         for name in (*ch.added, *ch.changed):
             t = service_target(new.service(name), self.log)
             if name in loop.services:  # its clients keep their sockets (and its policy routing) until stop

@@ -146,8 +146,8 @@ class OutsideConfig:
     datapath: str = "auto"  # one of DATAPATHS (--datapath)
     role = "outside"
 
-    def key(self, name: str) -> Key:
-        return next(k for k in self.keys if k.name == name)
+    def key(self, name: str) -> Key | None:
+        return next((k for k in self.keys if k.name == name), None)
 
     def service(self, name: str) -> OutsideService:
         return next(s for s in self.services if s.name == name)
