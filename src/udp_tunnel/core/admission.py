@@ -481,13 +481,15 @@ class Admission:
             core.log.limited("holdexp", f"new client {show(p.addr)} waited {HOLD_TIME:g} s for a "
                              "tunnel: dropped (is the inside agent running and registered?)")
             self._remember(p.addr, p.first)
-        for talking in (True, False):
+        for talking in (True, False):  # one pass each: a source blocked now stays blocked while spares go
             group = self.talkers if talking else self.pending
-            while group and self._room(talking, now) and core.ready_spare(now) is not None:
-                p = next((p for p in group.values() if p.talking == talking and not p.src.blocked()), None)
-                if p is None:
+            for p in list(group.values()):
+                if p.talking != talking or group.get(p.addr) is not p or p.src.blocked():
+                    continue
+                spare = core.ready_spare(now) if self._room(talking, now) else None
+                if spare is None:
                     break
-                self._give(p, core.ready_spare(now), now)
+                self._give(p, spare, now)
         self._make_room(now)
 
     # --- one-shot flows make room for clients that keep talking ---
