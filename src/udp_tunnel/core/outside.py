@@ -195,6 +195,7 @@ class Door:
     def __init__(self, core: OutsideCore, via: int, service: Service) -> None:
         self.core, self.via, self.service = core, via, service
         self.clients = core.clients_at[via]
+        self.stats, self.log = core.stats, core.log  # the core's, read on every new client: not via __getattr__
 
     def __getattr__(self, name: str):
         return getattr(self.core, name)
@@ -257,6 +258,7 @@ class OutsideCore:
         self.admission = next((a for a in self.admissions if a is not None), None)
 
     def _tables(self, now: float) -> None:
+        self.stats: Counter[str] = Counter()
         self.routes = RouteTable()
         self.rules: list[Classifier] = []  # per endpoint: which datagrams of known flows are the core's
         self.clients_at: list[dict[tuple, Tunnel]] = []  # per endpoint: client address -> its tunnel
@@ -275,7 +277,6 @@ class OutsideCore:
         self.strangers_budget = {
             name: Admission(self, now, float(limit + 64), 16, None) for name, limit in self.key_limit.items()}
         self.out: list[Datagram] = []
-        self.stats: Counter[str] = Counter()
         self.retired: Counter[str] = Counter()  # traffic of tunnels gone, for totals that never drop
         self.retired_by: dict[str, Counter[str]] = {}  # ... per service
         self.sent = 0  # messages sent: each one's number
