@@ -4,17 +4,20 @@ service, many clients, and a user-space NAT that records what crosses it."""
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import resource
 import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "src")
@@ -56,6 +59,21 @@ def command(*args: str) -> list[str]:
 # Agents started without --control put their socket in $XDG_RUNTIME_DIR/udp-tunnel: here, not /run.
 RUNTIME = tempfile.mkdtemp(prefix="udpt-run-")
 atexit.register(shutil.rmtree, RUNTIME, True)
+
+
+def _no_capabilities() -> None:
+    """In a child about to exec: root without any capability (none kept across the exec either)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+    header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0))  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capset(header, ctypes.create_string_buffer(24)) != 0:
+        os._exit(99)
+
+
+def without_capabilities() -> Callable[[], None] | None:
+    """A preexec_fn that runs a root child without any capability (None when not root: it has none)."""
+    return _no_capabilities if os.geteuid() == 0 else None
 
 
 def env(**extra: str) -> dict:

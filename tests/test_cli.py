@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -19,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from agents import ROOT, command, converse, env, free_port, kernel_why_not
+from agents import ROOT, command, converse, env, free_port, kernel_why_not, without_capabilities
 from udp_tunnel import __version__
 from udp_tunnel.wire import proto
 
@@ -162,19 +160,9 @@ def test_make_builds_one_executable_that_runs_the_demo():
         assert "\ndata path: the agents themselves, in user space (the kernel path cannot run here: " in r.stdout
 
 
-def _no_capabilities() -> None:
-    """In a child about to exec: root without any capability (none kept across the exec either)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in range(64):
-        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
-    header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0))  # _LINUX_CAPABILITY_VERSION_3
-    if libc.capset(header, ctypes.create_string_buffer(24)) != 0:
-        os._exit(99)
-
-
 def test_the_demo_without_privileges_runs_in_user_space_and_says_why():
     r = subprocess.run([sys.executable, "-m", "udp_tunnel", "demo"], capture_output=True, text=True, timeout=60,
-                       env=env(), preexec_fn=_no_capabilities if os.geteuid() == 0 else None)
+                       env=env(), preexec_fn=without_capabilities())
     assert r.returncode == 0, r.stdout + r.stderr
     assert "15/15 datagrams came back intact" in r.stdout and "demo OK" in r.stdout
     assert ("\ndata path: the agents themselves, in user space (the kernel path cannot run here: needs root or "

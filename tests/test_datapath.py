@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
-import struct
 import subprocess
 
 import pytest
 
-from agents import command, env, free_port
+from agents import command, env, free_port, without_capabilities
 from udp_tunnel.io.datapath import Datapath, DatapathError, choose
 from udp_tunnel.io.kernel import KernelUnavailable
 
@@ -36,17 +33,8 @@ def test_auto_falls_back_to_user_space_saying_why_kernel_refuses_in_one_line_use
     assert d.why == "the kernel path cannot run here: [Errno 24] Too many open files"
 
 
-def _no_capabilities() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in range(64):
-        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
-    header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0))
-    if libc.capset(header, ctypes.create_string_buffer(24)) != 0:
-        os._exit(99)
-
-
 def test_an_agent_asked_for_the_kernel_path_without_privileges_refuses_to_start_in_one_line(tmp_path):
-    drop = _no_capabilities if os.geteuid() == 0 else None
+    drop = without_capabilities()
     for args in (["-l", f"127.0.0.1:{free_port()}"], ["-s", "127.0.0.1:1", "-o", f"127.0.0.1:{free_port()}"]):
         r = subprocess.run(command(*args, "--datapath", "kernel", "--control", "none"), capture_output=True,
                            text=True, timeout=30, env=env(UDP_TUNNEL_KEY="a key of some length"), preexec_fn=drop)
@@ -57,7 +45,7 @@ def test_an_agent_asked_for_the_kernel_path_without_privileges_refuses_to_start_
 
 def test_an_auto_agent_without_privileges_runs_in_user_space_and_says_why(lab):
     out = lab.agent("outside", ["-l", f"127.0.0.1:{free_port()}", "-t", "1", "--datapath", "auto"],
-                    preexec=_no_capabilities if os.geteuid() == 0 else None)
+                    preexec=without_capabilities())
     why = "the kernel path cannot run here: needs root or CAP_NET_ADMIN and CAP_BPF"
     assert out.status()["datapath"] == {"path": "user", "mode": "auto", "why": why}
     assert f", datapath user space ({why}), " in out.log()

@@ -8,7 +8,6 @@ skipped with the reason otherwise, except the parts that need none of it.
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import os
 import select
@@ -22,6 +21,7 @@ import time
 
 import pytest
 
+from agents import without_capabilities
 from kernelnet import ZERO_MAC, Netns, datagram, eth, ip4, ip6, mac_of, parse, skb_ctx, udp, veth
 from udp_tunnel.core.classify import Classifier, Kind, inside_rule, outside_rule
 from udp_tunnel.core.routes import RouteTable
@@ -154,20 +154,10 @@ COMMIT
     assert "-o ppp+" in rules.applies(ipaddress.ip_address("192.0.2.2"), "ppp0")
 
 
-def _no_capabilities() -> None:
-    """In a child about to exec: root without any capability (none kept across the exec either)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in range(64):
-        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
-    header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0))  # _LINUX_CAPABILITY_VERSION_3
-    if libc.capset(header, ctypes.create_string_buffer(24)) != 0:
-        os._exit(99)
-
-
 def test_without_root_the_kernel_path_says_why_in_one_line():
     code = f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'src')!r}); " \
            "from udp_tunnel.io.kernel import available; print(available())"
-    drop = _no_capabilities if os.geteuid() == 0 else None
+    drop = without_capabilities()
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, preexec_fn=drop)
     assert r.returncode == 0 and r.stdout == "needs root or CAP_NET_ADMIN and CAP_BPF\n"
 
