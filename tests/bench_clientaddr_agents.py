@@ -32,10 +32,11 @@ import sys
 import tempfile
 import time
 
+from flood import cpu_seconds, rss_kb  # (tests/: this script's folder)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("off", "transparent", "proxy-v2", "proxy-v2-first")
 PORT, SERVICE = 9999, ("127.0.0.1", 7000)
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 # --- programs run inside the namespaces ---
@@ -167,11 +168,7 @@ class Bench:
 
 def usage(pid: int) -> tuple[float, int]:
     """CPU seconds (user + system) and resident kB of process pid."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    with open(f"/proc/{pid}/status") as f:
-        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return (int(fields[11]) + int(fields[12])) / TICK, rss
+    return cpu_seconds(pid), rss_kb(pid)["VmRSS"]
 
 
 def one_run(b: Bench, mode: str, new: int, trips: int) -> dict:

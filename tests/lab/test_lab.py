@@ -16,6 +16,7 @@ import time
 import pytest
 from netlab import CARRIER_PUBLIC, CARRIER_UDP_TIMEOUT, HOME4, PORT, ROOT, VPS4, VPS6, Lab, wait_for
 
+from flood import cpu_seconds  # user and system CPU time of a process (not the softirq work it causes)
 from udp_tunnel.wire import proto
 
 pytestmark = pytest.mark.netns
@@ -168,13 +169,6 @@ def test_without_the_tunnel_work_cannot_reach_the_home_service(lab, net):
     assert lab.tool("work1", "probe", VPS4, "9998").returncode == 1  # nothing relays yet
     net.pair(f"127.0.0.1:{ECHO_PORT}", 9998)
     assert lab.tool("work1", "probe", VPS4, "9998").returncode == 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time a process used so far (not the kernel's work it caused in softirqs)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def kernel_path_in_use(net: Net, *agents: dict) -> None:
