@@ -952,7 +952,7 @@ time.sleep(60)
 
 
 def _ours(ifindex: int) -> list[int]:
-    return [p for p in bpf.prog_query(ifindex).prog_ids if bpf.prog_name_by_id(p) == "udpt_relay"]
+    return [p for p in bpf.prog_ids(ifindex) if bpf.prog_name_by_id(p) == "udpt_relay"]
 
 
 @needs_kernel
@@ -975,13 +975,13 @@ def test_an_agent_killed_with_sigkill_leaves_no_program_attached_and_the_next_at
             deadline = time.monotonic() + 5  # the links go as the dead process's files are closed
             while any(_ours(i) for i in indexes) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert [bpf.prog_query(i).prog_ids for i in indexes] == [[], [], []]
+            assert [bpf.prog_ids(i) for i in indexes] == [[], [], []]
             k = KernelPath.open()
             try:
                 assert [len(_ours(i)) for i in indexes] == [1, 1, 1]
             finally:
                 k.close()
-            assert [bpf.prog_query(i).prog_ids for i in indexes] == [[], [], []]
+            assert [bpf.prog_ids(i) for i in indexes] == [[], [], []]
     finally:
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)

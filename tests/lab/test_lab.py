@@ -529,7 +529,7 @@ def _our_programs(lab: Lab, ns: str) -> list[str]:
     """The interfaces of namespace ns with one of our programs attached, as "name:count"."""
     code = ("import socket; from udp_tunnel.io import bpf; print(' '.join(f'{n}:{c}' for i, n in "
             "socket.if_nameindex() if (c := sum(bpf.prog_name_by_id(p) == 'udpt_relay' "
-            "for p in bpf.prog_query(i).prog_ids))))")
+            "for p in bpf.prog_ids(i)))))")
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
     r = subprocess.run(["ip", "netns", "exec", lab.ns(ns), "python3", "-c", code], capture_output=True, text=True,
                        timeout=30, env=env)

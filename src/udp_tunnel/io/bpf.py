@@ -192,23 +192,14 @@ def link_create(prog_fd: int, ifindex: int, attach_type: int = TCX_INGRESS) -> i
     return call(LINK_CREATE, a, "attaching (tcx link)")
 
 
-class Query(NamedTuple):
-    prog_ids: list[int]
-    link_ids: list[int]
-    revision: int
-
-
-def prog_query(ifindex: int, attach_type: int = TCX_INGRESS, room: int = 64) -> Query:
-    """What is attached at an interface's tcx hook."""
+def prog_ids(ifindex: int, attach_type: int = TCX_INGRESS, room: int = 64) -> list[int]:
+    """The ids of the programs attached at an interface's tcx hook, in the order they run."""
     progs = (ctypes.c_uint32 * room)()
-    links = (ctypes.c_uint32 * room)()
     a = _attr()
     struct.pack_into("=IIIIQI", a, 0, ifindex, attach_type, 0, 0, ctypes.addressof(progs), room)
-    struct.pack_into("=Q", a, 40, ctypes.addressof(links))
     call(PROG_QUERY, a, "querying tcx")
     n = struct.unpack_from("=I", a, 24)[0]
-    revision = struct.unpack_from("=Q", a, 56)[0]
-    return Query(list(progs[:min(n, room)]), list(links[:min(n, room)]), revision)
+    return list(progs[:min(n, room)])
 
 
 def _prog_info(fd: int) -> bytes:

@@ -682,7 +682,7 @@ class KernelPath(FlowTable):
         if LOOPBACK_IFINDEX in self.links:
             try:
                 me = bpf.prog_id(self.prog_fd)
-                ids = bpf.prog_query(LOOPBACK_IFINDEX).prog_ids
+                ids = bpf.prog_ids(LOOPBACK_IFINDEX)
                 # (a program's name takes CAP_SYS_ADMIN to read: without it, any program before counts)
                 before = me not in ids or any(_name(i) in (PROGRAM, None) for i in ids[:ids.index(me)])
             except BpfError:
