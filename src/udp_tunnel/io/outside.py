@@ -50,18 +50,12 @@ class OutsideLoop(Loop):
         self.next_save = 0.0
         self.datapath = datapath or Datapath("user", "user", "--datapath user")
         self.kernel: OutsideKernel | None = None
-        self.addrs_of: dict[int, tuple] = {}  # endpoint -> its socket's address (the kernel path's)
         if self.datapath.kp is not None:  # the map follows the route table from now on
-            self.kernel = OutsideKernel(self.datapath.kp, core.routes, self._endpoint_addr, lambda via: core.rules[via])
+            self.kernel = OutsideKernel(self.datapath.kp, core.routes, lambda via: self.socks[via].getsockname(),
+                                        lambda via: core.rules[via])
             self.datapath.describe = outside_describe
             core.routes.listener = self.kernel
             self.kernel.sync()
-
-    def _endpoint_addr(self, via: int) -> tuple:
-        a = self.addrs_of.get(via)
-        if a is None:
-            a = self.addrs_of[via] = self.socks[via].getsockname()
-        return a
 
     def tick(self, now: float) -> None:
         if self.kernel is not None:
@@ -143,12 +137,10 @@ class PlainOutsideLoop(OutsideLoop):
         sock.setblocking(False)
         self.socks.append(sock)
         via = len(self.socks) - 1
-        self.addrs_of.pop(via, None)
         self.watch(sock.fileno(), partial(self._on_udp, via))
         return via
 
     def remove_socket(self, via: int) -> None:
-        self.addrs_of.pop(via, None)
         s = self.socks[via]
         if s is not None:
             self.unwatch(s.fileno())
