@@ -63,8 +63,7 @@ class InsideLoop(Loop):
     def __init__(self, core: InsideCore, outside: tuple[str, int], outside_addr: tuple[int, tuple],
                  services: dict[str, ServiceTarget] | tuple[int, tuple], log: Log, family: int = socket.AF_UNSPEC,
                  datapath: Datapath | None = None, **kw) -> None:
-        super().__init__(core, log, **kw)
-        self.datapath = datapath or Datapath("user", "user", "--datapath user")
+        super().__init__(core, log, datapath, **kw)
         self.kernel: InsideKernel | None = None
         if self.datapath.kp is not None:
             self.kernel = InsideKernel(self.datapath.kp, core.rule)
@@ -86,19 +85,15 @@ class InsideLoop(Loop):
     def tick(self, now: float) -> None:
         if self.resolving is not None and self.resolving.done():
             self._resolved(now)
-        if self.kernel is not None:
-            self.kernel_sync(now)
         super().tick(now)
         self._drained(now)
 
     def publish(self, now: float) -> None:
         if self.kernel is not None:
-            self.kernel_sync(now, refresh=False)
             self.datapath.services = {
                 name: f"client_address {t.mode}: the agent handles each datagram (the kernel path relays "
                       "services with client_address \"off\" only)"
                 for name, t in self.services.items() if t.mode != "off"}
-        self.info["datapath"] = self.datapath.snapshot()
         super().publish(now)
 
     def _kernel_pipe(self, p: Pipe) -> None:
@@ -309,7 +304,6 @@ class InsideLoop(Loop):
             for line in said:
                 self.log.info(line)
         self.resolver.shutdown(wait=False, cancel_futures=True)
-        self.datapath.close()
         super().close()
 
 

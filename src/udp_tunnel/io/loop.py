@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from udp_tunnel.core import counters
-from udp_tunnel.io.datapath import Datapath, InsideKernel, OutsideKernel
+from udp_tunnel.io.datapath import Datapath, InsideKernel, OutsideKernel, choose
 from udp_tunnel.ops import systemd
 from udp_tunnel.ops.log import Log
 
@@ -46,11 +46,11 @@ class Loop:
     """What both agents share: epoll, signals, the timer, status publishing."""
 
     kernel: OutsideKernel | InsideKernel | None = None  # the kernel path's glue, when a role's loop runs it
-    datapath: Datapath
 
-    def __init__(self, core, log: Log) -> None:
+    def __init__(self, core, log: Log, datapath: Datapath | None = None) -> None:
         self.core = core
         self.log = log
+        self.datapath = datapath or choose("user")
         self.on_reload: Callable[[float], None] | None = None  # SIGHUP: the agent's configuration again
         self.ep = select.epoll()
         self.handlers: dict[int, Callable[[float], None]] = {}
@@ -145,6 +145,8 @@ class Loop:
 
     def tick(self, now: float) -> None:
         """Called when the core's timer is due."""
+        if self.kernel is not None:
+            self.kernel_sync(now)
         self.core.on_timer(now)
         self.after_core(now)
 
@@ -155,6 +157,9 @@ class Loop:
         """Called once when the agent stops, before the sockets close."""
 
     def publish(self, now: float) -> None:
+        if self.kernel is not None:
+            self.kernel_sync(now, refresh=False)
+        self.info["datapath"] = self.datapath.snapshot()
         snap = self.core.snapshot(now)
         snap["stats"].update(self.errors)
         snap.update(self.info)
@@ -255,6 +260,7 @@ class Loop:
         return f"{s.get('clients', 0)} client(s), {s.get('spares', 0)} spare tunnel(s)"
 
     def close(self) -> None:
+        self.datapath.close()
         self.ep.close()
         self._sig_r.close()
         self._sig_w.close()

@@ -39,7 +39,7 @@ class OutsideLoop(Loop):
 
     def __init__(self, core: OutsideCore, socks: list[socket.socket] | socket.socket, log: Log,
                  state_path: str | None = None, datapath: Datapath | None = None, **kw) -> None:
-        super().__init__(core, log, **kw)
+        super().__init__(core, log, datapath, **kw)
         self.socks = [socks] if isinstance(socks, socket.socket) else list(socks)
         self.sock = self.socks[0]
         for s in self.socks:
@@ -48,7 +48,6 @@ class OutsideLoop(Loop):
         self.state_path = state_path
         self.saved = b""
         self.next_save = 0.0
-        self.datapath = datapath or Datapath("user", "user", "--datapath user")
         self.kernel: OutsideKernel | None = None
         if self.datapath.kp is not None:  # the map follows the route table from now on
             self.kernel = OutsideKernel(self.datapath.kp, core.routes, lambda via: self.socks[via].getsockname(),
@@ -58,18 +57,10 @@ class OutsideLoop(Loop):
             self.kernel.sync()
 
     def tick(self, now: float) -> None:
-        if self.kernel is not None:
-            self.kernel_sync(now)
         super().tick(now)
         if self.state_path and now >= self.next_save:
             self.next_save = now + STATE_SAVE
             self.save_state()
-
-    def publish(self, now: float) -> None:
-        if self.kernel is not None:
-            self.kernel_sync(now, refresh=False)
-        self.info["datapath"] = self.datapath.snapshot()
-        super().publish(now)
 
     def after_core(self, now: float) -> None:
         self.flush()
@@ -112,7 +103,6 @@ class OutsideLoop(Loop):
 
     def close(self) -> None:
         self.core.routes.listener = None
-        self.datapath.close()
         super().close()
         for s in self.socks:
             if s is not None:
