@@ -118,10 +118,11 @@ def datapath_line(datapath: str | None) -> str:
 
 
 class Pair:
-    """An outside and an inside agent from configuration files in tmp."""
+    """An outside and inside agents from configuration files in tmp. `inside_keys`: key -> (the inside
+    agent's name, its services: names, or name -> the port it says, None for the service's own)."""
 
     def __init__(self, tmp, services: dict[str, tuple[str, str]], keys: dict[str, str] | None = None,
-                 inside_keys: dict[str, tuple[str, list[str]]] | None = None,
+                 inside_keys: dict[str, tuple[str, list[str] | dict[str, str | None]]] | None = None,
                  keyed: dict[str, str] | None = None, datapath: str | None = None) -> None:
         self.tmp = tmp
         self.datapath = datapath
@@ -140,14 +141,14 @@ class Pair:
             path = tmp / f"{name}.toml"
             body = (f'[inside]\noutside = "{HOST}:{self.tport}"\nkey_file = "{k}.key"\nkeepalive = 2\n'
                     f'control = "{tmp / (name + ".sock")}"\n{datapath_line(datapath)}')
-            for s in svcs:
-                body += f'\n[services.{s}]\nservice = "{HOST}:{services[s][1]}"\n'
+            for s, port in (svcs if isinstance(svcs, dict) else dict.fromkeys(svcs)).items():
+                body += f'\n[services.{s}]\nservice = "{HOST}:{port or services[s][1]}"\n'
             path.write_text(body)
             self.insides.append(Agent(name, ["--config", str(path)], tmp, key=None, control=str(tmp / f"{name}.sock")))
 
     def write_outside(self, services: dict[str, tuple[str, str]], keyed: dict[str, str] | None = None) -> None:
         body = f'[outside]\nlisten = "{HOST}:{self.tport}"\nkeepalive = 2\ncontrol = "{self.tmp / "outside.sock"}"\n'
-        body += 'state_file = "none"\n' + datapath_line(getattr(self, "datapath", None))
+        body += 'state_file = "none"\n' + datapath_line(self.datapath)
         for k in self.keys:
             body += f'\n[keys.{k}]\nfile = "{k}.key"\n'
         for name, (listen, _) in services.items():
@@ -214,28 +215,11 @@ def test_three_services_two_ports_and_a_range_of_a_hundred_through_one_pair_of_a
 def test_two_inside_agents_with_their_own_keys_serve_only_their_own_services(tmp_path, datapath):
     ea, eb = Echo(free_range(1)), Echo(free_range(1))
     a, b = free_range(1), free_range(1)
-    pair = Pair.__new__(Pair)
-    pair.tmp, pair.tport, pair.datapath = tmp_path, free_range(1), datapath
-    pair.keys = {"home": "the home agent's key", "friend": "the friend's agent key"}
-    for k, v in pair.keys.items():
-        (tmp_path / f"{k}.key").write_text(v + "\n")
-    pair.outside_toml = tmp_path / "outside.toml"
     services = {"mine": (str(a), str(ea.first)), "theirs": (str(b), str(eb.first))}
-    pair.write_outside(services, keyed={"mine": "home", "theirs": "friend"})
-    pair.outside = Agent("outside", ["--config", str(pair.outside_toml)], tmp_path, key=None,
-                         control=str(tmp_path / "outside.sock"))
-    pair.insides = []
-    # the friend's agent also claims "mine" in its file: it gets no client of it
-    for key, name, svcs in (("home", "home", ["mine"]), ("friend", "friend", ["theirs", "mine"])):
-        path = tmp_path / f"{name}.toml"
-        body = (f'[inside]\noutside = "{HOST}:{pair.tport}"\nkey_file = "{key}.key"\nkeepalive = 2\n'
-                f'control = "{tmp_path / (name + ".sock")}"\n{datapath_line(datapath)}')
-        for s in svcs:
-            port = services[s][1] if s == "theirs" or name == "home" else eb.first
-            body += f'\n[services.{s}]\nservice = "{HOST}:{port}"\n'
-        path.write_text(body)
-        pair.insides.append(Agent(name, ["--config", str(path)], tmp_path, key=None,
-                                  control=str(tmp_path / f"{name}.sock")))
+    # the friend's agent also claims "mine" in its file (as its own echo): it gets no client of it
+    pair = Pair(tmp_path, services, keys={"home": "the home agent's key", "friend": "the friend's agent key"},
+                inside_keys={"home": ("home", ["mine"]), "friend": ("friend", {"theirs": None, "mine": str(eb.first)})},
+                keyed={"mine": "home", "theirs": "friend"}, datapath=datapath)
     try:
         pair.outside.wait_status(lambda s: s["spares"] >= 4)
         got = run_clients([(a, b"m%02d" % i) for i in range(10)] + [(b, b"t%02d" % i) for i in range(10)], 3)
